@@ -1,0 +1,338 @@
+//! Quantization specs for keys and values (DESIGN.md "The math"; TurboQuant §3 and §4.3 for the
+//! fractional-bit channel split; QJL §3 for the plain sketch).
+//!
+//! A [`QuantSpec`] says how one vector is stored: its bits per channel ([`BitsSpec`], an integer
+//! or a split of the channels into two groups with their own bits), the mode ([`Mode`]: MSE only,
+//! or TurboQuant-prod = MSE at b−1 bits + a QJL sketch of the residual), the rotation, how norms
+//! are stored ([`NormFormat`]) and how the high-precision ("outlier") channels of a split are
+//! chosen ([`OutlierRule`]). Keys and values have independent specs ([`KvSpec`]).
+//!
+//! Presets: `"2.5"` = half the channels at 3 bits + half at 2; `"3.5"` = half at 4 + half at 3;
+//! `"paper2.5"` = the paper's literal split, a quarter at 3 + the rest at 2 (32@3 + 96@2 at
+//! d = 128), which is 2.25 code bits per channel, 2.5 only when its two f16 norms are counted
+//! (docs/FORMAT.md). The plain QJL key sketch of the QJL paper is `bits = 1`, `mode = prod`
+//! (no MSE stage; m = `sketch_dim` sign bits and the norm).
+
+use crate::error::{Error, Result};
+use crate::rotation::RotationKind;
+
+/// Bits per channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BitsSpec {
+    /// Every channel at the same bit width (1..=8).
+    Uniform(u8),
+    /// `hi_num/hi_den` of the channels (the outliers) at `hi_bits`, the rest at `lo_bits`;
+    /// each group has its own rotation, codebook and norm.
+    Split {
+        /// Numerator of the fraction of high-precision channels.
+        hi_num: usize,
+        /// Denominator of that fraction.
+        hi_den: usize,
+        /// Bits of the high-precision group.
+        hi_bits: u8,
+        /// Bits of the rest.
+        lo_bits: u8,
+    },
+}
+
+impl BitsSpec {
+    /// Number of high-precision channels at dimension `dim` (0 for uniform bits).
+    pub fn hi_channels(&self, dim: usize) -> Result<usize> {
+        match *self {
+            BitsSpec::Uniform(_) => Ok(0),
+            BitsSpec::Split { hi_num, hi_den, .. } => {
+                if hi_den == 0 || hi_num == 0 || hi_num >= hi_den || (dim * hi_num) % hi_den != 0 {
+                    return Err(Error::Config(format!(
+                        "channel split {hi_num}/{hi_den} of dim {dim} does not give two non-empty \
+                         integer groups"
+                    )));
+                }
+                Ok(dim * hi_num / hi_den)
+            }
+        }
+    }
+
+    /// Code bits per channel at dimension `dim` (norms not counted).
+    pub fn code_bits_per_channel(&self, dim: usize) -> Result<f64> {
+        match *self {
+            BitsSpec::Uniform(b) => Ok(b as f64),
+            BitsSpec::Split {
+                hi_bits, lo_bits, ..
+            } => {
+                let k = self.hi_channels(dim)?;
+                Ok((k as f64 * hi_bits as f64 + (dim - k) as f64 * lo_bits as f64) / dim as f64)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for BitsSpec {
+    type Err = Error;
+    /// `"1"`..`"8"`, `"x.5"` (half at ⌈x⌉, half at ⌊x⌋), `"paper2.5"`, or `"K@B+J@C"`
+    /// (K channels at B bits and J at C bits; the fraction K/(K+J) is what is kept).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::UnsupportedBits {
+            bits: s.to_string(),
+            supported: "1..=8, 1.5..=7.5 in steps of 1 (x.5 = half the channels at x+0.5, \
+                        half at x−0.5), paper2.5, or K@B+J@C",
+        };
+        if s == "paper2.5" {
+            return Ok(BitsSpec::Split {
+                hi_num: 1,
+                hi_den: 4,
+                hi_bits: 3,
+                lo_bits: 2,
+            });
+        }
+        if let Some((hi, lo)) = s.split_once('+') {
+            let parse = |p: &str| -> Option<(usize, u8)> {
+                let (k, b) = p.split_once('@')?;
+                Some((k.trim().parse().ok()?, b.trim().parse().ok()?))
+            };
+            let ((k, b), (j, c)) = (parse(hi).ok_or_else(bad)?, parse(lo).ok_or_else(bad)?);
+            if !(1..=8).contains(&b) || !(1..=8).contains(&c) || k == 0 || j == 0 {
+                return Err(bad());
+            }
+            return Ok(BitsSpec::Split {
+                hi_num: k,
+                hi_den: k + j,
+                hi_bits: b,
+                lo_bits: c,
+            });
+        }
+        if let Ok(b) = s.parse::<u8>() {
+            return if (1..=8).contains(&b) {
+                Ok(BitsSpec::Uniform(b))
+            } else {
+                Err(bad())
+            };
+        }
+        if let Some(int) = s.strip_suffix(".5") {
+            if let Ok(x) = int.parse::<u8>() {
+                if (1..=7).contains(&x) {
+                    return Ok(BitsSpec::Split {
+                        hi_num: 1,
+                        hi_den: 2,
+                        hi_bits: x + 1,
+                        lo_bits: x,
+                    });
+                }
+            }
+        }
+        Err(bad())
+    }
+}
+
+impl std::fmt::Display for BitsSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            BitsSpec::Uniform(b) => write!(f, "{b}"),
+            BitsSpec::Split {
+                hi_num: 1,
+                hi_den: 2,
+                hi_bits,
+                lo_bits,
+            } if hi_bits == lo_bits + 1 => write!(f, "{lo_bits}.5"),
+            BitsSpec::Split {
+                hi_num: 1,
+                hi_den: 4,
+                hi_bits: 3,
+                lo_bits: 2,
+            } => write!(f, "paper2.5"),
+            BitsSpec::Split {
+                hi_num,
+                hi_den,
+                hi_bits,
+                lo_bits,
+            } => write!(f, "{hi_num}@{hi_bits}+{}@{lo_bits}", hi_den - hi_num),
+        }
+    }
+}
+
+/// How the inner product with a query is estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// TurboQuant-MSE: all bits go to the codebook (biased inner products, scale 1 − D_mse).
+    Mse,
+    /// TurboQuant-prod: MSE at b−1 bits + a QJL sketch of the residual (unbiased).
+    Prod {
+        /// Sign bits m per group; `None` = the group's dimension. Only settable for uniform bits.
+        sketch_dim: Option<usize>,
+        /// Orthogonalised (rescaled) sketch rows instead of i.i.d. Gaussian ones.
+        orthogonal: bool,
+    },
+}
+
+impl Mode {
+    /// `mse` or `prod`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Mse => "mse",
+            Mode::Prod { .. } => "prod",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    /// `mse`, `prod` (Gaussian S) or `prod-orth` (orthogonal S).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mse" => Ok(Mode::Mse),
+            "prod" => Ok(Mode::Prod {
+                sketch_dim: None,
+                orthogonal: false,
+            }),
+            "prod-orth" => Ok(Mode::Prod {
+                sketch_dim: None,
+                orthogonal: true,
+            }),
+            _ => Err(Error::Config(format!(
+                "unknown mode {s:?}: supported are mse, prod, prod-orth"
+            ))),
+        }
+    }
+}
+
+/// Storage of the per-vector norms (n of the MSE stage, γ of the QJL stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormFormat {
+    /// IEEE half: relative error ≤ 2⁻¹¹, largest value 65504 (larger norms are an error).
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+impl NormFormat {
+    /// Bytes per stored norm.
+    pub fn bytes(self) -> usize {
+        match self {
+            NormFormat::F16 => 2,
+            NormFormat::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for NormFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(NormFormat::F16),
+            "f32" => Ok(NormFormat::F32),
+            _ => Err(Error::Config(format!(
+                "unknown norm format {s:?}: supported are f16, f32"
+            ))),
+        }
+    }
+}
+
+/// How the high-precision channels of a split are chosen (per layer and KV head, once, from the
+/// first prefill's vectors, then fixed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutlierRule {
+    /// The first k channels, 0..k (what a rule without statistics can do).
+    Fixed,
+    /// The k channels with the largest mean square over the calibration vectors
+    /// (ties to the lower index). For keys after RoPE this picks the high-energy rotary pairs.
+    Magnitude,
+}
+
+impl std::str::FromStr for OutlierRule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fixed" => Ok(OutlierRule::Fixed),
+            "magnitude" => Ok(OutlierRule::Magnitude),
+            _ => Err(Error::Config(format!(
+                "unknown outlier rule {s:?}: supported are fixed, magnitude"
+            ))),
+        }
+    }
+}
+
+/// How one kind of vector (keys or values) is quantized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantSpec {
+    /// Bits per channel.
+    pub bits: BitsSpec,
+    /// MSE or prod.
+    pub mode: Mode,
+    /// The rotation family.
+    pub rotation: RotationKind,
+    /// Norm storage.
+    pub norm: NormFormat,
+    /// Outlier-channel rule for splits.
+    pub outliers: OutlierRule,
+}
+
+impl QuantSpec {
+    /// MSE mode, dense rotation, f16 norms, magnitude outlier rule.
+    pub fn mse(bits: BitsSpec) -> Self {
+        QuantSpec {
+            bits,
+            mode: Mode::Mse,
+            rotation: RotationKind::Dense,
+            norm: NormFormat::F16,
+            outliers: OutlierRule::Magnitude,
+        }
+    }
+
+    /// Prod mode with a Gaussian sketch of m = group dimension.
+    pub fn prod(bits: BitsSpec) -> Self {
+        QuantSpec {
+            mode: Mode::Prod {
+                sketch_dim: None,
+                orthogonal: false,
+            },
+            ..Self::mse(bits)
+        }
+    }
+
+    /// The plain QJL key sketch of the QJL paper: m sign bits of S k and ‖k‖.
+    pub fn qjl(sketch_dim: usize) -> Self {
+        QuantSpec {
+            mode: Mode::Prod {
+                sketch_dim: Some(sketch_dim),
+                orthogonal: false,
+            },
+            ..Self::mse(BitsSpec::Uniform(1))
+        }
+    }
+
+    /// Replaces the rotation.
+    pub fn with_rotation(mut self, rotation: RotationKind) -> Self {
+        self.rotation = rotation;
+        self
+    }
+
+    /// Replaces the norm format.
+    pub fn with_norm(mut self, norm: NormFormat) -> Self {
+        self.norm = norm;
+        self
+    }
+
+    /// Replaces the outlier rule.
+    pub fn with_outliers(mut self, outliers: OutlierRule) -> Self {
+        self.outliers = outliers;
+        self
+    }
+}
+
+/// Independent specs for keys and values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvSpec {
+    /// How keys are stored.
+    pub key: QuantSpec,
+    /// How values are stored.
+    pub value: QuantSpec,
+}
+
+impl KvSpec {
+    /// Keys and values both at `bits`, MSE mode, dense rotation, f16 norms, magnitude split.
+    pub fn mse(bits: BitsSpec) -> Self {
+        KvSpec {
+            key: QuantSpec::mse(bits),
+            value: QuantSpec::mse(bits),
+        }
+    }
+}
