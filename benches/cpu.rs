@@ -1,1 +1,93 @@
-fn main(){}
+//! CPU throughput of the reference quantizer: quantize, dequantize and score (from codes),
+//! in vectors/s (criterion's elements) and input bytes/s, at d = 64 and 128.
+//!
+//! Run: `cargo bench --bench cpu` (results: target/criterion, summary in docs/BENCH_CPU.md).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::hint::black_box;
+use tqkv::rng::Rng;
+use tqkv::{BitsSpec, OutlierRule, QuantSpec, RotationKind, VectorQuantizer};
+
+const N: usize = 256;
+
+fn setups() -> Vec<(String, VectorQuantizer)> {
+    let mut v = Vec::new();
+    for d in [64usize, 128] {
+        for (name, spec) in [
+            ("mse4", QuantSpec::mse(BitsSpec::Uniform(4))),
+            (
+                "tq3.5",
+                QuantSpec::mse("3.5".parse().unwrap()).with_outliers(OutlierRule::Fixed),
+            ),
+            ("prod3", QuantSpec::prod(BitsSpec::Uniform(3))),
+            (
+                "mse4-hadamard",
+                QuantSpec::mse(BitsSpec::Uniform(4)).with_rotation(RotationKind::Hadamard),
+            ),
+        ] {
+            v.push((
+                format!("{name}/d{d}"),
+                VectorQuantizer::new(spec, d, 1).unwrap(),
+            ));
+        }
+    }
+    v
+}
+
+fn bench(c: &mut Criterion) {
+    for (name, q) in setups() {
+        let d = q.dim();
+        let mut rng = Rng::new(7);
+        let xs: Vec<f32> = (0..N * d).map(|_| rng.gaussian() as f32).collect();
+        let rb = q.record_bytes();
+        let mut recs = vec![0u8; N * rb];
+        for (x, r) in xs.chunks_exact(d).zip(recs.chunks_exact_mut(rb)) {
+            q.quantize(x, r).unwrap();
+        }
+        let query = q.prepare_query(&xs[..d]).unwrap();
+
+        let mut g = c.benchmark_group("quantize");
+        g.throughput(Throughput::Elements(N as u64));
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            let mut out = vec![0u8; rb];
+            b.iter(|| {
+                for x in xs.chunks_exact(d) {
+                    q.quantize(black_box(x), &mut out).unwrap();
+                }
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("dequantize");
+        g.throughput(Throughput::Bytes((N * rb) as u64));
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            let mut out = vec![0.0f32; d];
+            b.iter(|| {
+                for r in recs.chunks_exact(rb) {
+                    q.dequantize(black_box(r), &mut out).unwrap();
+                }
+            })
+        });
+        g.finish();
+
+        let mut g = c.benchmark_group("score");
+        g.throughput(Throughput::Bytes((N * rb) as u64));
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            b.iter(|| {
+                let mut s = 0.0f32;
+                for r in recs.chunks_exact(rb) {
+                    s += q.score(&query, black_box(r)).unwrap();
+                }
+                s
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
+    targets = bench
+}
+criterion_main!(benches);

@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+type CodebookCache = HashMap<(usize, u8), Arc<Codebook>>;
+
 /// Smallest dimension a codebook is made for.
 pub const MIN_DIM: usize = 16;
 /// Largest dimension a codebook is made for.
@@ -44,9 +46,13 @@ impl Codebook {
     pub fn get(dim: usize, bits: u8) -> Result<Arc<Codebook>> {
         check_bits(bits)?;
         check_dim(dim)?;
-        static CACHE: OnceLock<Mutex<HashMap<(usize, u8), Arc<Codebook>>>> = OnceLock::new();
+        static CACHE: OnceLock<Mutex<CodebookCache>> = OnceLock::new();
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        if let Some(cb) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(dim, bits)) {
+        if let Some(cb) = cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(dim, bits))
+        {
             return Ok(cb.clone());
         }
         // Computed outside the lock: two threads may both compute it; both results are equal.

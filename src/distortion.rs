@@ -4,8 +4,8 @@
 //!
 //! Per sample i: x_i uniform on S^(d−1), y_i uniform on S^(d−1) (independent streams derived
 //! from the seed and i, so results do not depend on the thread count), x̂_i = dequantize(
-//! quantize(x_i)). Reported: `mse` = mean ‖x−x̂‖²/‖x‖²; `ip_scale` = least-squares slope of
-//! ⟨y,x̂⟩ on ⟨y,x⟩; `ip_bias` = mean(⟨y,x̂⟩ − ⟨y,x⟩) and its standard error; `ip_var` = the
+//! quantize(x_i)) (optionally x_i scaled by a random factor, see [`measure_scaled`]). Reported: `mse` = mean ‖x−x̂‖²/‖x‖²; `ip_scale` = least-squares slope of
+//! ⟨y,x̂⟩ on ⟨y,x⟩; `ip_bias` = mean(⟨y,x̂⟩ − ⟨y,x⟩) (divided by ‖x‖ when x is scaled) and its standard error; `ip_var` = the
 //! variance of that difference.
 //!
 //! Theory (`mse_theory`, `ip_scale_theory`), per group g of d_g channels at b_g bits, weighted
@@ -81,6 +81,18 @@ const CHUNK: usize = 512;
 
 /// Runs the experiment for one quantizer over `samples` vectors; `seed` fixes the vectors.
 pub fn measure(q: &VectorQuantizer, samples: usize, seed: u64) -> Result<DistortionRow> {
+    measure_scaled(q, samples, seed, false)
+}
+
+/// [`measure`], optionally multiplying each x by a log-uniform factor in [1/16, 256]. The
+/// reported quantities are relative, so only the rounding of stored norms can change them:
+/// this is how the f16-vs-f32 norm choice is measured (docs/FORMAT.md).
+pub fn measure_scaled(
+    q: &VectorQuantizer,
+    samples: usize,
+    seed: u64,
+    scale_norms: bool,
+) -> Result<DistortionRow> {
     let d = q.dim();
     let chunks: Vec<Result<Acc>> = (0..samples.div_ceil(CHUNK))
         .into_par_iter()
@@ -94,6 +106,10 @@ pub fn measure(q: &VectorQuantizer, samples: usize, seed: u64) -> Result<Distort
                 let mut rng = Rng::new(derive_seed(seed, i as u64));
                 rng.unit_vector(&mut x);
                 rng.unit_vector(&mut y);
+                if scale_norms {
+                    let f = (2f64.powf(-4.0 + 12.0 * rng.uniform())) as f32;
+                    x.iter_mut().for_each(|v| *v *= f);
+                }
                 q.quantize(&x, &mut rec)?;
                 q.dequantize(&rec, &mut xh)?;
                 let err: f64 = x
@@ -102,8 +118,8 @@ pub fn measure(q: &VectorQuantizer, samples: usize, seed: u64) -> Result<Distort
                     .map(|(&a, &b)| ((a - b) as f64).powi(2))
                     .sum();
                 let nx: f64 = x.iter().map(|&a| (a as f64).powi(2)).sum();
-                let a = dot(&y, &x) as f64;
-                let b = dot(&y, &xh) as f64;
+                let a = dot(&y, &x) as f64 / nx.sqrt();
+                let b = dot(&y, &xh) as f64 / nx.sqrt();
                 acc.n += 1.0;
                 acc.mse += err / nx;
                 acc.a += a;
@@ -182,7 +198,18 @@ pub fn theory(q: &VectorQuantizer) -> Result<(f64, f64)> {
 /// Builds the quantizer of `spec` at `dim` (fixed split rule: the vectors are isotropic) and
 /// measures it.
 pub fn run(spec: QuantSpec, dim: usize, samples: usize, seed: u64) -> Result<DistortionRow> {
+    run_scaled(spec, dim, samples, seed, false)
+}
+
+/// [`run`] with [`measure_scaled`]'s random norms.
+pub fn run_scaled(
+    spec: QuantSpec,
+    dim: usize,
+    samples: usize,
+    seed: u64,
+    scale_norms: bool,
+) -> Result<DistortionRow> {
     let spec = spec.with_outliers(crate::spec::OutlierRule::Fixed);
     let q = VectorQuantizer::new(spec, dim, derive_seed(seed, 0x5150))?;
-    measure(&q, samples, derive_seed(seed, 0xD15))
+    measure_scaled(&q, samples, derive_seed(seed, 0xD15), scale_norms)
 }

@@ -24,7 +24,11 @@
 //! # Ok::<(), tqkv::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod codebook;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod distortion;
 pub mod error;
 pub mod mse;

@@ -48,22 +48,25 @@ impl QjlSketch {
             )));
         }
         let mut s = Vec::with_capacity(m * dim);
-        let kappa;
-        if orthogonal {
+        let kappa = if orthogonal {
             let scale = (dim as f32).sqrt();
             let mut block = 0u64;
             while s.len() < m * dim {
-                let r = Rotation::new(RotationKind::Dense, dim, crate::rng::derive_seed(seed, block))?;
+                let r = Rotation::new(
+                    RotationKind::Dense,
+                    dim,
+                    crate::rng::derive_seed(seed, block),
+                )?;
                 let need = (m * dim - s.len()).min(dim * dim);
                 s.extend(r.to_matrix()[..need].iter().map(|v| v * scale));
                 block += 1;
             }
-            kappa = (dim as f64).sqrt() * mean_abs_sphere_coord(dim);
+            (dim as f64).sqrt() * mean_abs_sphere_coord(dim)
         } else {
             let mut rng = Rng::new(seed);
             s.extend((0..m * dim).map(|_| rng.gaussian() as f32));
-            kappa = (2.0 / std::f64::consts::PI).sqrt();
-        }
+            (2.0 / std::f64::consts::PI).sqrt()
+        };
         let mut s_t = vec![0.0f32; m * dim];
         for i in 0..m {
             for j in 0..dim {

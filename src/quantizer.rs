@@ -407,7 +407,11 @@ impl VectorQuantizer {
 
     fn unpack(&self, record: &[u8], offset: usize, n: usize, bits: u8) -> Vec<u8> {
         let mut out = vec![0u8; n];
-        unpack_codes_unchecked(&record[offset..offset + packed_len(n, bits)], bits, &mut out);
+        unpack_codes_unchecked(
+            &record[offset..offset + packed_len(n, bits)],
+            bits,
+            &mut out,
+        );
         out
     }
 

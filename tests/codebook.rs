@@ -37,23 +37,44 @@ fn one_bit_codebook_equals_the_closed_form() {
         let (mut z, mut m1) = (0.0, 0.0);
         for i in 0..=n {
             let t = i as f64 * h;
-            let w = if i == 0 || i == n { 1.0 } else if i % 2 == 1 { 4.0 } else { 2.0 };
+            let w = if i == 0 || i == n {
+                1.0
+            } else if i % 2 == 1 {
+                4.0
+            } else {
+                2.0
+            };
             z += w * f(t);
             m1 += w * t * f(t);
         }
         let mean_abs = m1 / z;
         let c = cb.centroids_f64();
-        assert!((c[1] - mean_abs).abs() < 1e-7 * mean_abs.max(1e-3) + 1e-9, "d={d}: {} vs {mean_abs}", c[1]);
+        assert!(
+            (c[1] - mean_abs).abs() < 1e-7 * mean_abs.max(1e-3) + 1e-9,
+            "d={d}: {} vs {mean_abs}",
+            c[1]
+        );
         assert!((c[0] + c[1]).abs() < 1e-15);
         let want = 1.0 - d as f64 * mean_abs * mean_abs;
-        assert!((cb.unit_mse() - want).abs() < 1e-6, "d={d}: {} vs {want}", cb.unit_mse());
+        assert!(
+            (cb.unit_mse() - want).abs() < 1e-6,
+            "d={d}: {} vs {want}",
+            cb.unit_mse()
+        );
         assert!((mean_abs - tqkv::qjl::mean_abs_sphere_coord(d)).abs() < 1e-7);
     }
 }
 
 #[test]
 fn codebooks_are_symmetric_sorted_and_satisfy_the_lloyd_conditions() {
-    for (d, b) in [(16usize, 4u8), (64, 3), (80, 2), (96, 4), (128, 8), (256, 5)] {
+    for (d, b) in [
+        (16usize, 4u8),
+        (64, 3),
+        (80, 2),
+        (96, 4),
+        (128, 8),
+        (256, 5),
+    ] {
         let cb = Codebook::get(d, b).unwrap();
         let c = cb.centroids();
         assert_eq!(c.len(), 1 << b);

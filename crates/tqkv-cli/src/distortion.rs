@@ -33,6 +33,10 @@ pub struct Args {
     /// Seed of the rotations, sketches and vectors.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Multiply each vector by a log-uniform factor in [1/16, 256]: the reported numbers are
+    /// relative, so only the rounding of stored norms can change them (f16 vs f32 norms).
+    #[arg(long)]
+    scale_norms: bool,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
@@ -67,8 +71,10 @@ pub fn run(a: Args) -> Result<()> {
                 mode,
                 ..QuantSpec::mse(bits).with_rotation(rotation).with_norm(norm)
             };
-            let row = tqkv::distortion::run(spec, a.dim, a.samples, a.seed)
-                .with_context(|| format!("bits {bits_text}, mode {mode_name}, dim {}", a.dim))?;
+            let row = tqkv::distortion::run_scaled(spec, a.dim, a.samples, a.seed, a.scale_norms)
+                .with_context(|| {
+                format!("bits {bits_text}, mode {mode_name}, dim {}", a.dim)
+            })?;
             rows.push((bits_text.clone(), sketch, row));
         }
     }
@@ -102,6 +108,7 @@ pub fn run(a: Args) -> Result<()> {
             "rotation": rotation.name(),
             "norm": a.norm,
             "samples": a.samples,
+            "scale_norms": a.scale_norms,
             "seed": a.seed,
             "rows": rows,
         });

@@ -9,7 +9,11 @@ mod distortion;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tqkv", version, about = "TurboQuant + QJL KV-cache quantization")]
+#[command(
+    name = "tqkv",
+    version,
+    about = "TurboQuant + QJL KV-cache quantization"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

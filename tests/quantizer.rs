@@ -1,0 +1,343 @@
+//! VectorQuantizer: records, scores straight from codes, splits, outlier rule, bad inputs.
+mod common;
+use common::{dot64, fresh_seed, gaussian_vec};
+use tqkv::rng::Rng;
+use tqkv::{
+    BitsSpec, Error, Mode, NormFormat, OutlierRule, QjlSketch, QuantSpec, RotationKind,
+    VectorQuantizer,
+};
+
+fn specs() -> Vec<QuantSpec> {
+    let mut v = Vec::new();
+    for bits in ["1", "2", "3", "4", "2.5", "3.5", "paper2.5", "8"] {
+        let b: BitsSpec = bits.parse().unwrap();
+        for mode in ["mse", "prod", "prod-orth"] {
+            let mut s = QuantSpec::mse(b).with_outliers(OutlierRule::Fixed);
+            s.mode = mode.parse().unwrap();
+            v.push(s);
+        }
+    }
+    v.push(QuantSpec::qjl(256));
+    v
+}
+
+#[test]
+fn score_from_codes_equals_the_inner_product_with_the_dequantized_vector() {
+    let seed = fresh_seed("score_equals_dequantized");
+    let mut rng = Rng::new(seed);
+    for spec in specs() {
+        for (d, rot) in [
+            (64usize, RotationKind::Dense),
+            (128, RotationKind::Hadamard),
+            (96, RotationKind::Dense),
+            (80, RotationKind::Dense),
+        ] {
+            let spec = spec.with_rotation(rot);
+            let q = match VectorQuantizer::new(spec, d, rng.next_u64()) {
+                Ok(q) => q,
+                // The plain QJL preset asks for m = 256 which suits any d; everything else must build.
+                Err(e) => panic!("{spec:?} d={d}: {e}"),
+            };
+            let scales = vec![1.0f32; d];
+            let mut rec = vec![0u8; q.record_bytes()];
+            let mut xh = vec![0.0f32; d];
+            for _ in 0..20 {
+                let x = gaussian_vec(&mut rng, &scales);
+                let y = gaussian_vec(&mut rng, &scales);
+                q.quantize(&x, &mut rec).unwrap();
+                q.dequantize(&rec, &mut xh).unwrap();
+                let p = q.prepare_query(&y).unwrap();
+                let s = q.score(&p, &rec).unwrap() as f64;
+                let want = dot64(&y, &xh);
+                let scale = (dot64(&x, &x) * dot64(&y, &y)).sqrt();
+                assert!(
+                    (s - want).abs() < 2e-5 * scale,
+                    "{spec:?} d={d}: {s} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn record_layouts_and_bit_accounting() {
+    let q = |bits: &str, mode: &str, norm: NormFormat, d: usize| {
+        let mut s = QuantSpec::mse(bits.parse().unwrap())
+            .with_outliers(OutlierRule::Fixed)
+            .with_norm(norm);
+        s.mode = mode.parse().unwrap();
+        VectorQuantizer::new(s, d, 0).unwrap()
+    };
+    // tq3.5 at d=128: 2 f16 norms + 64·4 bits + 64·3 bits = 4 + 32 + 24 = 60 bytes.
+    let a = q("3.5", "mse", NormFormat::F16, 128);
+    assert_eq!(a.record_bytes(), 60);
+    assert_eq!(a.code_bits_per_channel(), 3.5);
+    assert_eq!(a.stored_bits_per_channel(), 3.75);
+    // 2.5 = half at 3 + half at 2: 4 + 24 + 16 = 44 bytes.
+    assert_eq!(q("2.5", "mse", NormFormat::F16, 128).record_bytes(), 44);
+    // The paper's literal split is 2.25 code bits; with its two f16 norms it is 2.5 stored bits.
+    let p = q("paper2.5", "mse", NormFormat::F16, 128);
+    assert_eq!(p.code_bits_per_channel(), 2.25);
+    assert_eq!(p.stored_bits_per_channel(), 2.5);
+    // prod 3 bits at d=128: n, γ (f16) + 128·2 bits + 128 sign bits = 4 + 32 + 16.
+    assert_eq!(q("3", "prod", NormFormat::F16, 128).record_bytes(), 52);
+    assert_eq!(q("3", "prod", NormFormat::F32, 128).record_bytes(), 56);
+    // Awkward: 4 bits at d=99 → 2 + ⌈396/8⌉ = 52.
+    assert_eq!(q("4", "mse", NormFormat::F16, 99).record_bytes(), 52);
+    let l = a.layout();
+    assert_eq!((l.groups[0].norm_offset, l.groups[1].norm_offset), (0, 2));
+    assert_eq!(
+        (l.groups[0].codes_offset, l.groups[1].codes_offset),
+        (4, 36)
+    );
+}
+
+#[test]
+fn awkward_dimensions_work_with_the_dense_rotation() {
+    let seed = fresh_seed("awkward_dimensions");
+    let mut rng = Rng::new(seed);
+    for (d, bits) in [
+        (16usize, "2"),
+        (17, "3"),
+        (99, "4"),
+        (99, "33@4+66@3"),
+        (250, "1.5"),
+        (256, "paper2.5"),
+    ] {
+        let spec = QuantSpec::mse(bits.parse().unwrap()).with_outliers(OutlierRule::Fixed);
+        let q = VectorQuantizer::new(spec, d, rng.next_u64()).unwrap();
+        let x = gaussian_vec(&mut rng, &vec![1.0; d]);
+        let mut rec = vec![0u8; q.record_bytes()];
+        let mut xh = vec![0.0; d];
+        q.quantize(&x, &mut rec).unwrap();
+        q.dequantize(&rec, &mut xh).unwrap();
+        let err: f64 = x
+            .iter()
+            .zip(&xh)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
+        let rel = err / dot64(&x, &x);
+        assert!(rel < 0.5, "d={d} bits={bits}: relative error {rel}");
+    }
+    // A split that does not divide the dimension is a clear error.
+    let e = VectorQuantizer::new(
+        QuantSpec::mse("2.5".parse().unwrap()).with_outliers(OutlierRule::Fixed),
+        99,
+        0,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("split"), "{e}");
+}
+
+#[test]
+fn the_magnitude_rule_finds_outlier_channels_and_beats_a_fixed_split() {
+    let seed = fresh_seed("magnitude_rule");
+    let mut rng = Rng::new(seed);
+    let d = 128;
+    // Keys with a few high-energy channels, as after RoPE in real models.
+    let mut outliers: Vec<usize> = Vec::new();
+    while outliers.len() < 64 {
+        let c = (rng.next_u64() % d as u64) as usize;
+        if !outliers.contains(&c) {
+            outliers.push(c);
+        }
+    }
+    outliers.sort_unstable();
+    let scales: Vec<f32> = (0..d)
+        .map(|c| {
+            if outliers.contains(&c) {
+                1.0 + (c % 5) as f32
+            } else {
+                0.3
+            }
+        })
+        .collect();
+    let calib: Vec<f32> = (0..64)
+        .flat_map(|_| gaussian_vec(&mut rng, &scales))
+        .collect();
+    let spec = QuantSpec::mse("3.5".parse().unwrap());
+    let cal = VectorQuantizer::calibrate(spec, d, &calib, rng.next_u64()).unwrap();
+    assert_eq!(cal.group_channels(0), &outliers[..]);
+    let fixed =
+        VectorQuantizer::new(spec.with_outliers(OutlierRule::Fixed), d, rng.next_u64()).unwrap();
+    let mse = |q: &VectorQuantizer, rng: &mut Rng| {
+        let mut rec = vec![0u8; q.record_bytes()];
+        let mut xh = vec![0.0; d];
+        let mut s = 0.0;
+        for _ in 0..2000 {
+            let x = gaussian_vec(rng, &scales);
+            q.quantize(&x, &mut rec).unwrap();
+            q.dequantize(&rec, &mut xh).unwrap();
+            s += x
+                .iter()
+                .zip(&xh)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                / dot64(&x, &x);
+        }
+        s / 2000.0
+    };
+    let (m_cal, m_fixed) = (mse(&cal, &mut rng), mse(&fixed, &mut rng));
+    assert!(
+        m_cal < 0.8 * m_fixed,
+        "calibrated {m_cal} vs fixed {m_fixed}"
+    );
+    // The rule without samples is an error, not a silent fixed split.
+    assert!(VectorQuantizer::new(spec, d, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("calibrat"));
+    assert!(VectorQuantizer::calibrate(spec, d, &calib[..100], 0).is_err());
+}
+
+#[test]
+fn plain_qjl_matches_a_naive_f64_estimator() {
+    let seed = fresh_seed("plain_qjl");
+    let mut rng = Rng::new(seed);
+    let (d, m) = (128usize, 256usize);
+    let sk = QjlSketch::new(d, m, false, rng.next_u64()).unwrap();
+    let s = sk.matrix();
+    for _ in 0..50 {
+        let k = gaussian_vec(&mut rng, &vec![1.0; d]);
+        let q = gaussian_vec(&mut rng, &vec![1.0; d]);
+        let mut signs = vec![0u8; m];
+        let norm = sk.sketch(&k, &mut signs).unwrap();
+        let mut sq = vec![0.0; m];
+        sk.project(&q, &mut sq).unwrap();
+        let est = sk.estimate(&sq, &signs, norm) as f64;
+        // Naive: √(π/2)/m · ‖k‖ · Σ_i ⟨s_i, q⟩ · sign⟨s_i, k⟩, all in f64.
+        let mut acc = 0.0;
+        for i in 0..m {
+            let row = &s[i * d..(i + 1) * d];
+            let sgn = if dot64(row, &k) >= 0.0 { 1.0 } else { -1.0 };
+            acc += dot64(row, &q) * sgn;
+        }
+        let naive = (std::f64::consts::PI / 2.0).sqrt() / m as f64 * dot64(&k, &k).sqrt() * acc;
+        assert!(
+            (est - naive).abs() < 1e-4 * (1.0 + naive.abs()),
+            "{est} vs {naive}"
+        );
+    }
+    // Through the VectorQuantizer (QuantSpec::qjl): 32 bytes of signs + one f16 norm.
+    let vq = VectorQuantizer::new(QuantSpec::qjl(m), d, 1).unwrap();
+    assert_eq!(vq.record_bytes(), 2 + m / 8);
+    assert_eq!(vq.code_bits_per_channel(), 2.0);
+}
+
+#[test]
+fn same_seed_same_records_other_seed_other_records() {
+    let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.7).cos()).collect();
+    let rec = |seed| {
+        let q = VectorQuantizer::new(QuantSpec::prod(BitsSpec::Uniform(3)), 64, seed).unwrap();
+        let mut r = vec![0u8; q.record_bytes()];
+        q.quantize(&x, &mut r).unwrap();
+        r
+    };
+    assert_eq!(rec(5), rec(5));
+    assert_ne!(rec(5), rec(6));
+}
+
+#[test]
+fn zero_vectors_give_zeros_not_nan() {
+    for spec in specs() {
+        let q = VectorQuantizer::new(spec, 64, 3).unwrap();
+        let mut rec = vec![0u8; q.record_bytes()];
+        q.quantize(&[0.0; 64], &mut rec).unwrap();
+        let mut xh = vec![1.0f32; 64];
+        q.dequantize(&rec, &mut xh).unwrap();
+        assert!(xh.iter().all(|&v| v == 0.0), "{spec:?}: {xh:?}");
+        let p = q.prepare_query(&[1.0; 64]).unwrap();
+        assert_eq!(q.score(&p, &rec).unwrap(), 0.0);
+        // A zero query against a real key: 0, not NaN.
+        let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        q.quantize(&x, &mut rec).unwrap();
+        let p = q.prepare_query(&[0.0; 64]).unwrap();
+        assert_eq!(q.score(&p, &rec).unwrap(), 0.0);
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_that_name_the_problem() {
+    let q = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(3)), 64, 0).unwrap();
+    let mut rec = vec![0u8; q.record_bytes()];
+    let mut x = vec![0.5f32; 64];
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        x[17] = bad;
+        let e = q.quantize(&x, &mut rec).unwrap_err();
+        assert!(matches!(e, Error::NonFinite { index: 17, .. }), "{e}");
+        assert!(q.prepare_query(&x).is_err());
+    }
+    assert!(matches!(
+        q.quantize(&[0.0; 63], &mut rec),
+        Err(Error::Shape {
+            expected: 64,
+            got: 63,
+            ..
+        })
+    ));
+    assert!(matches!(
+        q.quantize(&[0.0; 64], &mut rec[1..]),
+        Err(Error::Shape { .. })
+    ));
+    let mut out = vec![0.0; 65];
+    assert!(q.dequantize(&rec, &mut out).is_err());
+    // Unsupported bits and dims name what is supported.
+    for b in ["0", "9", "2.7", "abc", "0.5"] {
+        let e = b.parse::<BitsSpec>().unwrap_err();
+        assert!(e.to_string().contains("1..=8"), "{e}");
+    }
+    let e = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(9)), 64, 0).unwrap_err();
+    assert!(e.to_string().contains("1, 2, 3, 4"), "{e}");
+    let e = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(3)), 8, 0).unwrap_err();
+    assert!(e.to_string().contains("16..=65536"), "{e}");
+    let e = VectorQuantizer::new(
+        QuantSpec::mse(BitsSpec::Uniform(3)).with_rotation(RotationKind::Hadamard),
+        100,
+        0,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("Hadamard"), "{e}");
+    // An explicit sketch size with a split is ambiguous.
+    let s = QuantSpec {
+        mode: Mode::Prod {
+            sketch_dim: Some(64),
+            orthogonal: false,
+        },
+        ..QuantSpec::mse("3.5".parse().unwrap()).with_outliers(OutlierRule::Fixed)
+    };
+    assert!(VectorQuantizer::new(s, 64, 0).is_err());
+    assert!("bogus"
+        .parse::<Mode>()
+        .unwrap_err()
+        .to_string()
+        .contains("mse, prod"));
+}
+
+#[test]
+fn norms_beyond_f16_are_an_error_and_f32_keeps_them() {
+    let x = vec![10_000.0f32; 64]; // ‖x‖ = 80 000 > 65 504
+    let q = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(4)), 64, 0).unwrap();
+    let mut rec = vec![0u8; q.record_bytes()];
+    let e = q.quantize(&x, &mut rec).unwrap_err();
+    assert!(
+        matches!(e, Error::NormOverflow { .. }) && e.to_string().contains("F32"),
+        "{e}"
+    );
+    let q = VectorQuantizer::new(
+        QuantSpec::mse(BitsSpec::Uniform(4)).with_norm(NormFormat::F32),
+        64,
+        0,
+    )
+    .unwrap();
+    let mut rec = vec![0u8; q.record_bytes()];
+    q.quantize(&x, &mut rec).unwrap();
+    let mut xh = vec![0.0; 64];
+    q.dequantize(&rec, &mut xh).unwrap();
+    let rel: f64 = x
+        .iter()
+        .zip(&xh)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        / dot64(&x, &x);
+    assert!(rel < 0.03, "{rel}");
+}
