@@ -1,9 +1,11 @@
 //! CPU throughput of the reference quantizer: quantize, dequantize and score (from codes),
-//! in vectors/s (criterion's elements) and input bytes/s, at d = 64 and 128.
+//! in vectors/s, at d = 64 and 128, next to the f16 baseline (convert to f16 / back / dot with an
+//! f16 key) in the same run.
 //!
-//! Run: `cargo bench --bench cpu` (results: target/criterion, summary in docs/BENCH_CPU.md).
+//! Run: `scripts/bench-cpu.sh` (criterion output in target/criterion, table in docs/BENCH_CPU.md).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
 use std::hint::black_box;
 use tqkv::rng::Rng;
 use tqkv::{BitsSpec, OutlierRule, QuantSpec, RotationKind, VectorQuantizer};
@@ -34,6 +36,60 @@ fn setups() -> Vec<(String, VectorQuantizer)> {
     v
 }
 
+fn baseline_f16(c: &mut Criterion) {
+    for d in [64usize, 128] {
+        let name = format!("f16/d{d}");
+        let mut rng = Rng::new(7);
+        let xs: Vec<f32> = (0..N * d).map(|_| rng.gaussian() as f32).collect();
+        let hs: Vec<f16> = xs.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut g = c.benchmark_group("quantize");
+        g.throughput(Throughput::Elements(N as u64));
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            let mut out = vec![f16::ZERO; d];
+            b.iter(|| {
+                for x in xs.chunks_exact(d) {
+                    for (o, &v) in out.iter_mut().zip(black_box(x)) {
+                        *o = f16::from_f32(v);
+                    }
+                    black_box(&out);
+                }
+            })
+        });
+        g.finish();
+        let mut g = c.benchmark_group("dequantize");
+        g.throughput(Throughput::Elements(N as u64));
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            let mut out = vec![0.0f32; d];
+            b.iter(|| {
+                for h in hs.chunks_exact(d) {
+                    for (o, &v) in out.iter_mut().zip(black_box(h)) {
+                        *o = v.to_f32();
+                    }
+                    black_box(&out);
+                }
+            })
+        });
+        g.finish();
+        let mut g = c.benchmark_group("score");
+        g.throughput(Throughput::Elements(N as u64));
+        let q = &xs[..d];
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            b.iter(|| {
+                let mut s = 0.0f32;
+                for h in hs.chunks_exact(d) {
+                    s += black_box(h)
+                        .iter()
+                        .zip(q)
+                        .map(|(&k, &q)| k.to_f32() * q)
+                        .sum::<f32>();
+                }
+                s
+            })
+        });
+        g.finish();
+    }
+}
+
 fn bench(c: &mut Criterion) {
     for (name, q) in setups() {
         let d = q.dim();
@@ -59,7 +115,7 @@ fn bench(c: &mut Criterion) {
         g.finish();
 
         let mut g = c.benchmark_group("dequantize");
-        g.throughput(Throughput::Bytes((N * rb) as u64));
+        g.throughput(Throughput::Elements(N as u64));
         g.bench_function(BenchmarkId::from_parameter(&name), |b| {
             let mut out = vec![0.0f32; d];
             b.iter(|| {
@@ -71,7 +127,7 @@ fn bench(c: &mut Criterion) {
         g.finish();
 
         let mut g = c.benchmark_group("score");
-        g.throughput(Throughput::Bytes((N * rb) as u64));
+        g.throughput(Throughput::Elements(N as u64));
         g.bench_function(BenchmarkId::from_parameter(&name), |b| {
             b.iter(|| {
                 let mut s = 0.0f32;
@@ -88,6 +144,6 @@ fn bench(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = bench
+    targets = baseline_f16, bench
 }
 criterion_main!(benches);
