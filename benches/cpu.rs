@@ -36,57 +36,50 @@ fn setups() -> Vec<(String, VectorQuantizer)> {
     v
 }
 
+/// One criterion group `op` with one benchmark `name` over N vectors.
+fn run(c: &mut Criterion, op: &str, name: &str, mut f: impl FnMut()) {
+    let mut g = c.benchmark_group(op);
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function(BenchmarkId::from_parameter(name), |b| b.iter(&mut f));
+    g.finish();
+}
+
 fn baseline_f16(c: &mut Criterion) {
     for d in [64usize, 128] {
         let name = format!("f16/d{d}");
         let mut rng = Rng::new(7);
         let xs: Vec<f32> = (0..N * d).map(|_| rng.gaussian() as f32).collect();
         let hs: Vec<f16> = xs.iter().map(|&v| f16::from_f32(v)).collect();
-        let mut g = c.benchmark_group("quantize");
-        g.throughput(Throughput::Elements(N as u64));
-        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            let mut out = vec![f16::ZERO; d];
-            b.iter(|| {
-                for x in xs.chunks_exact(d) {
-                    for (o, &v) in out.iter_mut().zip(black_box(x)) {
-                        *o = f16::from_f32(v);
-                    }
-                    black_box(&out);
+        let mut out16 = vec![f16::ZERO; d];
+        run(c, "quantize", &name, || {
+            for x in xs.chunks_exact(d) {
+                for (o, &v) in out16.iter_mut().zip(black_box(x)) {
+                    *o = f16::from_f32(v);
                 }
-            })
+                black_box(&out16);
+            }
         });
-        g.finish();
-        let mut g = c.benchmark_group("dequantize");
-        g.throughput(Throughput::Elements(N as u64));
-        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            let mut out = vec![0.0f32; d];
-            b.iter(|| {
-                for h in hs.chunks_exact(d) {
-                    for (o, &v) in out.iter_mut().zip(black_box(h)) {
-                        *o = v.to_f32();
-                    }
-                    black_box(&out);
+        let mut out = vec![0.0f32; d];
+        run(c, "dequantize", &name, || {
+            for h in hs.chunks_exact(d) {
+                for (o, &v) in out.iter_mut().zip(black_box(h)) {
+                    *o = v.to_f32();
                 }
-            })
+                black_box(&out);
+            }
         });
-        g.finish();
-        let mut g = c.benchmark_group("score");
-        g.throughput(Throughput::Elements(N as u64));
         let q = &xs[..d];
-        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            b.iter(|| {
-                let mut s = 0.0f32;
-                for h in hs.chunks_exact(d) {
-                    s += black_box(h)
-                        .iter()
-                        .zip(q)
-                        .map(|(&k, &q)| k.to_f32() * q)
-                        .sum::<f32>();
-                }
-                s
-            })
+        run(c, "score", &name, || {
+            let mut s = 0.0f32;
+            for h in hs.chunks_exact(d) {
+                s += black_box(h)
+                    .iter()
+                    .zip(q)
+                    .map(|(&k, &q)| k.to_f32() * q)
+                    .sum::<f32>();
+            }
+            black_box(s);
         });
-        g.finish();
     }
 }
 
@@ -101,46 +94,27 @@ fn bench(c: &mut Criterion) {
             q.quantize(x, r).unwrap();
         }
         let query = q.prepare_query(&xs[..d]).unwrap();
-
-        let mut g = c.benchmark_group("quantize");
-        g.throughput(Throughput::Elements(N as u64));
-        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            let mut out = vec![0u8; rb];
-            b.iter(|| {
-                for x in xs.chunks_exact(d) {
-                    q.quantize(black_box(x), &mut out).unwrap();
-                }
-            })
+        let mut rec = vec![0u8; rb];
+        run(c, "quantize", &name, || {
+            for x in xs.chunks_exact(d) {
+                q.quantize(black_box(x), &mut rec).unwrap();
+            }
         });
-        g.finish();
-
-        let mut g = c.benchmark_group("dequantize");
-        g.throughput(Throughput::Elements(N as u64));
-        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            let mut out = vec![0.0f32; d];
-            b.iter(|| {
-                for r in recs.chunks_exact(rb) {
-                    q.dequantize(black_box(r), &mut out).unwrap();
-                }
-            })
+        let mut out = vec![0.0f32; d];
+        run(c, "dequantize", &name, || {
+            for r in recs.chunks_exact(rb) {
+                q.dequantize(black_box(r), &mut out).unwrap();
+            }
         });
-        g.finish();
-
-        let mut g = c.benchmark_group("score");
-        g.throughput(Throughput::Elements(N as u64));
-        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-            b.iter(|| {
-                let mut s = 0.0f32;
-                for r in recs.chunks_exact(rb) {
-                    s += q.score(&query, black_box(r)).unwrap();
-                }
-                s
-            })
+        run(c, "score", &name, || {
+            let mut s = 0.0f32;
+            for r in recs.chunks_exact(rb) {
+                s += q.score(&query, black_box(r)).unwrap();
+            }
+            black_box(s);
         });
-        g.finish();
     }
 }
-
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));

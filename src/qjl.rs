@@ -14,7 +14,7 @@
 
 use crate::error::{check_finite, check_len, Error, Result};
 use crate::rng::Rng;
-use crate::rotation::{dot, matvec, Rotation, RotationKind};
+use crate::rotation::{dot, matvec, transpose, Rotation, RotationKind};
 
 /// Largest sketch dimension m.
 pub const MAX_SKETCH_DIM: usize = 1 << 16;
@@ -67,12 +67,7 @@ impl QjlSketch {
             s.extend((0..m * dim).map(|_| rng.gaussian() as f32));
             (2.0 / std::f64::consts::PI).sqrt()
         };
-        let mut s_t = vec![0.0f32; m * dim];
-        for i in 0..m {
-            for j in 0..dim {
-                s_t[j * m + i] = s[i * dim + j];
-            }
-        }
+        let s_t = transpose(&s, m, dim);
         Ok(Self {
             dim,
             m,

@@ -88,12 +88,7 @@ impl Rotation {
                 }
                 let q = haar_orthogonal(dim, &mut rng);
                 let matrix: Vec<f32> = q.iter().map(|&v| v as f32).collect();
-                let mut matrix_t = vec![0.0f32; dim * dim];
-                for i in 0..dim {
-                    for j in 0..dim {
-                        matrix_t[j * dim + i] = matrix[i * dim + j];
-                    }
-                }
+                let matrix_t = transpose(&matrix, dim, dim);
                 Ok(Rotation {
                     dim,
                     kind,
@@ -219,6 +214,17 @@ impl Rotation {
             }
         }
     }
+}
+
+/// The transpose of a row-major rows×cols matrix.
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = m[i * cols + j];
+        }
+    }
+    t
 }
 
 /// `out = M x` for a row-major n×n matrix.
