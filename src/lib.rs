@@ -4,7 +4,8 @@
 //! randomly rotated unit vector ([`codebook`], TurboQuant §3.1), seeded rotations ([`rotation`]),
 //! the MSE quantizer ([`mse`], TurboQuant Alg. 1), the QJL sketch ([`qjl`], QJL §3), the prod
 //! quantizer and the fractional-bit channel split ([`quantizer`], TurboQuant Alg. 2 and §4.3),
-//! the specs ([`spec`]), the bit packing of docs/FORMAT.md ([`packing`]) and the distortion
+//! CPU attention from packed records and its exact reference ([`attention`]), the specs
+//! ([`spec`]), the bit packing of docs/FORMAT.md ([`packing`]) and the distortion
 //! experiment ([`distortion`], TurboQuant §5.1).
 //!
 //! This crate is the oracle the CUDA kernels (feature `cuda`, issue 5) and the candle layer
@@ -26,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod codebook;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -106,6 +106,18 @@ pub struct PreparedQuery {
     projected: Vec<Vec<f32>>,
 }
 
+impl PreparedQuery {
+    /// Π_g q_g of group g (q_g itself for a group without MSE stage).
+    pub fn rotated(&self, g: usize) -> &[f32] {
+        &self.rotated[g]
+    }
+
+    /// S_g Π_g q_g of group g (empty without a QJL stage).
+    pub fn projected(&self, g: usize) -> &[f32] {
+        &self.projected[g]
+    }
+}
+
 /// Quantizes vectors of one dimension with one [`QuantSpec`] into fixed-size records.
 #[derive(Debug, Clone)]
 pub struct VectorQuantizer {

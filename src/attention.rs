@@ -1,0 +1,267 @@
+//! Attention over one KV head's cache, on the CPU: the exact f32 reference and the attention in
+//! the rotated domain straight from packed records (DESIGN.md "Attention in the rotated domain";
+//! TurboQuant §3 for the estimators, QJL §3 for the sign term).
+//!
+//! Both take `nq` queries of one KV head's group (GQA: the query heads sharing that KV head, and
+//! the tokens of a prefill chunk), each with its own visible length (causal masking and
+//! per-sequence lengths are the caller's `visible[i]`: query i sees cache positions
+//! 0..visible[i]), and write softmax(scale · q·Kᵀ)·V. A query that sees nothing gets zeros.
+//!
+//! Packed attention: each query is rotated (and projected by S) once; a per-group lookup table
+//! LUT[j][c] = (Π q)_j · centroid[c] turns every key into d table reads and adds; values are
+//! accumulated in the rotated domain, Σ_i p_i n_i c[idx_i] (+ Sᵀ Σ_i p_i γ_i/(mκ) z_i in prod
+//! mode), and un-rotated once per query. The records are unpacked once per call and shared by
+//! all queries of the group.
+
+use crate::error::{check_len, Error, Result};
+use crate::packing::unpack_codes_unchecked;
+use crate::quantizer::VectorQuantizer;
+use crate::rotation::dot;
+use crate::spec::NormFormat;
+use half::f16;
+
+/// Exact attention of `nq` queries over `n` full-precision keys and values of one KV head.
+///
+/// Layouts (row-major): `q` [nq, d], `k` and `v` [n, d], `out` [nq, d]; `visible` [nq], each ≤ n.
+pub fn attend_exact(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let nq = visible.len();
+    let n = k.len() / d.max(1);
+    check_len("queries", q.len(), nq * d)?;
+    check_len("keys", k.len(), n * d)?;
+    check_len("values", v.len(), n * d)?;
+    check_len("output", out.len(), nq * d)?;
+    check_visible(visible, n)?;
+    let mut p = vec![0.0f32; n];
+    for (i, &vis) in visible.iter().enumerate() {
+        let qi = &q[i * d..(i + 1) * d];
+        for (j, pj) in p[..vis].iter_mut().enumerate() {
+            *pj = scale * dot(qi, &k[j * d..(j + 1) * d]);
+        }
+        softmax_in_place(&mut p[..vis]);
+        let o = &mut out[i * d..(i + 1) * d];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (j, &pj) in p[..vis].iter().enumerate() {
+            for (x, &vv) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+                *x += pj * vv;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_visible(visible: &[usize], n: usize) -> Result<()> {
+    match visible.iter().find(|&&v| v > n) {
+        Some(v) => Err(Error::Config(format!(
+            "a query sees {v} positions but the cache holds {n}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Max-subtracted softmax in place; an empty slice stays empty.
+pub fn softmax_in_place(p: &mut [f32]) {
+    let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if p.is_empty() {
+        return;
+    }
+    let mut s = 0.0f64;
+    for x in p.iter_mut() {
+        *x = (*x - m).exp();
+        s += *x as f64;
+    }
+    let inv = (1.0 / s) as f32;
+    p.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// One group's records unpacked: codes as bytes, norms as f32, signs as ±1.
+struct Unpacked {
+    dim: usize,
+    mse_bits: u8,
+    m: usize,
+    codes: Vec<u8>,
+    norms: Vec<f32>,
+    signs: Vec<f32>,
+    gammas: Vec<f32>,
+}
+
+fn read_norm(rec: &[u8], off: usize, fmt: NormFormat) -> f32 {
+    match fmt {
+        NormFormat::F16 => f16::from_le_bytes([rec[off], rec[off + 1]]).to_f32(),
+        NormFormat::F32 => f32::from_le_bytes([rec[off], rec[off + 1], rec[off + 2], rec[off + 3]]),
+    }
+}
+
+fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
+    let rb = q.record_bytes();
+    let fmt = q.spec().norm;
+    q.layout()
+        .groups
+        .iter()
+        .map(|gl| {
+            let mut u = Unpacked {
+                dim: gl.dim,
+                mse_bits: gl.mse_bits,
+                m: gl.sketch_dim,
+                codes: vec![0u8; if gl.mse_bits > 0 { n * gl.dim } else { 0 }],
+                norms: vec![0.0; n],
+                signs: vec![0.0; n * gl.sketch_dim],
+                gammas: vec![0.0; n],
+            };
+            let mut bits = vec![0u8; gl.sketch_dim];
+            for i in 0..n {
+                let rec = &records[i * rb..(i + 1) * rb];
+                if gl.mse_bits > 0 {
+                    let len = crate::packing::packed_len(gl.dim, gl.mse_bits);
+                    unpack_codes_unchecked(
+                        &rec[gl.codes_offset..gl.codes_offset + len],
+                        gl.mse_bits,
+                        &mut u.codes[i * gl.dim..(i + 1) * gl.dim],
+                    );
+                    u.norms[i] = read_norm(rec, gl.norm_offset, fmt);
+                }
+                if gl.sketch_dim > 0 {
+                    let len = gl.sketch_dim.div_ceil(8);
+                    unpack_codes_unchecked(
+                        &rec[gl.signs_offset..gl.signs_offset + len],
+                        1,
+                        &mut bits,
+                    );
+                    for (s, &b) in u.signs[i * gl.sketch_dim..(i + 1) * gl.sketch_dim]
+                        .iter_mut()
+                        .zip(&bits)
+                    {
+                        *s = if b != 0 { 1.0 } else { -1.0 };
+                    }
+                    u.gammas[i] = read_norm(rec, gl.gamma_offset, fmt);
+                }
+            }
+            u
+        })
+        .collect()
+}
+
+/// Attention of `nq` queries over `n` packed keys and values of one KV head, computed from the
+/// codes (see the module docs). `kq`/`vq` are the quantizers that wrote the records.
+///
+/// Layouts: `q` [nq, d] f32; `k_records` [n, kq.record_bytes()]; `v_records`
+/// [n, vq.record_bytes()]; `visible` [nq]; `out` [nq, d].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_packed(
+    kq: &VectorQuantizer,
+    vq: &VectorQuantizer,
+    q: &[f32],
+    k_records: &[u8],
+    v_records: &[u8],
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let d = kq.dim();
+    if vq.dim() != d {
+        return Err(Error::Config(format!(
+            "key dim {d} and value dim {} differ",
+            vq.dim()
+        )));
+    }
+    let nq = visible.len();
+    let n = k_records.len() / kq.record_bytes();
+    check_len("queries", q.len(), nq * d)?;
+    check_len("key records", k_records.len(), n * kq.record_bytes())?;
+    check_len("value records", v_records.len(), n * vq.record_bytes())?;
+    check_len("output", out.len(), nq * d)?;
+    check_visible(visible, n)?;
+    let ku = unpack_all(kq, k_records, n);
+    let vu = unpack_all(vq, v_records, n);
+    let mut p = vec![0.0f32; n];
+    for (i, &vis) in visible.iter().enumerate() {
+        let o = &mut out[i * d..(i + 1) * d];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        if vis == 0 {
+            continue;
+        }
+        // Scores from codes.
+        let prep = kq.prepare_query(&q[i * d..(i + 1) * d])?;
+        p[..vis].iter_mut().for_each(|x| *x = 0.0);
+        for (g, u) in ku.iter().enumerate() {
+            if u.mse_bits > 0 {
+                let c = kq.group_mse(g).expect("group has an MSE stage").codebook();
+                let levels = 1usize << u.mse_bits;
+                let qr = prep.rotated(g);
+                let mut lut = vec![0.0f32; u.dim * levels];
+                for (j, &qj) in qr.iter().enumerate() {
+                    for (l, &cv) in c.centroids().iter().enumerate() {
+                        lut[j * levels + l] = qj * cv;
+                    }
+                }
+                for (t, pt) in p[..vis].iter_mut().enumerate() {
+                    let codes = &u.codes[t * u.dim..(t + 1) * u.dim];
+                    let mut acc = 0.0f32;
+                    for (j, &cj) in codes.iter().enumerate() {
+                        acc += lut[j * levels + cj as usize];
+                    }
+                    *pt += u.norms[t] * acc;
+                }
+            }
+            if u.m > 0 {
+                let qjl = kq.group_qjl(g).expect("group has a sketch");
+                let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
+                let sq = prep.projected(g);
+                for (t, pt) in p[..vis].iter_mut().enumerate() {
+                    *pt += a * u.gammas[t] * dot(sq, &u.signs[t * u.m..(t + 1) * u.m]);
+                }
+            }
+        }
+        p[..vis].iter_mut().for_each(|x| *x *= scale);
+        softmax_in_place(&mut p[..vis]);
+        // Values accumulated in the rotated domain, un-rotated once.
+        for (g, u) in vu.iter().enumerate() {
+            let mut acc = vec![0.0f32; u.dim];
+            if u.mse_bits > 0 {
+                let c = vq.group_mse(g).expect("group has an MSE stage").codebook().centroids();
+                for (t, &pt) in p[..vis].iter().enumerate() {
+                    let w = pt * u.norms[t];
+                    for (x, &cj) in acc.iter_mut().zip(&u.codes[t * u.dim..(t + 1) * u.dim]) {
+                        *x += w * c[cj as usize];
+                    }
+                }
+            }
+            if u.m > 0 {
+                let qjl = vq.group_qjl(g).expect("group has a sketch");
+                let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
+                let mut accz = vec![0.0f32; u.m];
+                for (t, &pt) in p[..vis].iter().enumerate() {
+                    let w = pt * a * u.gammas[t];
+                    for (x, &z) in accz.iter_mut().zip(&u.signs[t * u.m..(t + 1) * u.m]) {
+                        *x += w * z;
+                    }
+                }
+                let s = qjl.matrix();
+                for (l, &z) in accz.iter().enumerate() {
+                    for (x, &sv) in acc.iter_mut().zip(&s[l * u.dim..(l + 1) * u.dim]) {
+                        *x += z * sv;
+                    }
+                }
+            }
+            let xg = match vq.group_mse(g) {
+                Some(mse) => {
+                    let mut x = vec![0.0f32; u.dim];
+                    mse.rotation().apply_inverse_unchecked(&acc, &mut x);
+                    x
+                }
+                None => acc,
+            };
+            for (&c, xv) in vq.group_channels(g).iter().zip(xg) {
+                o[c] = xv;
+            }
+        }
+    }
+    Ok(())
+}
