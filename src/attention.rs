@@ -225,7 +225,11 @@ pub fn attend_packed(
         for (g, u) in vu.iter().enumerate() {
             let mut acc = vec![0.0f32; u.dim];
             if u.mse_bits > 0 {
-                let c = vq.group_mse(g).expect("group has an MSE stage").codebook().centroids();
+                let c = vq
+                    .group_mse(g)
+                    .expect("group has an MSE stage")
+                    .codebook()
+                    .centroids();
                 for (t, &pt) in p[..vis].iter().enumerate() {
                     let w = pt * u.norms[t];
                     for (x, &cj) in acc.iter_mut().zip(&u.codes[t * u.dim..(t + 1) * u.dim]) {

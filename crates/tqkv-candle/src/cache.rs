@@ -1,0 +1,299 @@
+//! The KV-cache trait a model calls once per layer, the per-sequence bookkeeping every cache
+//! shares, and the input checks (shapes, dtypes, devices, NaN/Inf) that turn bad input into
+//! errors that name the problem.
+//!
+//! Tensor layout everywhere: `[batch, heads, tokens, head_dim]`, as in candle's llama.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Bytes a cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryUsage {
+    /// Bytes of the tokens actually stored (what the cache's format costs per token × tokens).
+    pub logical: usize,
+    /// Bytes allocated (capacity included).
+    pub allocated: usize,
+}
+
+impl std::ops::Add for MemoryUsage {
+    type Output = MemoryUsage;
+    fn add(self, o: MemoryUsage) -> MemoryUsage {
+        MemoryUsage {
+            logical: self.logical + o.logical,
+            allocated: self.allocated + o.allocated,
+        }
+    }
+}
+
+/// A per-layer KV cache.
+///
+/// Protocol per forward step: [`KvCache::append`] the step's new keys and values (a prefill
+/// chunk or one decode token per sequence), then [`KvCache::attend`] with the queries of those
+/// same tokens. Query t of sequence b sits at position `len_b − new_b + t` and sees every cached
+/// position up to and including its own (causal); rows t ≥ new_b of a shorter sequence are
+/// padding and come back as zeros. RoPE is applied by the caller before `append`/`attend`.
+pub trait KvCache: Send + Sync {
+    /// Appends keys and values `[batch, kv_heads, tokens, head_dim]`. `lens[b]` (default: all
+    /// `tokens`) says how many leading tokens of sequence b are real; the rest is padding.
+    /// On error the cache is unchanged.
+    fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()>;
+
+    /// Attention of the queries `[batch, q_heads, tokens, head_dim]` of the last append over the
+    /// cache: `softmax(scale · q Kᵀ + causal mask) V`, GQA when `q_heads` is a multiple of the
+    /// KV heads. Returns `[batch, q_heads, tokens, head_dim]` in the queries' dtype and device.
+    fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor>;
+
+    /// Tokens stored per sequence.
+    fn seq_lens(&self) -> &[usize];
+
+    /// Forgets every token (keeps the configuration and, where it has one, the calibration).
+    fn reset(&mut self);
+
+    /// Bytes held.
+    fn memory(&self) -> MemoryUsage;
+
+    /// A short name of the kind, e.g. `f16`, `q8`, `tq3.5`.
+    fn kind_name(&self) -> String;
+}
+
+/// Shape and bookkeeping shared by all caches: sequence lengths and the last append.
+#[derive(Debug, Clone)]
+pub struct SeqState {
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Largest number of tokens per sequence (None: unbounded).
+    pub max_tokens: Option<usize>,
+    /// Tokens stored per sequence (empty until the first append fixes the batch size).
+    pub lens: Vec<usize>,
+    /// Real tokens per sequence in the last append.
+    pub last_new: Vec<usize>,
+    /// Tokens dimension of the last append (padding included).
+    pub last_chunk: usize,
+}
+
+impl SeqState {
+    /// A state for `kv_heads` heads of `head_dim`.
+    pub fn new(kv_heads: usize, head_dim: usize, max_tokens: Option<usize>) -> Self {
+        SeqState {
+            kv_heads,
+            head_dim,
+            max_tokens,
+            lens: Vec::new(),
+            last_new: Vec::new(),
+            last_chunk: 0,
+        }
+    }
+
+    /// Checks an append and returns (batch, tokens, new tokens per sequence) without changing
+    /// anything; [`Self::commit`] records it once the data is stored.
+    pub fn plan(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        lens: Option<&[usize]>,
+    ) -> Result<(usize, usize, Vec<usize>)> {
+        let (b, h, t, d) = dims4("keys", k)?;
+        let vd = dims4("values", v)?;
+        if vd != (b, h, t, d) {
+            candle_core::bail!(
+                "keys {:?} and values {:?} must have the same shape [batch, kv_heads, tokens, head_dim]",
+                k.dims(),
+                v.dims()
+            );
+        }
+        if h != self.kv_heads || d != self.head_dim {
+            candle_core::bail!(
+                "this cache holds {} KV heads of dim {}, got keys with {h} heads of dim {d}",
+                self.kv_heads,
+                self.head_dim
+            );
+        }
+        check_float("keys", k)?;
+        check_float("values", v)?;
+        if !k.device().same_device(v.device()) {
+            candle_core::bail!("keys and values are on different devices");
+        }
+        if !self.lens.is_empty() && self.lens.len() != b {
+            candle_core::bail!(
+                "the cache holds {} sequences, the append has batch {b}; reset() to change the batch",
+                self.lens.len()
+            );
+        }
+        let new: Vec<usize> = match lens {
+            None => vec![t; b],
+            Some(l) => {
+                if l.len() != b {
+                    candle_core::bail!("lens has {} entries for a batch of {b}", l.len());
+                }
+                if let Some((i, &n)) = l.iter().enumerate().find(|(_, &n)| n > t) {
+                    candle_core::bail!("lens[{i}] = {n} exceeds the {t} tokens appended");
+                }
+                l.to_vec()
+            }
+        };
+        if let Some(max) = self.max_tokens {
+            for (i, &n) in new.iter().enumerate() {
+                let have = self.lens.get(i).copied().unwrap_or(0);
+                if have + n > max {
+                    candle_core::bail!(
+                        "KV cache full: sequence {i} holds {have} tokens, appending {n} exceeds \
+                         the maximum of {max}"
+                    );
+                }
+            }
+        }
+        Ok((b, t, new))
+    }
+
+    /// Records an append planned by [`Self::plan`].
+    pub fn commit(&mut self, b: usize, t: usize, new: Vec<usize>) {
+        if self.lens.is_empty() {
+            self.lens = vec![0; b];
+        }
+        for (l, n) in self.lens.iter_mut().zip(&new) {
+            *l += n;
+        }
+        self.last_new = new;
+        self.last_chunk = t;
+    }
+
+    /// Start position of the last append in sequence b.
+    pub fn start(&self, b: usize) -> usize {
+        self.lens[b] - self.last_new[b]
+    }
+
+    /// Positions visible to query row t of sequence b (0 for padding rows).
+    pub fn visible(&self, b: usize, t: usize) -> usize {
+        if t < self.last_new[b] {
+            self.start(b) + t + 1
+        } else {
+            0
+        }
+    }
+
+    /// Checks the queries of an attend: returns (batch, q_heads, tokens, groups).
+    pub fn check_queries(&self, q: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (b, hq, t, d) = dims4("queries", q)?;
+        check_float("queries", q)?;
+        if self.lens.is_empty() {
+            candle_core::bail!("attend before any append: the cache is empty");
+        }
+        if b != self.lens.len() || t != self.last_chunk {
+            candle_core::bail!(
+                "queries [batch {b}, tokens {t}] must match the last append [batch {}, tokens {}]",
+                self.lens.len(),
+                self.last_chunk
+            );
+        }
+        if d != self.head_dim {
+            candle_core::bail!(
+                "query head_dim {d} differs from the cache's {}",
+                self.head_dim
+            );
+        }
+        if hq == 0 || hq % self.kv_heads != 0 {
+            candle_core::bail!(
+                "{hq} query heads is not a multiple of the {} KV heads (GQA)",
+                self.kv_heads
+            );
+        }
+        Ok((b, hq, t, hq / self.kv_heads))
+    }
+
+    /// Forgets all sequences.
+    pub fn reset(&mut self) {
+        self.lens.clear();
+        self.last_new.clear();
+        self.last_chunk = 0;
+    }
+}
+
+/// The four dims of a rank-4 tensor, or an error naming it.
+pub fn dims4(what: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match t.dims() {
+        &[a, b, c, d] => Ok((a, b, c, d)),
+        dims => candle_core::bail!(
+            "{what} must have rank 4 [batch, heads, tokens, head_dim], got shape {dims:?}"
+        ),
+    }
+}
+
+/// Errors unless `t` is f32, f16 or bf16.
+pub fn check_float(what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        dt => candle_core::bail!("{what} must be f32, f16 or bf16, got {dt:?}"),
+    }
+}
+
+/// Copies a CPU tensor into a contiguous f32 vector, erroring on NaN/Inf; on another device an
+/// error says that this cache kind has no kernels there (never a silent copy to the host).
+pub fn host_f32(what: &str, kind: &str, t: &Tensor) -> Result<Vec<f32>> {
+    if !matches!(t.device(), Device::Cpu) {
+        candle_core::bail!(
+            "the {kind} KV cache runs on the CPU only (no {} kernels for it); {what} is on {:?}",
+            device_name(t.device()),
+            t.device().location()
+        );
+    }
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    check_finite(what, &v)?;
+    Ok(v)
+}
+
+/// Errors with the position of the first NaN/Inf.
+pub fn check_finite(what: &str, v: &[f32]) -> Result<()> {
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        candle_core::bail!(
+            "{what} contain a non-finite value ({}) at flat index {i}",
+            v[i]
+        );
+    }
+    Ok(())
+}
+
+fn device_name(d: &Device) -> &'static str {
+    match d {
+        Device::Cpu => "CPU",
+        Device::Cuda(_) => "CUDA",
+        Device::Metal(_) => "Metal",
+    }
+}
+
+/// Runs `f` for every (sequence, KV head) in parallel on the grouped queries and assembles the
+/// output `[batch, q_heads, tokens, head_dim]` (row-major f32).
+///
+/// `f(b, h, queries, visible, out)` gets the `groups · tokens` queries of KV head h (query heads
+/// h·groups .. (h+1)·groups, all tokens, row-major `[groups·tokens, head_dim]`), their visible
+/// lengths, and writes their outputs.
+pub fn grouped_attention<F>(
+    state: &SeqState,
+    q: &[f32],
+    q_heads: usize,
+    tokens: usize,
+    f: F,
+) -> Result<Vec<f32>>
+where
+    F: Fn(usize, usize, &[f32], &[usize], &mut [f32]) -> Result<()> + Sync,
+{
+    use rayon::prelude::*;
+    let d = state.head_dim;
+    let b_n = state.lens.len();
+    let g = q_heads / state.kv_heads;
+    let block = g * tokens * d;
+    // In [B, Hq, T, d] the queries of one (b, kv head) are contiguous: heads h·g..(h+1)·g.
+    let mut out = vec![0.0f32; b_n * q_heads * tokens * d];
+    out.par_chunks_mut(block)
+        .enumerate()
+        .try_for_each(|(idx, o)| {
+            let (b, h) = (idx / state.kv_heads, idx % state.kv_heads);
+            let qs = &q[idx * block..(idx + 1) * block];
+            let visible: Vec<usize> = (0..g)
+                .flat_map(|_| (0..tokens).map(move |t| state.visible(b, t)))
+                .collect();
+            f(b, h, qs, &visible, o)
+        })?;
+    Ok(out)
+}

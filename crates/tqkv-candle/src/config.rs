@@ -1,0 +1,180 @@
+//! One config value picks the cache kind of every layer: [`CacheKind`] parses the names used on
+//! the command line (`f16`, `q8`, `q4h`, `kivi2`, `tq3.5`, …) and [`CacheConfig`] adds per-layer
+//! overrides (e.g. the first and last two layers at higher precision) and the capacity limit.
+
+use crate::cache::KvCache;
+use crate::codec::{CodecCache, Q4Hadamard, Q8};
+use crate::full::FullCache;
+use crate::kivi::KiviCache;
+use crate::turbo::TurboCache;
+use candle_core::{DType, Device, Result};
+use tqkv::{BitsSpec, KvSpec, Mode, QuantSpec, RotationKind};
+
+/// What a layer's cache stores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheKind {
+    /// Full precision in f32, f16 or bf16 (any device).
+    Full(DType),
+    /// q8_0-like: int8 per token in blocks of 32 with an f16 scale.
+    Q8,
+    /// Hadamard rotation + q4_0 blocks of 32 (llama.cpp's default).
+    Q4Hadamard,
+    /// KIVI at 2 or 4 bits.
+    Kivi(u8),
+    /// TurboQuant with independent key and value specs.
+    Turbo(KvSpec),
+}
+
+impl std::str::FromStr for CacheKind {
+    type Err = candle_core::Error;
+    /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `kivi2`, `kivi4`, `tq<bits>` (bits as in
+    /// [`BitsSpec`]: `tq2.5`, `tq3`, `tq3.5`, `tq4`, …; MSE keys and values, dense rotation),
+    /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation).
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => CacheKind::Full(DType::F32),
+            "f16" => CacheKind::Full(DType::F16),
+            "bf16" => CacheKind::Full(DType::BF16),
+            "q8" => CacheKind::Q8,
+            "q4h" => CacheKind::Q4Hadamard,
+            "kivi2" => CacheKind::Kivi(2),
+            "kivi4" => CacheKind::Kivi(4),
+            _ => {
+                let Some(rest) = s.strip_prefix("tq") else {
+                    candle_core::bail!(
+                        "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, \
+                         kivi2, kivi4, tq<bits>[-qjl][-had] (e.g. tq2.5, tq3.5, tq4-qjl)"
+                    );
+                };
+                let mut parts = rest.split('-');
+                let bits: BitsSpec = parts
+                    .next()
+                    .unwrap_or("")
+                    .parse()
+                    .map_err(candle_core::Error::wrap)?;
+                let mut key = QuantSpec::mse(bits);
+                let mut value = QuantSpec::mse(bits);
+                for p in parts {
+                    match p {
+                        "qjl" => {
+                            key = QuantSpec {
+                                mode: Mode::Prod {
+                                    sketch_dim: None,
+                                    orthogonal: false,
+                                },
+                                ..key
+                            }
+                        }
+                        "qjlo" => {
+                            key = QuantSpec {
+                                mode: Mode::Prod {
+                                    sketch_dim: None,
+                                    orthogonal: true,
+                                },
+                                ..key
+                            }
+                        }
+                        "had" => {
+                            key = key.with_rotation(RotationKind::Hadamard);
+                            value = value.with_rotation(RotationKind::Hadamard);
+                        }
+                        _ => candle_core::bail!(
+                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had"
+                        ),
+                    }
+                }
+                CacheKind::Turbo(KvSpec { key, value })
+            }
+        })
+    }
+}
+
+/// Cache kinds per layer, and the capacity limit.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// The kind of every layer without an override.
+    pub default: CacheKind,
+    /// (layer index, kind) overrides.
+    pub overrides: Vec<(usize, CacheKind)>,
+    /// Largest number of tokens per sequence (None: grow without bound).
+    pub max_tokens: Option<usize>,
+    /// Seed of rotations and sketches (each layer derives its own).
+    pub seed: u64,
+}
+
+impl CacheConfig {
+    /// Every layer of `kind`, unbounded, seed 0.
+    pub fn new(kind: CacheKind) -> Self {
+        CacheConfig {
+            default: kind,
+            overrides: Vec::new(),
+            max_tokens: None,
+            seed: 0,
+        }
+    }
+
+    /// Keeps the first `first` and the last `last` of `n_layers` layers at `kind`.
+    pub fn with_outer_layers(
+        mut self,
+        first: usize,
+        last: usize,
+        n_layers: usize,
+        kind: CacheKind,
+    ) -> Self {
+        for l in (0..first.min(n_layers)).chain(n_layers.saturating_sub(last)..n_layers) {
+            self.overrides.push((l, kind));
+        }
+        self
+    }
+
+    /// Sets the capacity limit.
+    pub fn with_max_tokens(mut self, max: usize) -> Self {
+        self.max_tokens = Some(max);
+        self
+    }
+
+    /// The kind of layer `layer`.
+    pub fn kind_of(&self, layer: usize) -> CacheKind {
+        self.overrides
+            .iter()
+            .rev()
+            .find(|(l, _)| *l == layer)
+            .map_or(self.default, |(_, k)| *k)
+    }
+
+    /// Builds the cache of layer `layer` for `kv_heads` heads of `head_dim` on `device`.
+    pub fn build(
+        &self,
+        layer: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Box<dyn KvCache>> {
+        if kv_heads == 0 || head_dim == 0 {
+            candle_core::bail!("a KV cache needs kv_heads ≥ 1 and head_dim ≥ 1");
+        }
+        let max = self.max_tokens;
+        Ok(match self.kind_of(layer) {
+            CacheKind::Full(dt) => Box::new(FullCache::new(kv_heads, head_dim, dt, device, max)?),
+            CacheKind::Q8 => Box::new(CodecCache::new(Q8, kv_heads, head_dim, max)),
+            CacheKind::Q4Hadamard => Box::new(CodecCache::new(
+                Q4Hadamard::new(
+                    head_dim,
+                    tqkv::rng::derive_seed(self.seed, 1000 + layer as u64),
+                )?,
+                kv_heads,
+                head_dim,
+                max,
+            )),
+            CacheKind::Kivi(b) => Box::new(KiviCache::new(b, kv_heads, head_dim, max)?),
+            CacheKind::Turbo(spec) => Box::new(TurboCache::new(
+                spec,
+                kv_heads,
+                head_dim,
+                device,
+                tqkv::rng::derive_seed(self.seed, layer as u64),
+                max,
+            )?),
+        })
+    }
+}

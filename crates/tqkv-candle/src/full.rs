@@ -1,0 +1,178 @@
+//! The full-precision baseline cache (f32 / f16 / bf16), built from candle tensor ops only, so
+//! it runs on every candle device (CPU and CUDA) with no kernels of ours.
+//!
+//! Storage: K and V tensors `[batch, kv_heads, capacity, head_dim]` on the device. The capacity
+//! doubles when full (one copy of the history per doubling, never one per step), up to the
+//! configured maximum. Attention: GQA by viewing the queries as `[batch, kv_heads, groups·tokens,
+//! head_dim]` (no repeated K/V heads materialised), scores in the cache dtype, softmax in f32
+//! with the causal / length mask, zeros for padding rows.
+
+use crate::cache::{KvCache, MemoryUsage, SeqState};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Keys and values kept as they came, in one float dtype.
+#[derive(Debug, Clone)]
+pub struct FullCache {
+    state: SeqState,
+    dtype: DType,
+    device: Device,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    capacity: usize,
+}
+
+impl FullCache {
+    /// A cache for `kv_heads` heads of `head_dim` in `dtype` (f32, f16 or bf16) on `device`.
+    pub fn new(
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+        max_tokens: Option<usize>,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            candle_core::bail!("a full-precision cache stores f32, f16 or bf16, not {dtype:?}");
+        }
+        Ok(FullCache {
+            state: SeqState::new(kv_heads, head_dim, max_tokens),
+            dtype,
+            device: device.clone(),
+            k: None,
+            v: None,
+            capacity: 0,
+        })
+    }
+
+    fn grow(&mut self, batch: usize, needed: usize) -> Result<()> {
+        if needed <= self.capacity && self.k.is_some() {
+            return Ok(());
+        }
+        let mut cap = needed.max(2 * self.capacity).max(16);
+        if let Some(m) = self.state.max_tokens {
+            cap = cap.min(m.max(needed));
+        }
+        let shape = (batch, self.state.kv_heads, cap, self.state.head_dim);
+        let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+        let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+        if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
+            k.slice_set(ok, 2, 0)?;
+            v.slice_set(ov, 2, 0)?;
+        }
+        self.k = Some(k);
+        self.v = Some(v);
+        self.capacity = cap;
+        Ok(())
+    }
+}
+
+/// Errors if `t` holds NaN or ±Inf (one reduction on the device, one scalar to the host).
+pub(crate) fn check_finite_tensor(what: &str, t: &Tensor) -> Result<()> {
+    let s = t
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if !s.is_finite() {
+        candle_core::bail!("{what} contain NaN or Inf");
+    }
+    Ok(())
+}
+
+impl KvCache for FullCache {
+    fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()> {
+        let (b, t, new) = self.state.plan(k, v, lens)?;
+        if !k.device().same_device(&self.device) {
+            candle_core::bail!(
+                "keys are on {:?}, the cache on {:?}",
+                k.device().location(),
+                self.device.location()
+            );
+        }
+        check_finite_tensor("keys", k)?;
+        check_finite_tensor("values", v)?;
+        let have: Vec<usize> = (0..b)
+            .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
+            .collect();
+        let needed = have.iter().zip(&new).map(|(h, n)| h + n).max().unwrap_or(0);
+        self.grow(b, needed)?;
+        let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        let k = k.to_dtype(self.dtype)?;
+        let v = v.to_dtype(self.dtype)?;
+        for i in 0..b {
+            if new[i] == 0 {
+                continue;
+            }
+            let ks = k.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
+            let vs = v.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
+            kc.narrow(0, i, 1)?.slice_set(&ks, 2, have[i])?;
+            vc.narrow(0, i, 1)?.slice_set(&vs, 2, have[i])?;
+        }
+        self.state.commit(b, t, new);
+        Ok(())
+    }
+
+    fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
+        let (b, hq, t, g) = self.state.check_queries(q)?;
+        let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        let hk = self.state.kv_heads;
+        let d = self.state.head_dim;
+        let l = self.state.lens.iter().copied().max().unwrap_or(0).max(1);
+        let k = kc.narrow(2, 0, l)?;
+        let v = vc.narrow(2, 0, l)?;
+        let qd = q.dtype();
+        let q = (q.to_dtype(self.dtype)? * scale)?.reshape((b, hk, g * t, d))?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .reshape((b, hk, g, t, l))?;
+        // Mask [b, 1, 1, t, l]: 0 where visible, -1e30 elsewhere; row weights zero padding rows.
+        let mut mask = vec![0.0f32; b * t * l];
+        let mut rows = vec![0.0f32; b * t];
+        for i in 0..b {
+            for r in 0..t {
+                let vis = self.state.visible(i, r);
+                rows[i * t + r] = if vis > 0 { 1.0 } else { 0.0 };
+                for j in vis..l {
+                    mask[(i * t + r) * l + j] = -1e30;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, l), q.device())?;
+        let rows = Tensor::from_vec(rows, (b, 1, 1, t, 1), q.device())?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let p = p
+            .broadcast_mul(&rows)?
+            .reshape((b, hk, g * t, l))?
+            .to_dtype(self.dtype)?;
+        let out = p.matmul(&v.contiguous()?)?;
+        out.reshape((b, hq, t, d))?.to_dtype(qd)
+    }
+
+    fn seq_lens(&self) -> &[usize] {
+        &self.state.lens
+    }
+
+    fn reset(&mut self) {
+        self.state.reset();
+        self.k = None;
+        self.v = None;
+        self.capacity = 0;
+    }
+
+    fn memory(&self) -> MemoryUsage {
+        let per_token = 2 * self.state.kv_heads * self.state.head_dim * self.dtype.size_in_bytes();
+        MemoryUsage {
+            logical: self.state.lens.iter().sum::<usize>() * per_token,
+            allocated: self.state.lens.len() * self.capacity * per_token,
+        }
+    }
+
+    fn kind_name(&self) -> String {
+        match self.dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            _ => "bf16",
+        }
+        .into()
+    }
+}

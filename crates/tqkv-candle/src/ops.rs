@@ -1,0 +1,180 @@
+//! The candle ops of the TurboQuant cache — the boundary the CUDA kernels (issue 5) fill.
+//!
+//! * [`TqAppend`] (`InplaceOp2`): writes the records of new vectors into a packed cache tensor.
+//!   dst: u8 `[batch, kv_heads, capacity, record_bytes]`, contiguous, offset 0.
+//!   src: f32 / f16 / bf16 `[batch, kv_heads, tokens, head_dim]`, contiguous.
+//!   Token t < new[b] of sequence b, head h goes to slot `start[b] + t`; padding is skipped.
+//! * [`TqAttend`] (`CustomOp3`): attention of the queries over the packed K and V caches.
+//!   q: f32 / f16 / bf16 `[batch, q_heads, tokens, head_dim]`, contiguous; k, v: the caches above.
+//!   out: f32 `[batch, q_heads, tokens, head_dim]`. Query row t of sequence b sees slots
+//!   `0..visible(b, t)` (causal, per-sequence lengths; 0 for padding rows → zeros).
+//!
+//! CPU: the reference of `tqkv` ([`tqkv::VectorQuantizer::quantize`],
+//! [`tqkv::attention::attend_packed`]), parallel over (sequence, KV head). CUDA: an error naming
+//! the missing kernels until they land — never a silent copy to the host.
+
+use crate::cache::{grouped_attention, SeqState};
+use candle_core::{CpuStorage, CudaStorage, InplaceOp2, Layout, Result, Shape};
+use std::sync::Arc;
+use tqkv::VectorQuantizer;
+
+fn no_cuda(op: &str) -> candle_core::Error {
+    candle_core::Error::msg(format!(
+        "{op}: the TurboQuant CUDA kernels are not built yet (issue 5); on CUDA use a \
+         full-precision cache (f16/bf16/f32), or run the quantized cache on the CPU"
+    ))
+}
+
+/// Contiguous f32 copy of a float storage region.
+fn float_slice(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
+    let (start, end) = match l.contiguous_offsets() {
+        Some(o) => o,
+        None => candle_core::bail!("{what} must be contiguous"),
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("{what} must be f32, f16 or bf16, got another dtype"),
+    })
+}
+
+fn u8_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u8]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U8(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what} must be a contiguous u8 cache tensor"),
+    }
+}
+
+/// Quantize-append: see the module docs for layouts.
+pub struct TqAppend {
+    /// Quantizer of each KV head.
+    pub quantizers: Arc<Vec<VectorQuantizer>>,
+    /// First slot written per sequence.
+    pub start: Vec<usize>,
+    /// Real tokens per sequence.
+    pub new: Vec<usize>,
+    /// Slots per (sequence, head) in the cache tensor.
+    pub capacity: usize,
+    /// `keys` or `values`, for error messages.
+    pub what: &'static str,
+}
+
+impl InplaceOp2 for TqAppend {
+    fn name(&self) -> &'static str {
+        "tqkv-append"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let x = float_slice(src, sl, self.what)?;
+        let dims = sl.shape().dims();
+        let (h, t, d) = (dims[1], dims[2], dims[3]);
+        let rb = self.quantizers[0].record_bytes();
+        let cache = match (dst, dl.contiguous_offsets()) {
+            (CpuStorage::U8(v), Some((0, end))) => &mut v[..end],
+            _ => candle_core::bail!(
+                "{}: the cache must be a contiguous u8 tensor at offset 0",
+                self.name()
+            ),
+        };
+        cache
+            .par_chunks_mut(self.capacity * rb)
+            .enumerate()
+            .try_for_each(|(idx, slots)| -> Result<()> {
+                let (b, head) = (idx / h, idx % h);
+                let q = &self.quantizers[head];
+                for tok in 0..self.new[b] {
+                    let off = (idx * t + tok) * d;
+                    let slot = self.start[b] + tok;
+                    q.quantize(&x[off..off + d], &mut slots[slot * rb..(slot + 1) * rb])
+                        .map_err(|e| {
+                            candle_core::Error::msg(format!(
+                                "{} of sequence {b}, head {head}, token {tok}: {e}",
+                                self.what
+                            ))
+                        })?;
+                }
+                Ok(())
+            })
+    }
+
+    fn cuda_fwd(&self, _: &mut CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<()> {
+        Err(no_cuda(self.name()))
+    }
+}
+
+/// Attention over the packed caches: see the module docs for layouts.
+pub struct TqAttend {
+    /// Sequence lengths and the last append.
+    pub state: SeqState,
+    /// Key quantizer of each KV head.
+    pub kq: Arc<Vec<VectorQuantizer>>,
+    /// Value quantizer of each KV head.
+    pub vq: Arc<Vec<VectorQuantizer>>,
+    /// Slots per (sequence, head).
+    pub capacity: usize,
+    /// Softmax scale.
+    pub scale: f32,
+}
+
+impl candle_core::CustomOp3 for TqAttend {
+    fn name(&self) -> &'static str {
+        "tqkv-attend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = float_slice(qs, ql, "queries")?;
+        crate::cache::check_finite("queries", &q)?;
+        let k = u8_slice(ks, kl, "key cache")?;
+        let v = u8_slice(vs, vl, "value cache")?;
+        let dims = ql.shape().dims().to_vec();
+        let (hq, t) = (dims[1], dims[2]);
+        let (rbk, rbv) = (self.kq[0].record_bytes(), self.vq[0].record_bytes());
+        let h = self.state.kv_heads;
+        let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {
+            let idx = b * h + head;
+            let n = self.state.lens[b];
+            let kr = &k[idx * self.capacity * rbk..][..n * rbk];
+            let vr = &v[idx * self.capacity * rbv..][..n * rbv];
+            tqkv::attention::attend_packed(
+                &self.kq[head],
+                &self.vq[head],
+                qq,
+                kr,
+                vr,
+                vis,
+                self.scale,
+                o,
+            )
+            .map_err(candle_core::Error::wrap)
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Err(no_cuda(self.name()))
+    }
+}

@@ -1,0 +1,231 @@
+//! The TurboQuant KV cache (TurboQuant §3–4, QJL §3 for prod keys): keys and values stored as
+//! packed records of docs/FORMAT.md in u8 tensors on the cache's device, written by
+//! [`crate::ops::TqAppend`] and read by [`crate::ops::TqAttend`] straight from the codes.
+//!
+//! Each layer gets its own seed (rotations and sketches are shared by the layer's KV heads).
+//! For a fractional-bit split, each KV head's high-precision channels are chosen once, from the
+//! first append (the first prefill chunk), by the spec's outlier rule (largest mean square over
+//! that chunk's real tokens of all sequences), then fixed until the cache is rebuilt; `reset`
+//! keeps them. Storage `[batch, kv_heads, capacity, record_bytes]` doubles when full.
+
+use crate::cache::{KvCache, MemoryUsage, SeqState};
+use crate::ops::{TqAppend, TqAttend};
+use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
+use tqkv::{KvSpec, QuantSpec, VectorQuantizer};
+
+/// Keys and values in TurboQuant's packed format.
+pub struct TurboCache {
+    state: SeqState,
+    spec: KvSpec,
+    seed: u64,
+    device: Device,
+    kq: Option<Arc<Vec<VectorQuantizer>>>,
+    vq: Option<Arc<Vec<VectorQuantizer>>>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    capacity: usize,
+}
+
+impl TurboCache {
+    /// A cache for `kv_heads` heads of `head_dim` with `spec`, on `device`; `seed` fixes the
+    /// rotations and sketches. Errors early on a spec that cannot quantize `head_dim`.
+    pub fn new(
+        spec: KvSpec,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+        seed: u64,
+        max_tokens: Option<usize>,
+    ) -> Result<Self> {
+        // Validate now (bits, dims, rotation) with the fixed rule; calibration comes later.
+        for s in [spec.key, spec.value] {
+            VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        Ok(TurboCache {
+            state: SeqState::new(kv_heads, head_dim, max_tokens),
+            spec,
+            seed,
+            device: device.clone(),
+            kq: None,
+            vq: None,
+            k: None,
+            v: None,
+            capacity: 0,
+        })
+    }
+
+    /// The per-head quantizers of keys and values (after the first append).
+    pub fn quantizers(&self) -> Option<(&[VectorQuantizer], &[VectorQuantizer])> {
+        Some((self.kq.as_deref()?, self.vq.as_deref()?))
+    }
+
+    /// Chooses each head's channels from the first append's real tokens.
+    fn calibrate(
+        &self,
+        spec: QuantSpec,
+        x: &Tensor,
+        new: &[usize],
+        seed: u64,
+    ) -> Result<Vec<VectorQuantizer>> {
+        let (b, h, t, d) = crate::cache::dims4("calibration", x)?;
+        let k = spec.bits.hi_channels(d).map_err(candle_core::Error::wrap)?;
+        let mut out = Vec::with_capacity(h);
+        if k == 0 || spec.outliers == tqkv::OutlierRule::Fixed {
+            let q = VectorQuantizer::new(spec.with_outliers(tqkv::OutlierRule::Fixed), d, seed)
+                .map_err(candle_core::Error::wrap)?;
+            out.resize(h, q);
+            return Ok(out);
+        }
+        // Mean square per (head, channel) over real tokens: one reduction on the device.
+        let mask: Vec<f32> = (0..b)
+            .flat_map(|i| (0..t).map(move |j| if j < new[i] { 1.0 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, t, 1), x.device())?;
+        let energy = x
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .broadcast_mul(&mask)?
+            .sum(2)?
+            .sum(0)?
+            .to_vec2::<f32>()?;
+        for row in energy {
+            // One "sample" whose squares are the energies: the rule ranks channels by it.
+            let sample: Vec<f32> = row.iter().map(|e| e.sqrt()).collect();
+            out.push(
+                VectorQuantizer::calibrate(spec, d, &sample, seed)
+                    .map_err(candle_core::Error::wrap)?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn grow(&mut self, batch: usize, needed: usize) -> Result<()> {
+        if needed <= self.capacity && self.k.is_some() {
+            return Ok(());
+        }
+        let mut cap = needed.max(2 * self.capacity).max(16);
+        if let Some(m) = self.state.max_tokens {
+            cap = cap.min(m.max(needed));
+        }
+        let h = self.state.kv_heads;
+        let (rbk, rbv) = (
+            self.kq.as_ref().unwrap()[0].record_bytes(),
+            self.vq.as_ref().unwrap()[0].record_bytes(),
+        );
+        let k = Tensor::zeros((batch, h, cap, rbk), DType::U8, &self.device)?;
+        let v = Tensor::zeros((batch, h, cap, rbv), DType::U8, &self.device)?;
+        if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
+            k.slice_set(ok, 2, 0)?;
+            v.slice_set(ov, 2, 0)?;
+        }
+        self.k = Some(k);
+        self.v = Some(v);
+        self.capacity = cap;
+        Ok(())
+    }
+}
+
+impl KvCache for TurboCache {
+    fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()> {
+        let (b, t, new) = self.state.plan(k, v, lens)?;
+        if !k.device().same_device(&self.device) {
+            candle_core::bail!(
+                "keys are on {:?}, the cache on {:?}",
+                k.device().location(),
+                self.device.location()
+            );
+        }
+        let fresh = self.kq.is_none();
+        if fresh {
+            let ks = tqkv::rng::derive_seed(self.seed, 1);
+            let vs = tqkv::rng::derive_seed(self.seed, 2);
+            self.kq = Some(Arc::new(self.calibrate(self.spec.key, k, &new, ks)?));
+            self.vq = Some(Arc::new(self.calibrate(self.spec.value, v, &new, vs)?));
+        }
+        let have: Vec<usize> = (0..b)
+            .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
+            .collect();
+        let needed = have.iter().zip(&new).map(|(h, n)| h + n).max().unwrap_or(0);
+        self.grow(b, needed)?;
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        for (cache, x, q, what) in [
+            (
+                self.k.as_ref().unwrap(),
+                &k,
+                self.kq.as_ref().unwrap(),
+                "keys",
+            ),
+            (
+                self.v.as_ref().unwrap(),
+                &v,
+                self.vq.as_ref().unwrap(),
+                "values",
+            ),
+        ] {
+            cache.inplace_op2(
+                x,
+                &TqAppend {
+                    quantizers: q.clone(),
+                    start: have.clone(),
+                    new: new.clone(),
+                    capacity: self.capacity,
+                    what,
+                },
+            )?;
+        }
+        self.state.commit(b, t, new);
+        Ok(())
+    }
+
+    fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
+        self.state.check_queries(q)?;
+        let op = TqAttend {
+            state: self.state.clone(),
+            kq: self.kq.clone().unwrap(),
+            vq: self.vq.clone().unwrap(),
+            capacity: self.capacity,
+            scale: scale as f32,
+        };
+        let q = q.contiguous()?;
+        q.apply_op3_no_bwd(self.k.as_ref().unwrap(), self.v.as_ref().unwrap(), &op)?
+            .to_dtype(q.dtype())
+    }
+
+    fn seq_lens(&self) -> &[usize] {
+        &self.state.lens
+    }
+
+    fn reset(&mut self) {
+        self.state.reset();
+        self.k = None;
+        self.v = None;
+        self.capacity = 0;
+    }
+
+    fn memory(&self) -> MemoryUsage {
+        let rb = match (&self.kq, &self.vq) {
+            (Some(k), Some(v)) => k[0].record_bytes() + v[0].record_bytes(),
+            _ => 0,
+        };
+        let h = self.state.kv_heads;
+        MemoryUsage {
+            logical: self.state.lens.iter().sum::<usize>() * h * rb,
+            allocated: self.state.lens.len() * h * self.capacity * rb,
+        }
+    }
+
+    fn kind_name(&self) -> String {
+        let (k, v) = (self.spec.key, self.spec.value);
+        let mut s = format!("tq{}", k.bits);
+        if v.bits != k.bits {
+            s = format!("tqk{}v{}", k.bits, v.bits);
+        }
+        if let tqkv::Mode::Prod { .. } = k.mode {
+            s.push_str("-qjl");
+        }
+        s
+    }
+}
