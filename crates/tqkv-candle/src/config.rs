@@ -29,6 +29,7 @@ impl std::str::FromStr for CacheKind {
     type Err = candle_core::Error;
     /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `kivi2`, `kivi4`, `tq<bits>` (bits as in
     /// [`BitsSpec`]: `tq2.5`, `tq3`, `tq3.5`, `tq4`, …; MSE keys and values, dense rotation),
+    /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
     /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation).
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
@@ -43,17 +44,20 @@ impl std::str::FromStr for CacheKind {
                 let Some(rest) = s.strip_prefix("tq") else {
                     candle_core::bail!(
                         "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, \
-                         kivi2, kivi4, tq<bits>[-qjl][-had] (e.g. tq2.5, tq3.5, tq4-qjl)"
+                         kivi2, kivi4, tq<bits>[-qjl][-had] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
                     );
                 };
                 let mut parts = rest.split('-');
-                let bits: BitsSpec = parts
-                    .next()
-                    .unwrap_or("")
-                    .parse()
-                    .map_err(candle_core::Error::wrap)?;
-                let mut key = QuantSpec::mse(bits);
-                let mut value = QuantSpec::mse(bits);
+                let head = parts.next().unwrap_or("");
+                // `tqk<bits>v<bits>`: independent key and value bits.
+                let (kb, vb) = match head.strip_prefix('k').and_then(|h| h.split_once('v')) {
+                    Some((k, v)) => (k, v),
+                    None => (head, head),
+                };
+                let kb: BitsSpec = kb.parse().map_err(candle_core::Error::wrap)?;
+                let vb: BitsSpec = vb.parse().map_err(candle_core::Error::wrap)?;
+                let mut key = QuantSpec::mse(kb);
+                let mut value = QuantSpec::mse(vb);
                 for p in parts {
                     match p {
                         "qjl" => {
@@ -176,5 +180,50 @@ impl CacheConfig {
                 max,
             )?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_overrides_apply() {
+        let k: CacheKind = "tqk4v2.5-qjl".parse().unwrap();
+        let CacheKind::Turbo(spec) = k else { panic!() };
+        assert_eq!(spec.key.bits, BitsSpec::Uniform(4));
+        assert_eq!(spec.value.bits, "2.5".parse().unwrap());
+        assert!(matches!(
+            spec.key.mode,
+            Mode::Prod {
+                orthogonal: false,
+                ..
+            }
+        ));
+        assert_eq!(spec.value.mode, Mode::Mse);
+        let cfg = CacheConfig::new("tq3".parse().unwrap()).with_outer_layers(
+            1,
+            2,
+            6,
+            CacheKind::Full(DType::F16),
+        );
+        let kinds: Vec<CacheKind> = (0..6).map(|l| cfg.kind_of(l)).collect();
+        assert_eq!(kinds[0], CacheKind::Full(DType::F16));
+        assert!(matches!(kinds[1], CacheKind::Turbo(_)));
+        assert!(matches!(kinds[3], CacheKind::Turbo(_)));
+        assert_eq!(kinds[4], CacheKind::Full(DType::F16));
+        assert_eq!(kinds[5], CacheKind::Full(DType::F16));
+        let c = cfg.build(5, 2, 64, &Device::Cpu).unwrap();
+        assert_eq!(c.kind_name(), "f16");
+        assert_eq!(
+            cfg.build(2, 2, 64, &Device::Cpu).unwrap().kind_name(),
+            "tq3"
+        );
+        assert!("tqk4".parse::<CacheKind>().is_err());
+        assert!("tq3.5-fast"
+            .parse::<CacheKind>()
+            .unwrap_err()
+            .to_string()
+            .contains("-qjl"));
     }
 }

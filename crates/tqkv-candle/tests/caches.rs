@@ -392,4 +392,5 @@ fn memory_accounting_matches_the_format() {
     assert_eq!(bytes("tq3.5"), per_token_heads * 2 * 60);
     assert_eq!(bytes("tq2.5"), per_token_heads * 2 * 44);
     assert_eq!(bytes("tq4-qjl"), per_token_heads * (68 + 66));
+    assert_eq!(bytes("tqk4v2"), per_token_heads * (66 + 34));
 }
