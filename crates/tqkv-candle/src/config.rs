@@ -104,6 +104,9 @@ pub struct CacheConfig {
     pub max_tokens: Option<usize>,
     /// Seed of rotations and sketches (each layer derives its own).
     pub seed: u64,
+    /// (first, last, kind): the first and last layers of the model at another kind, resolved
+    /// when the model's layer count is known ([`Self::build_in`]).
+    pub outer: Option<(usize, usize, CacheKind)>,
 }
 
 impl CacheConfig {
@@ -114,6 +117,7 @@ impl CacheConfig {
             overrides: Vec::new(),
             max_tokens: None,
             seed: 0,
+            outer: None,
         }
     }
 
@@ -131,19 +135,56 @@ impl CacheConfig {
         self
     }
 
+    /// Keeps the first `first` and the last `last` layers at `kind`, whatever the model's depth
+    /// (applied by [`Self::build_in`], which is told the layer count).
+    pub fn with_outer(mut self, first: usize, last: usize, kind: CacheKind) -> Self {
+        self.outer = Some((first, last, kind));
+        self
+    }
+
     /// Sets the capacity limit.
     pub fn with_max_tokens(mut self, max: usize) -> Self {
         self.max_tokens = Some(max);
         self
     }
 
-    /// The kind of layer `layer`.
+    /// The kind of layer `layer` (explicit overrides only; see [`Self::kind_in`]).
     pub fn kind_of(&self, layer: usize) -> CacheKind {
         self.overrides
             .iter()
             .rev()
             .find(|(l, _)| *l == layer)
             .map_or(self.default, |(_, k)| *k)
+    }
+
+    /// The kind of layer `layer` of a model with `n_layers` layers: explicit overrides first,
+    /// then the outer-layer rule, then the default.
+    pub fn kind_in(&self, layer: usize, n_layers: usize) -> CacheKind {
+        if let Some((_, k)) = self.overrides.iter().rev().find(|(l, _)| *l == layer) {
+            return *k;
+        }
+        match self.outer {
+            Some((first, last, k)) if layer < first || layer + last >= n_layers => k,
+            _ => self.default,
+        }
+    }
+
+    /// Builds the cache of layer `layer` of an `n_layers`-layer model (see [`Self::build`]).
+    pub fn build_in(
+        &self,
+        layer: usize,
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Box<dyn KvCache>> {
+        self.build_kind(
+            self.kind_in(layer, n_layers),
+            layer,
+            kv_heads,
+            head_dim,
+            device,
+        )
     }
 
     /// Builds the cache of layer `layer` for `kv_heads` heads of `head_dim` on `device`.
@@ -154,11 +195,22 @@ impl CacheConfig {
         head_dim: usize,
         device: &Device,
     ) -> Result<Box<dyn KvCache>> {
+        self.build_kind(self.kind_of(layer), layer, kv_heads, head_dim, device)
+    }
+
+    fn build_kind(
+        &self,
+        kind: CacheKind,
+        layer: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<Box<dyn KvCache>> {
         if kv_heads == 0 || head_dim == 0 {
             candle_core::bail!("a KV cache needs kv_heads ≥ 1 and head_dim ≥ 1");
         }
         let max = self.max_tokens;
-        Ok(match self.kind_of(layer) {
+        Ok(match kind {
             CacheKind::Full(dt) => Box::new(FullCache::new(kv_heads, head_dim, dt, device, max)?),
             CacheKind::Q8 => Box::new(CodecCache::new(Q8, kv_heads, head_dim, max)),
             CacheKind::Q4Hadamard => Box::new(CodecCache::new(
@@ -218,6 +270,25 @@ mod tests {
         assert_eq!(
             cfg.build(2, 2, 64, &Device::Cpu).unwrap().kind_name(),
             "tq3"
+        );
+        let outer = CacheConfig::new("tq3".parse().unwrap()).with_outer(1, 2, CacheKind::Q8);
+        let kinds: Vec<CacheKind> = (0..6).map(|l| outer.kind_in(l, 6)).collect();
+        assert_eq!(kinds[0], CacheKind::Q8);
+        assert!(matches!(
+            kinds[1..4],
+            [
+                CacheKind::Turbo(_),
+                CacheKind::Turbo(_),
+                CacheKind::Turbo(_)
+            ]
+        ));
+        assert_eq!((kinds[4], kinds[5]), (CacheKind::Q8, CacheKind::Q8));
+        assert_eq!(
+            outer
+                .build_in(5, 6, 2, 64, &Device::Cpu)
+                .unwrap()
+                .kind_name(),
+            "q8"
         );
         assert!("tqk4".parse::<CacheKind>().is_err());
         assert!("tq3.5-fast"

@@ -1,9 +1,11 @@
 //! The `tqkv` binary.
 //!
 //! * `tqkv distortion` — TurboQuant §5.1's distortion experiment on random unit vectors.
-//! * `tqkv chat` — chat with a model whose KV cache is quantized (the model runner lands with
-//!   issue 4; until then the command says so and exits with status 2).
+//! * `tqkv chat` — chat with a model whose KV cache is quantized (default: SmolLM2-135M-Instruct
+//!   with a 3.5-bit TurboQuant cache).
+//! * `tqkv generate` — raw completion of a prompt.
 
+mod chat;
 mod distortion;
 
 use clap::{Parser, Subcommand};
@@ -23,11 +25,24 @@ struct Cli {
 enum Command {
     /// Quantize random unit vectors and report MSE and inner-product error against theory.
     Distortion(distortion::Args),
-    /// Chat with a model whose KV cache is quantized (default: SmolLM2-135M-Instruct).
+    /// Chat with a model whose KV cache is quantized (default: SmolLM2-135M-Instruct, tq3.5).
     Chat {
-        /// Hugging Face repo id, local directory or .gguf file.
+        #[command(flatten)]
+        model: chat::ModelArgs,
+        /// One message, answered without the interactive loop.
         #[arg(long)]
-        model: Option<String>,
+        prompt: Option<String>,
+        /// A system message opening the conversation.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Raw completion of a prompt (no chat template).
+    Generate {
+        #[command(flatten)]
+        model: chat::ModelArgs,
+        /// The text to continue.
+        #[arg(long)]
+        prompt: String,
     },
 }
 
@@ -35,14 +50,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Distortion(args) => distortion::run(args),
-        Command::Chat { model } => {
-            let model = model.unwrap_or_else(|| "HuggingFaceTB/SmolLM2-135M-Instruct".into());
-            eprintln!(
-                "tqkv chat: the model runner is not built yet (issue 4: Llama-style runner and \
-                 `tqkv chat`), so {model} cannot be loaded. What works today: \
-                 `tqkv distortion --dim 128 --bits 1,2,3,4 --mode mse,prod`."
-            );
-            std::process::exit(2);
-        }
+        Command::Chat {
+            model,
+            prompt,
+            system,
+        } => chat::run_chat(model, prompt, system),
+        Command::Generate { model, prompt } => chat::run_generate(model, prompt),
     }
 }

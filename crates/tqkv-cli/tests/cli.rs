@@ -86,8 +86,84 @@ fn distortion_table_and_bad_arguments() {
 }
 
 #[test]
-fn chat_says_the_runner_has_not_landed() {
-    let out = tqkv(&["chat"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("issue 4"));
+fn chat_answers_with_the_default_model_and_a_35_bit_cache() {
+    // No --model: the hub is tried, then the offline GGUF (fetched by scripts/fetch-model.sh).
+    let out = Command::new(env!("CARGO_BIN_EXE_tqkv"))
+        .args([
+            "chat",
+            "--prompt",
+            "What is the capital of France? Answer with one word.",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    assert!(
+        err.contains("KV cache tq3.5") && err.contains("4.00× smaller"),
+        "{err}"
+    );
+}
+
+#[test]
+fn interactive_chat_keeps_history_and_handles_commands() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tqkv"))
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--kv",
+            "q8",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Who wrote Romeo and Juliet?\n/stats\nAnd Hamlet?\n/reset\n/stats\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Shakespeare"));
+    assert!(err.contains("conversation forgotten"), "{err}");
+    // /stats after the first turn, after /reset (context 0), and the final report.
+    let contexts: Vec<&str> = err.lines().filter(|l| l.contains("context")).collect();
+    assert_eq!(contexts.len(), 3, "{err}");
+    assert!(contexts[1].contains("context 0 tokens"), "{err}");
+}
+
+#[test]
+fn bad_model_arguments_are_clear_errors() {
+    for (args, needle) in [
+        (vec!["--model", "/nonexistent/model.gguf"], "no such file"),
+        (vec!["--kv", "int3"], "unknown KV cache kind"),
+        (vec!["--device", "tpu"], "expected cpu, cuda"),
+        (vec!["--kv", "f16", "--key-bits", "4"], "TurboQuant"),
+        (vec!["--top-p", "0"], "top_p"),
+    ] {
+        let mut a = vec!["chat", "--prompt", "hi"];
+        a.extend(args.iter());
+        let out = Command::new(env!("CARGO_BIN_EXE_tqkv"))
+            .args(&a)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{a:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{a:?}: {err}");
+    }
 }

@@ -1,1 +1,64 @@
-//! x
+//! # tqkv-llama — Llama-family models over tqkv's quantized KV caches
+//!
+//! [`Llama`] runs Llama 2/3.x, Mistral, SmolLM2 and Qwen2 (q/k/v biases) from Hugging Face
+//! safetensors or GGUF, with every layer's KV cache chosen by a [`tqkv_candle::CacheConfig`].
+//! [`loader`] finds and loads a model (hub repo id, local directory or `.gguf`) with its
+//! tokenizer and chat template; [`sampling`] and [`template`] do the rest of a chat turn.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod gguf;
+pub mod loader;
+pub mod model;
+#[path = "sampler.rs"]
+pub mod sampling;
+#[path = "chat_template.rs"]
+pub mod template;
+
+pub use config::LlamaConfig;
+pub use loader::{load, LoadOptions, Loaded, ModelSource};
+pub use model::Llama;
+
+/// Errors of model loading and running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A malformed or inconsistent configuration.
+    #[error("model config: {0}")]
+    Config(String),
+    /// An architecture this runner does not implement.
+    #[error(
+        "unsupported architecture {0:?}: supported are llama, mistral, qwen2 (SmolLM2 is llama)"
+    )]
+    UnsupportedArchitecture(String),
+    /// Missing, truncated or mismatched weights.
+    #[error("model weights: {0}")]
+    Weights(String),
+    /// Tokenizer missing or unusable.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Chat template problems.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// Finding or downloading the model.
+    #[error("model files: {0}")]
+    Files(String),
+    /// Bad input to the model.
+    #[error("input: {0}")]
+    Input(String),
+    /// The context window is full.
+    #[error("context full: {have} tokens held, {add} more exceed the model's {max}")]
+    ContextFull {
+        /// Tokens held.
+        have: usize,
+        /// Tokens to add.
+        add: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An error from candle (including the KV caches).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;
