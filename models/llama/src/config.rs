@@ -205,3 +205,61 @@ impl LlamaConfig {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA31: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","hidden_size":4096,
+        "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
+        "vocab_size":128256,"rope_theta":500000.0,"max_position_embeddings":131072,"rms_norm_eps":1e-5,
+        "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+        "original_max_position_embeddings":8192,"rope_type":"llama3"}}"#;
+
+    #[test]
+    fn llama31_config_and_rope_scaling() {
+        let c = LlamaConfig::from_hf_json(LLAMA31).unwrap();
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (32, 8, 128));
+        assert!(!c.attention_bias && !c.tie_word_embeddings);
+        let f = c.inv_freq();
+        let base = |i: usize| 1.0 / 500000f64.powf(2.0 * i as f64 / 128.0);
+        // High frequencies (wavelength < 8192/4) unchanged, low ones (> 8192) divided by 8, the
+        // band between interpolated (Llama 3.1's reference implementation).
+        for (i, &v) in f.iter().enumerate() {
+            let w = 2.0 * std::f64::consts::PI / base(i);
+            let want = if w < 2048.0 {
+                base(i)
+            } else if w > 8192.0 {
+                base(i) / 8.0
+            } else {
+                let s = (8192.0 / w - 1.0) / 3.0;
+                (1.0 - s) * base(i) / 8.0 + s * base(i)
+            };
+            assert!((v as f64 / want - 1.0).abs() < 1e-6, "i={i}: {v} vs {want}");
+        }
+        assert_eq!(f[0], 1.0);
+    }
+
+    #[test]
+    fn qwen2_has_biases_and_bad_configs_are_errors() {
+        let q = LLAMA31.replace("\"model_type\":\"llama\"", "\"model_type\":\"qwen2\"").replace(",\n        \"rope_scaling\":{\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\n        \"original_max_position_embeddings\":8192,\"rope_type\":\"llama3\"}", "");
+        let c = LlamaConfig::from_hf_json(&q).unwrap();
+        assert!(c.attention_bias && c.rope_scaling.is_none());
+        let yarn = LLAMA31.replace("\"rope_type\":\"llama3\"", "\"rope_type\":\"yarn\"");
+        assert!(LlamaConfig::from_hf_json(&yarn)
+            .unwrap_err()
+            .to_string()
+            .contains("yarn"));
+        assert!(LlamaConfig::from_hf_json("{not json").is_err());
+        let odd = LLAMA31.replace("\"num_attention_heads\":32", "\"num_attention_heads\":30");
+        assert!(LlamaConfig::from_hf_json(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
+        let m = LLAMA31.replace("\"model_type\":\"llama\"", "\"model_type\":\"mamba\"");
+        assert!(matches!(
+            LlamaConfig::from_hf_json(&m),
+            Err(Error::UnsupportedArchitecture(_))
+        ));
+    }
+}
