@@ -1,0 +1,152 @@
+// quantize-append: new keys or values → TurboQuant records written at the cache's write
+// positions, in one pass (rotation, norm, codes, packing, QJL signs and residual norm).
+// The CPU reference is tqkv::VectorQuantizer::quantize (src/quantizer.rs).
+//
+// Layouts (row-major, contiguous):
+//   x        [B, H, T, head_dim]  f32 / f16 / bf16 (x_dtype 0 / 1 / 2)
+//   cache    [B, H, cap, record_bytes] u8
+//   start    [B] int  first slot written in sequence b
+//   new_lens [B] int  real tokens of sequence b (tokens t ≥ new_lens[b] are padding: skipped)
+//   channels [H, head_dim] int  per-head channel order (group 0, then group 1)
+//   status   [1] int  set to TQ_NONFINITE_INPUT / TQ_NORM_OVERFLOW on bad input (else untouched)
+// Grid (T, H, B), TQ_THREADS threads; one block per vector.
+#include "tqkv_common.cuh"
+
+template <typename T>
+__global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __restrict__ cache,
+                                          const int* __restrict__ start, const int* __restrict__ new_lens,
+                                          const int* __restrict__ channels, TqSpec spec, int H, int T_, int cap,
+                                          int* status) {
+  const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (t >= new_lens[b]) return;
+  const int d = spec.head_dim;
+  __shared__ float xs[TQ_MAX_DIM];
+  __shared__ float xg[TQ_MAX_DIM];
+  __shared__ float rot[TQ_MAX_DIM];
+  __shared__ int codes[TQ_MAX_DIM];
+  __shared__ float stored_norm;
+  __shared__ int bad;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
+  const long xoff = (((long)b * H + h) * T_ + t) * d;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float v = tq_load<T>(x, xoff + i);
+    if (!isfinite(v)) bad = 1;
+    xs[i] = v;
+  }
+  __syncthreads();
+  if (bad) {
+    if (threadIdx.x == 0) atomicCAS(status, TQ_OK, TQ_NONFINITE_INPUT);
+    return;
+  }
+  uint8_t* rec = cache + (((long)b * H + h) * cap + (start[b] + t)) * spec.record_bytes;
+  for (int i = threadIdx.x; i < spec.record_bytes; i += blockDim.x) rec[i] = 0;
+  __syncthreads();
+  const int* ch = channels + (long)h * d;
+  int base = 0;
+  for (int gi = 0; gi < spec.num_groups; ++gi) {
+    const TqGroup& g = spec.groups[gi];
+    for (int j = threadIdx.x; j < g.dim; j += blockDim.x) xg[j] = xs[ch[base + j]];
+    __syncthreads();
+    // The vector the sketch acts on: the rotated residual, or x_g without an MSE stage.
+    float* resid = xg;
+    if (g.mse_bits > 0) {
+      tq_rotate(g, xg, rot);
+      float n2 = 0.f;
+      for (int i = threadIdx.x; i < g.dim; i += blockDim.x) n2 += rot[i] * rot[i];
+      n2 = tq_block_sum(n2);
+      if (threadIdx.x == 0) {
+        float n = sqrtf(n2), ns;
+        if (spec.norm_f16) {
+          __half hn = __float2half_rn(n);
+          ns = __half2float(hn);
+          if (!isfinite(ns)) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
+          memcpy(rec + g.norm_off, &hn, 2);
+        } else {
+          ns = n;
+          memcpy(rec + g.norm_off, &n, 4);
+        }
+        stored_norm = ns;
+        // Codes are of y = rot / n with the unrounded n, as on the CPU.
+        xg[0] = n;  // stash (xg is re-gathered below only when needed)
+      }
+      __syncthreads();
+      const float n = xg[0];
+      const float inv = n > 0.f ? 1.f / n : 0.f;
+      const int nb = (1 << g.mse_bits) - 1;
+      for (int i = threadIdx.x; i < g.dim; i += blockDim.x) {
+        float y = rot[i] * inv;
+        int idx = 0;
+        for (int k = 0; k < nb; ++k) idx += (y > g.boundaries[k]) ? 1 : 0;
+        codes[i] = idx;
+      }
+      __syncthreads();
+      const int nbytes = (g.dim * g.mse_bits + 7) / 8;
+      for (int k = threadIdx.x; k < nbytes; k += blockDim.x) {
+        unsigned v = 0;
+        for (int bit = 0; bit < 8; ++bit) {
+          int pos = 8 * k + bit;
+          if (pos < g.dim * g.mse_bits) v |= ((codes[pos / g.mse_bits] >> (pos % g.mse_bits)) & 1u) << bit;
+        }
+        rec[g.codes_off + k] = (uint8_t)v;
+      }
+      if (g.m > 0) {
+        for (int i = threadIdx.x; i < g.dim; i += blockDim.x) rot[i] -= stored_norm * g.centroids[codes[i]];
+        __syncthreads();
+        resid = rot;
+      }
+    }
+    if (g.m > 0) {
+      float r2 = 0.f;
+      for (int i = threadIdx.x; i < g.dim; i += blockDim.x) r2 += resid[i] * resid[i];
+      r2 = tq_block_sum(r2);
+      if (threadIdx.x == 0) {
+        float gam = sqrtf(r2);
+        if (spec.norm_f16) {
+          __half hg = __float2half_rn(gam);
+          if (!isfinite(__half2float(hg))) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
+          memcpy(rec + g.gamma_off, &hg, 2);
+        } else {
+          memcpy(rec + g.gamma_off, &gam, 4);
+        }
+      }
+      const int nbytes = (g.m + 7) / 8;
+      for (int k = threadIdx.x; k < nbytes; k += blockDim.x) {
+        unsigned v = 0;
+        for (int bit = 0; bit < 8 && 8 * k + bit < g.m; ++bit) {
+          const float* row = g.sketch + (long)(8 * k + bit) * g.dim;
+          float acc = 0.f;
+          for (int j = 0; j < g.dim; ++j) acc = fmaf(row[j], resid[j], acc);
+          v |= (acc >= 0.f ? 1u : 0u) << bit;
+        }
+        rec[g.signs_off + k] = (uint8_t)v;
+      }
+    }
+    __syncthreads();
+    base += g.dim;
+  }
+}
+
+extern "C" int tqkv_quantize_append(const void* x, int x_dtype, uint8_t* cache, const int* start,
+                                    const int* new_lens, const int* channels, const TqSpec* spec, int B,
+                                    int H, int T, int cap, int* status, cudaStream_t stream) {
+  if (spec->head_dim > TQ_MAX_DIM || spec->num_groups < 1 || spec->num_groups > 2) return (int)cudaErrorInvalidValue;
+  for (int g = 0; g < spec->num_groups; ++g)
+    if (spec->groups[g].dim > TQ_MAX_DIM || spec->groups[g].m > TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
+  if (B == 0 || H == 0 || T == 0) return 0;
+  dim3 grid(T, H, B);
+  switch (x_dtype) {
+    case 0:
+      tq_quantize_append_kernel<float><<<grid, TQ_THREADS, 0, stream>>>((const float*)x, cache, start, new_lens, channels, *spec, H, T, cap, status);
+      break;
+    case 1:
+      tq_quantize_append_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>((const __half*)x, cache, start, new_lens, channels, *spec, H, T, cap, status);
+      break;
+    case 2:
+      tq_quantize_append_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>((const __nv_bfloat16*)x, cache, start, new_lens, channels, *spec, H, T, cap, status);
+      break;
+    default:
+      return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}

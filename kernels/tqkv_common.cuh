@@ -1,0 +1,140 @@
+// Shared device helpers and the host/device description of a TurboQuant record layout.
+// Layouts mirror src/quantizer.rs (RecordLayout) and docs/FORMAT.md exactly.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define TQ_MAX_DIM 256   // largest head_dim (and group dim, and sketch dim) handled
+#define TQ_THREADS 128   // threads per block of the per-vector kernels
+
+// One channel group of a record (an independent TurboQuant instance).
+struct TqGroup {
+  int dim;          // channels in the group
+  int mse_bits;     // bits of the MSE stage (0 = none)
+  int m;            // QJL sign bits (0 = none)
+  int rot_kind;     // 0 = dense Π (row-major [dim, dim]), 1 = Hadamard (rot = the ±1 signs [dim])
+  int had_block;    // Hadamard block size (power of two)
+  int norm_off;     // byte offset of n   (if mse_bits > 0)
+  int gamma_off;    // byte offset of γ   (if m > 0)
+  int codes_off;    // byte offset of the packed codes
+  int signs_off;    // byte offset of the packed sign bits
+  const float* rot;         // see rot_kind
+  const float* boundaries;  // [2^mse_bits − 1], ascending
+  const float* centroids;   // [2^mse_bits], ascending
+  const float* sketch;      // S row-major [m, dim]
+  float qjl_scale;          // 1 / (m·κ)
+};
+
+// The record layout of one quantizer (shared by the KV heads of a layer; heads differ only by
+// their channel assignment, passed separately as channels[head][head_dim]: group 0's channels
+// in ascending order, then group 1's).
+struct TqSpec {
+  int head_dim;
+  int num_groups;   // 1 or 2
+  int record_bytes;
+  int norm_f16;     // 1: norms are IEEE half, 0: float
+  TqGroup groups[2];
+};
+
+// Status codes written to the status word (first error wins).
+#define TQ_OK 0
+#define TQ_NONFINITE_INPUT 1
+#define TQ_NORM_OVERFLOW 2
+
+template <typename T> __device__ __forceinline__ float tq_load(const T* p, long i);
+template <> __device__ __forceinline__ float tq_load<float>(const float* p, long i) { return p[i]; }
+template <> __device__ __forceinline__ float tq_load<__half>(const __half* p, long i) { return __half2float(p[i]); }
+template <> __device__ __forceinline__ float tq_load<__nv_bfloat16>(const __nv_bfloat16* p, long i) { return __bfloat162float(p[i]); }
+
+template <typename T> __device__ __forceinline__ void tq_store(T* p, long i, float v);
+template <> __device__ __forceinline__ void tq_store<float>(float* p, long i, float v) { p[i] = v; }
+template <> __device__ __forceinline__ void tq_store<__half>(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
+template <> __device__ __forceinline__ void tq_store<__nv_bfloat16>(__nv_bfloat16* p, long i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// Block-wide sum of one float per thread (blockDim.x a multiple of 32, ≤ 1024).
+__device__ __forceinline__ float tq_block_sum(float v) {
+  __shared__ float partial[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  int nw = blockDim.x >> 5;
+  v = (threadIdx.x < nw) ? partial[threadIdx.x] : 0.f;
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x == 0) partial[0] = v;
+  __syncthreads();
+  float r = partial[0];
+  __syncthreads();
+  return r;
+}
+
+// In-place normalised Walsh–Hadamard transform of v[0..dim) in blocks of `block` (shared memory).
+__device__ __forceinline__ void tq_fwht_blocks(float* v, int dim, int block) {
+  for (int h = 1; h < block; h <<= 1) {
+    for (int p = threadIdx.x; p < dim / 2; p += blockDim.x) {
+      int blk = p / (block / 2), within = p % (block / 2);
+      int i = blk * block + (within / h) * (2 * h) + (within % h);
+      float a = v[i], b = v[i + h];
+      v[i] = a + b;
+      v[i + h] = a - b;
+    }
+    __syncthreads();
+  }
+  float s = rsqrtf((float)block);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) v[i] *= s;
+  __syncthreads();
+}
+
+// out = Π in (forward rotation of group g), shared-memory vectors.
+__device__ __forceinline__ void tq_rotate(const TqGroup& g, const float* in, float* out) {
+  if (g.rot_kind == 0) {
+    for (int i = threadIdx.x; i < g.dim; i += blockDim.x) {
+      const float* row = g.rot + (long)i * g.dim;
+      float acc = 0.f;
+      for (int j = 0; j < g.dim; ++j) acc = fmaf(row[j], in[j], acc);
+      out[i] = acc;
+    }
+    __syncthreads();
+  } else {
+    for (int i = threadIdx.x; i < g.dim; i += blockDim.x) out[i] = in[i] * g.rot[i];
+    __syncthreads();
+    tq_fwht_blocks(out, g.dim, g.had_block);
+  }
+}
+
+// out = Πᵀ in (inverse rotation of group g); `in` may be modified (Hadamard works in place).
+__device__ __forceinline__ void tq_rotate_inverse(const TqGroup& g, float* in, float* out) {
+  if (g.rot_kind == 0) {
+    for (int j = threadIdx.x; j < g.dim; j += blockDim.x) {
+      float acc = 0.f;
+      for (int i = 0; i < g.dim; ++i) acc = fmaf(g.rot[(long)i * g.dim + j], in[i], acc);
+      out[j] = acc;
+    }
+    __syncthreads();
+  } else {
+    tq_fwht_blocks(in, g.dim, g.had_block);
+    for (int i = threadIdx.x; i < g.dim; i += blockDim.x) out[i] = in[i] * g.rot[i];
+    __syncthreads();
+  }
+}
+
+// Code j of a little-endian bit stream of `bits`-bit codes.
+__device__ __forceinline__ int tq_code_at(const uint8_t* p, int j, int bits) {
+  int bit = j * bits, byte = bit >> 3, shift = bit & 7;
+  unsigned w = p[byte];
+  if (shift + bits > 8) w |= (unsigned)p[byte + 1] << 8;
+  return (w >> shift) & ((1u << bits) - 1u);
+}
+
+__device__ __forceinline__ float tq_read_norm(const uint8_t* rec, int off, int f16) {
+  if (f16) {
+    __half h;
+    memcpy(&h, rec + off, 2);
+    return __half2float(h);
+  }
+  float f;
+  memcpy(&f, rec + off, 4);
+  return f;
+}
