@@ -297,3 +297,36 @@ where
         })?;
     Ok(out)
 }
+
+/// Grows a pair of `[batch, heads, capacity, width]` cache tensors (keys of width `widths.0`,
+/// values of width `widths.1`) so that they hold `needed` slots: capacity doubles (at least 16,
+/// at most the limit), the old contents are copied once. Returns the new capacity; does nothing
+/// when there is room.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grow_pair(
+    k: &mut Option<Tensor>,
+    v: &mut Option<Tensor>,
+    capacity: usize,
+    needed: usize,
+    max_tokens: Option<usize>,
+    (batch, heads): (usize, usize),
+    widths: (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<usize> {
+    if needed <= capacity && k.is_some() {
+        return Ok(capacity);
+    }
+    let mut cap = needed.max(2 * capacity).max(16);
+    if let Some(m) = max_tokens {
+        cap = cap.min(m.max(needed));
+    }
+    for (slot, w) in [(k, widths.0), (v, widths.1)] {
+        let t = Tensor::zeros((batch, heads, cap, w), dtype, device)?;
+        if let Some(old) = slot.as_ref() {
+            t.slice_set(old, 2, 0)?;
+        }
+        *slot = Some(t);
+    }
+    Ok(cap)
+}

