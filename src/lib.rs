@@ -31,6 +31,7 @@ pub mod attention;
 pub mod codebook;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device_tables;
 pub mod distortion;
 pub mod error;
 pub mod mse;
