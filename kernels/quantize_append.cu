@@ -24,18 +24,15 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
   __shared__ float xg[TQ_MAX_DIM];
   __shared__ float rot[TQ_MAX_DIM];
   __shared__ int codes[TQ_MAX_DIM];
-  __shared__ float stored_norm;
-  __shared__ int bad;
-  if (threadIdx.x == 0) bad = 0;
-  __syncthreads();
+  __shared__ float stored_norm, exact_norm;
   const long xoff = (((long)b * H + h) * T_ + t) * d;
+  int bad = 0;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float v = tq_load<T>(x, xoff + i);
-    if (!isfinite(v)) bad = 1;
+    bad |= !isfinite(v);
     xs[i] = v;
   }
-  __syncthreads();
-  if (bad) {
+  if (__syncthreads_or(bad)) {
     if (threadIdx.x == 0) atomicCAS(status, TQ_OK, TQ_NONFINITE_INPUT);
     return;
   }
@@ -68,10 +65,10 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
         }
         stored_norm = ns;
         // Codes are of y = rot / n with the unrounded n, as on the CPU.
-        xg[0] = n;  // stash (xg is re-gathered below only when needed)
+        exact_norm = n;
       }
       __syncthreads();
-      const float n = xg[0];
+      const float n = exact_norm;
       const float inv = n > 0.f ? 1.f / n : 0.f;
       const int nb = (1 << g.mse_bits) - 1;
       for (int i = threadIdx.x; i < g.dim; i += blockDim.x) {

@@ -20,6 +20,7 @@ struct TqGroup {
   int codes_off;    // byte offset of the packed codes
   int signs_off;    // byte offset of the packed sign bits
   const float* rot;         // see rot_kind
+  const float* rot_t;       // dense only: Πᵀ row-major (coalesced reads in the forward rotation)
   const float* boundaries;  // [2^mse_bits − 1], ascending
   const float* centroids;   // [2^mse_bits], ascending
   const float* sketch;      // S row-major [m, dim]
@@ -90,10 +91,10 @@ __device__ __forceinline__ void tq_fwht_blocks(float* v, int dim, int block) {
 // out = Π in (forward rotation of group g), shared-memory vectors.
 __device__ __forceinline__ void tq_rotate(const TqGroup& g, const float* in, float* out) {
   if (g.rot_kind == 0) {
+    // (Π in)_i = Σ_j Πᵀ[j][i] in_j: neighbouring threads read neighbouring words.
     for (int i = threadIdx.x; i < g.dim; i += blockDim.x) {
-      const float* row = g.rot + (long)i * g.dim;
       float acc = 0.f;
-      for (int j = 0; j < g.dim; ++j) acc = fmaf(row[j], in[j], acc);
+      for (int j = 0; j < g.dim; ++j) acc = fmaf(g.rot_t[(long)j * g.dim + i], in[j], acc);
       out[i] = acc;
     }
     __syncthreads();

@@ -1,13 +1,23 @@
-//! FFI to the CUDA kernels of `kernels/*.cu` (feature `cuda`; built by build.rs into
-//! `libtqkv_kernels.a`). One `extern "C"` launcher per op: it takes a CUDA stream and returns a
-//! `cudaError_t` (0 = success). The layouts are written at each launcher here and in the `.cu`
-//! files; the record layout is docs/FORMAT.md's, described to the kernels by [`TqSpec`].
+//! The CUDA kernels of `kernels/*.cu` (feature `cuda`; built by build.rs into
+//! `libtqkv_kernels.a`) and their safe wrappers: TurboQuant quantize-append (§3.1–3.2, with the
+//! §4.3 channel split and QJL §3 signs), dequantize, and fused decode attention over the packed
+//! cache (flash-decoding split + merge; the CPU oracle is [`crate::attention::attend_packed`]).
 //!
-//! Status: the quantize-append and dequantize kernels compile for sm_80/sm_90; their safe
-//! wrappers, the fused decode-attention kernel and the GPU tests against the CPU reference are
-//! the rest of issue 5 (they need a GPU session to be checked).
+//! One `extern "C"` launcher per op: it takes a CUDA stream and returns a `cudaError_t`
+//! (0 = success). Layouts are written at each wrapper; the record layout is docs/FORMAT.md's,
+//! described to the kernels by [`TqSpec`] with the per-layer tables of
+//! [`crate::device_tables::LayerTables`] uploaded once by [`DeviceTables::upload`].
+//!
+//! Memory is cudarc's (the same crate and version candle uses), so candle's `CudaStorage`
+//! slices pass straight in. The kernels are launched through the CUDA runtime on the stream's
+//! own context (made current first), so they order with candle's work on that stream; nothing
+//! here synchronizes with the host except [`StatusWord::read`].
 
-use std::os::raw::{c_int, c_void};
+use crate::device_tables::LayerTables;
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
+use std::os::raw::{c_int, c_long, c_void};
+use std::sync::Arc;
 
 /// One channel group of a record (mirrors `TqGroup` in kernels/tqkv_common.cuh).
 #[repr(C)]
@@ -33,6 +43,8 @@ pub struct TqGroup {
     pub signs_off: c_int,
     /// Device pointer: Π `[dim, dim]` or the Hadamard signs `[dim]`.
     pub rot: *const f32,
+    /// Device pointer, dense only: Πᵀ `[dim, dim]` (null for Hadamard).
+    pub rot_t: *const f32,
     /// Device pointer: decision boundaries `[2^b − 1]`.
     pub boundaries: *const f32,
     /// Device pointer: centroids `[2^b]`.
@@ -60,11 +72,7 @@ pub struct TqSpec {
 }
 
 extern "C" {
-    /// Quantize-append. `x` `[b, h, t, head_dim]` (x_dtype 0 f32, 1 f16, 2 bf16); `cache`
-    /// `[b, h, cap, record_bytes]` u8; `start`, `new_lens` `[b]`; `channels` `[h, head_dim]`;
-    /// `status` `[1]` (1 = NaN/Inf input, 2 = norm overflow). All pointers on the device except
-    /// `spec` (host; passed to the kernel by value).
-    pub fn tqkv_quantize_append(
+    fn tqkv_quantize_append(
         x: *const c_void,
         x_dtype: c_int,
         cache: *mut u8,
@@ -80,9 +88,7 @@ extern "C" {
         stream: *mut c_void,
     ) -> c_int;
 
-    /// Dequantize slots `0..n` of every (sequence, head): `cache` `[b, h, cap, record_bytes]` →
-    /// `out` `[b, h, n, head_dim]` (out_dtype 0 f32, 1 f16, 2 bf16).
-    pub fn tqkv_dequantize(
+    fn tqkv_dequantize(
         cache: *const u8,
         out: *mut c_void,
         out_dtype: c_int,
@@ -94,4 +100,594 @@ extern "C" {
         n: c_int,
         stream: *mut c_void,
     ) -> c_int;
+
+    fn tqkv_decode_attention_max_chunk(rows: c_int) -> c_int;
+    fn tqkv_decode_attention_rows(rows: c_int) -> c_int;
+    fn tqkv_decode_attention_workspace(
+        vs: *const TqSpec,
+        b: c_int,
+        hq: c_int,
+        hkv: c_int,
+        t: c_int,
+        splits: c_int,
+    ) -> c_long;
+
+    fn tqkv_decode_attention(
+        q: *const c_void,
+        q_dtype: c_int,
+        kcache: *const u8,
+        vcache: *const u8,
+        visible: *const c_int,
+        kch: *const c_int,
+        vch: *const c_int,
+        ks: *const TqSpec,
+        vs: *const TqSpec,
+        b: c_int,
+        hq: c_int,
+        hkv: c_int,
+        t: c_int,
+        cap: c_int,
+        scale: f32,
+        splits: c_int,
+        chunk: c_int,
+        workspace: *mut f32,
+        status: *const c_int,
+        out: *mut f32,
+        stream: *mut c_void,
+    ) -> c_int;
+}
+
+/// Element types the kernels read and write: f32, f16, bf16 (codes 0, 1, 2).
+pub trait KernelFloat: DeviceRepr {
+    /// The dtype code of the launchers.
+    const CODE: c_int;
+}
+impl KernelFloat for f32 {
+    const CODE: c_int = 0;
+}
+impl KernelFloat for half::f16 {
+    const CODE: c_int = 1;
+}
+impl KernelFloat for half::bf16 {
+    const CODE: c_int = 2;
+}
+
+fn driver(e: cudarc::driver::DriverError) -> Error {
+    Error::Cuda(format!("CUDA driver: {e}"))
+}
+
+fn launched(op: &str, code: c_int) -> Result<()> {
+    match code {
+        0 => Ok(()),
+        1 => Err(Error::Cuda(format!(
+            "{op}: invalid arguments (cudaErrorInvalidValue): unsupported head_dim, bits or \
+             sizes for this kernel"
+        ))),
+        c => Err(Error::Cuda(format!("{op}: CUDA runtime error {c}"))),
+    }
+}
+
+fn int(what: &str, v: usize) -> Result<c_int> {
+    c_int::try_from(v)
+        .map_err(|_| Error::Config(format!("{what} = {v} exceeds the kernels' range")))
+}
+
+fn need<T>(what: &'static str, buf: &impl DeviceSlice<T>, expected: usize) -> Result<()> {
+    if buf.len() < expected {
+        return Err(Error::Shape {
+            what,
+            expected,
+            got: buf.len(),
+        });
+    }
+    Ok(())
+}
+
+fn raw<T>(p: cudarc::driver::sys::CUdeviceptr) -> *const T {
+    p as usize as *const T
+}
+
+fn raw_mut<T>(p: cudarc::driver::sys::CUdeviceptr) -> *mut T {
+    p as usize as *mut T
+}
+
+fn ints(stream: &Arc<CudaStream>, v: &[usize], what: &str) -> Result<CudaSlice<i32>> {
+    let host = v
+        .iter()
+        .map(|&x| int(what, x))
+        .collect::<Result<Vec<_>>>()?;
+    stream.clone_htod(&host).map_err(driver)
+}
+
+/// The tables of one layer on the device: rotations, codebooks, sketches and channel orders,
+/// with the [`TqSpec`] that points at them. Uploaded once per layer and reused by every launch.
+pub struct DeviceTables {
+    spec: TqSpec,
+    heads: usize,
+    channels: CudaSlice<i32>,
+    _tables: Vec<CudaSlice<f32>>,
+}
+
+// SAFETY: the raw pointers inside `spec` are device addresses of the `_tables` buffers this
+// struct owns; they are never dereferenced on the host.
+unsafe impl Send for DeviceTables {}
+unsafe impl Sync for DeviceTables {}
+
+impl std::fmt::Debug for DeviceTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTables")
+            .field("head_dim", &self.spec.head_dim)
+            .field("record_bytes", &self.spec.record_bytes)
+            .field("heads", &self.heads)
+            .finish()
+    }
+}
+
+impl DeviceTables {
+    /// Uploads `t` on `stream`'s device. Errors on a layout the kernels do not support
+    /// (head_dim or a group's dimension or sketch above 256, more than 8 bits).
+    pub fn upload(t: &LayerTables, stream: &Arc<CudaStream>) -> Result<Self> {
+        const MAX: usize = 256;
+        if t.head_dim > MAX || t.groups.is_empty() || t.groups.len() > 2 {
+            return Err(Error::UnsupportedDim {
+                dim: t.head_dim,
+                reason: format!(
+                    "the CUDA kernels handle head_dim ≤ {MAX} with 1 or 2 channel groups"
+                ),
+            });
+        }
+        let coords: usize = t
+            .groups
+            .iter()
+            .map(|g| if g.mse_bits > 0 { g.dim } else { 0 } + g.m)
+            .sum();
+        if t.groups.iter().any(|g| g.m > MAX || g.mse_bits > 8) || coords > 2 * MAX {
+            return Err(Error::Config(format!(
+                "the CUDA kernels handle QJL sketches of ≤ {MAX} bits per group and ≤ 8 code bits"
+            )));
+        }
+        let mut owned = Vec::new();
+        let null = std::ptr::null::<f32>();
+        let mut put = |v: &[f32]| -> Result<*const f32> {
+            if v.is_empty() {
+                return Ok(null);
+            }
+            let s = stream.clone_htod(v).map_err(driver)?;
+            let (p, _sync) = s.device_ptr(stream);
+            let p = raw::<f32>(p);
+            drop(_sync);
+            owned.push(s);
+            Ok(p)
+        };
+        let empty = TqGroup {
+            dim: 0,
+            mse_bits: 0,
+            m: 0,
+            rot_kind: 0,
+            had_block: 1,
+            norm_off: 0,
+            gamma_off: 0,
+            codes_off: 0,
+            signs_off: 0,
+            rot: null,
+            rot_t: null,
+            boundaries: null,
+            centroids: null,
+            sketch: null,
+            qjl_scale: 0.0,
+        };
+        let mut groups = [empty; 2];
+        for (slot, g) in groups.iter_mut().zip(&t.groups) {
+            let rot_t: Vec<f32> = if g.rot_kind == 0 && !g.rot.is_empty() {
+                (0..g.dim * g.dim)
+                    .map(|k| g.rot[(k % g.dim) * g.dim + k / g.dim])
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            *slot = TqGroup {
+                dim: int("group dim", g.dim)?,
+                mse_bits: g.mse_bits as c_int,
+                m: int("sketch dim", g.m)?,
+                rot_kind: g.rot_kind,
+                had_block: int("Hadamard block", g.had_block)?,
+                norm_off: int("norm offset", g.offsets[0])?,
+                gamma_off: int("gamma offset", g.offsets[1])?,
+                codes_off: int("codes offset", g.offsets[2])?,
+                signs_off: int("signs offset", g.offsets[3])?,
+                rot: put(&g.rot)?,
+                rot_t: put(&rot_t)?,
+                boundaries: put(&g.boundaries)?,
+                centroids: put(&g.centroids)?,
+                sketch: put(&g.sketch)?,
+                qjl_scale: g.qjl_scale,
+            };
+        }
+        let spec = TqSpec {
+            head_dim: int("head_dim", t.head_dim)?,
+            num_groups: t.groups.len() as c_int,
+            record_bytes: int("record bytes", t.record_bytes)?,
+            norm_f16: t.norm_f16 as c_int,
+            groups,
+        };
+        let channels = stream.clone_htod(&t.channels).map_err(driver)?;
+        Ok(DeviceTables {
+            spec,
+            heads: t.channels.len() / t.head_dim.max(1),
+            channels,
+            _tables: owned,
+        })
+    }
+
+    /// The record layout with device pointers, as the launchers take it.
+    pub fn spec(&self) -> &TqSpec {
+        &self.spec
+    }
+
+    /// KV heads the channel orders cover.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Vector dimension.
+    pub fn head_dim(&self) -> usize {
+        self.spec.head_dim as usize
+    }
+
+    /// Bytes per record.
+    pub fn record_bytes(&self) -> usize {
+        self.spec.record_bytes as usize
+    }
+}
+
+/// A cache's status word on the device: 0, or the first bad input an append met
+/// (1 = NaN/Inf in a key or value, 2 = a norm beyond f16). Appends set it without a host round
+/// trip; attention over a cache whose status is set returns NaN; [`Self::read`] turns it into
+/// an error.
+pub struct StatusWord(CudaSlice<i32>);
+
+impl StatusWord {
+    /// A cleared status word on `stream`'s device.
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Ok(StatusWord(stream.alloc_zeros::<i32>(1).map_err(driver)?))
+    }
+
+    /// Reads the word (synchronizes with the stream) and turns it into a result.
+    pub fn read(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let v = stream.clone_dtoh(&self.0).map_err(driver)?;
+        match v[0] {
+            0 => Ok(()),
+            1 => Err(Error::NonFinite {
+                what: "keys or values appended on the GPU",
+                index: 0,
+                value: "NaN/Inf".into(),
+            }),
+            2 => Err(Error::NormOverflow {
+                norm: f32::INFINITY,
+                format: "f16",
+                max: 65504.0,
+            }),
+            c => Err(Error::Cuda(format!("unknown status {c}"))),
+        }
+    }
+
+    /// Clears the word.
+    pub fn clear(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        stream.memset_zeros(&mut self.0).map_err(driver)
+    }
+}
+
+/// Shape of a quantize-append: `x` `[batch, heads, tokens, head_dim]` into a cache
+/// `[batch, heads, capacity, record_bytes]`; token t < `new[b]` of sequence b goes to slot
+/// `start[b] + t`.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendShape {
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads.
+    pub heads: usize,
+    /// Tokens per sequence in `x` (padding included).
+    pub tokens: usize,
+    /// Slots per (sequence, head) in the cache.
+    pub capacity: usize,
+}
+
+/// Quantize-append on `stream`: layouts in [`AppendShape`]; `start`, `new` `[batch]` on the
+/// host (copied to the device asynchronously). Bad input values set `status` (the affected
+/// records are not written); bad shapes are errors here.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_append<T: KernelFloat>(
+    stream: &Arc<CudaStream>,
+    tables: &DeviceTables,
+    x: &impl DevicePtr<T>,
+    cache: &mut impl DevicePtrMut<u8>,
+    shape: AppendShape,
+    start: &[usize],
+    new: &[usize],
+    status: &mut StatusWord,
+) -> Result<()> {
+    let AppendShape {
+        batch: b,
+        heads: h,
+        tokens: t,
+        capacity: cap,
+    } = shape;
+    let d = tables.head_dim();
+    if h != tables.heads() {
+        return Err(Error::Config(format!(
+            "{h} heads, but the tables cover {}",
+            tables.heads()
+        )));
+    }
+    need("keys/values on the device", x, b * h * t * d)?;
+    need("cache", cache, b * h * cap * tables.record_bytes())?;
+    if start.len() != b || new.len() != b {
+        return Err(Error::Shape {
+            what: "start/new lengths",
+            expected: b,
+            got: start.len().min(new.len()),
+        });
+    }
+    for (i, (&s, &n)) in start.iter().zip(new).enumerate() {
+        if n > t || s + n > cap {
+            return Err(Error::Config(format!(
+                "sequence {i}: {n} new tokens at slot {s} do not fit {t} tokens / {cap} slots"
+            )));
+        }
+    }
+    if b == 0 || t == 0 {
+        return Ok(());
+    }
+    let start_d = ints(stream, start, "start")?;
+    let new_d = ints(stream, new, "new tokens")?;
+    stream.context().bind_to_thread().map_err(driver)?;
+    let (xp, _g1) = x.device_ptr(stream);
+    let (cp, _g2) = cache.device_ptr_mut(stream);
+    let (sp, _g3) = start_d.device_ptr(stream);
+    let (np, _g4) = new_d.device_ptr(stream);
+    let (chp, _g5) = tables.channels.device_ptr(stream);
+    let (stp, _g6) = status.0.device_ptr_mut(stream);
+    // SAFETY: every buffer was checked above to hold the elements the kernel touches; the
+    // pointers stay valid until the guards drop, after the launch is queued on `stream`.
+    let code = unsafe {
+        tqkv_quantize_append(
+            raw::<c_void>(xp),
+            T::CODE,
+            raw_mut(cp),
+            raw(sp),
+            raw(np),
+            raw(chp),
+            &tables.spec,
+            int("batch", b)?,
+            int("heads", h)?,
+            int("tokens", t)?,
+            int("capacity", cap)?,
+            raw_mut(stp),
+            stream.cu_stream() as *mut c_void,
+        )
+    };
+    launched("tqkv_quantize_append", code)
+}
+
+/// Dequantize slots `0..n` of every (sequence, head): `cache` `[batch, heads, capacity,
+/// record_bytes]` → `out` `[batch, heads, n, head_dim]` in `T`.
+pub fn dequantize<T: KernelFloat>(
+    stream: &Arc<CudaStream>,
+    tables: &DeviceTables,
+    cache: &impl DevicePtr<u8>,
+    shape: AppendShape,
+    n: usize,
+    out: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    let (b, h, cap) = (shape.batch, shape.heads, shape.capacity);
+    if h != tables.heads() || n > cap {
+        return Err(Error::Config(format!(
+            "dequantize: {h} heads (tables cover {}), {n} slots of {cap}",
+            tables.heads()
+        )));
+    }
+    need("cache", cache, b * h * cap * tables.record_bytes())?;
+    need("dequantize output", out, b * h * n * tables.head_dim())?;
+    if b == 0 || n == 0 {
+        return Ok(());
+    }
+    stream.context().bind_to_thread().map_err(driver)?;
+    let (cp, _g1) = cache.device_ptr(stream);
+    let (op, _g2) = out.device_ptr_mut(stream);
+    let (chp, _g3) = tables.channels.device_ptr(stream);
+    // SAFETY: sizes checked above; guards outlive the queued launch.
+    let code = unsafe {
+        tqkv_dequantize(
+            raw(cp),
+            raw_mut::<c_void>(op),
+            T::CODE,
+            raw(chp),
+            &tables.spec,
+            int("batch", b)?,
+            int("heads", h)?,
+            int("capacity", cap)?,
+            int("slots", n)?,
+            stream.cu_stream() as *mut c_void,
+        )
+    };
+    launched("tqkv_dequantize", code)
+}
+
+/// Shape of an attention call: queries `[batch, q_heads, tokens, head_dim]` over caches
+/// `[batch, kv_heads, capacity, record_bytes]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads (a multiple of `kv_heads`).
+    pub q_heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Query tokens per sequence (1 for decode).
+    pub tokens: usize,
+    /// Slots per (sequence, head).
+    pub capacity: usize,
+}
+
+/// How the sequence is split across blocks: `splits` chunks of `chunk` slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Chunks along the sequence.
+    pub splits: usize,
+    /// Slots per chunk.
+    pub chunk: usize,
+}
+
+/// The split plan for `shape` when the longest visible length is `max_visible`: enough
+/// blocks to fill a large GPU a few times over (about 2048), chunks of at least 256 slots, and
+/// at most 128 splits (each costs a query preparation and a share of the merge). Measured on an
+/// H100 (docs/KERNELS.md): batch 16 wants the blocks, batch 1 at 128K the cap, 4K the minimum.
+pub fn plan_attention(shape: AttentionShape, max_visible: usize) -> Result<SplitPlan> {
+    let g = shape.q_heads / shape.kv_heads.max(1);
+    let rows = int("query rows per KV head", g * shape.tokens)?;
+    // SAFETY: pure functions of their integer argument.
+    let (r, max_chunk) = unsafe {
+        (
+            tqkv_decode_attention_rows(rows) as usize,
+            tqkv_decode_attention_max_chunk(rows) as usize,
+        )
+    };
+    let tiles = (g * shape.tokens).div_ceil(r);
+    let blocks = (shape.batch * shape.kv_heads * tiles).max(1);
+    let want = 2048usize.div_ceil(blocks).clamp(1, 128);
+    let n = max_visible.max(1);
+    let chunk = n.div_ceil(want).clamp(256.min(max_chunk), max_chunk);
+    let splits = n.div_ceil(chunk);
+    if splits > 1024 {
+        return Err(Error::Config(format!(
+            "attention over {n} slots needs more than 1024 splits of {max_chunk} (at most {} \
+             slots with {} query rows per KV head)",
+            1024 * max_chunk,
+            g * shape.tokens
+        )));
+    }
+    Ok(SplitPlan { splits, chunk })
+}
+
+/// Fused attention over the packed caches: `q` `[batch, q_heads, tokens, head_dim]` in `T`,
+/// `kcache`/`vcache` `[batch, kv_heads, capacity, record_bytes]`, `visible` `[batch, tokens]`
+/// on the host (query (b, t) sees slots `0..visible[b·tokens + t]`), `out`
+/// `[batch, q_heads, tokens, head_dim]` f32; softmax(scale · q·Kᵀ)·V computed from the codes.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention<T: KernelFloat>(
+    stream: &Arc<CudaStream>,
+    kt: &DeviceTables,
+    vt: &DeviceTables,
+    q: &impl DevicePtr<T>,
+    kcache: &impl DevicePtr<u8>,
+    vcache: &impl DevicePtr<u8>,
+    shape: AttentionShape,
+    visible: &[usize],
+    scale: f32,
+    status: &StatusWord,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    let AttentionShape {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        tokens: t,
+        capacity: cap,
+    } = shape;
+    let d = kt.head_dim();
+    if vt.head_dim() != d || kt.heads() != hkv || vt.heads() != hkv {
+        return Err(Error::Config(format!(
+            "attention: key/value tables ({}/{} heads of {}/{}) do not match {hkv} KV heads",
+            kt.heads(),
+            vt.heads(),
+            kt.head_dim(),
+            vt.head_dim()
+        )));
+    }
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(Error::Config(format!(
+            "{hq} query heads are not a multiple of {hkv} KV heads"
+        )));
+    }
+    if visible.len() != b * t {
+        return Err(Error::Shape {
+            what: "visible lengths",
+            expected: b * t,
+            got: visible.len(),
+        });
+    }
+    let max_visible = visible.iter().copied().max().unwrap_or(0);
+    if max_visible > cap {
+        return Err(Error::Config(format!(
+            "a query sees {max_visible} slots but the cache has {cap}"
+        )));
+    }
+    need("queries", q, b * hq * t * d)?;
+    need("key cache", kcache, b * hkv * cap * kt.record_bytes())?;
+    need("value cache", vcache, b * hkv * cap * vt.record_bytes())?;
+    need("attention output", out, b * hq * t * d)?;
+    if b == 0 || t == 0 {
+        return Ok(());
+    }
+    let plan = plan_attention(shape, max_visible)?;
+    let (bi, hqi, hkvi, ti) = (
+        int("batch", b)?,
+        int("q heads", hq)?,
+        int("kv heads", hkv)?,
+        int("tokens", t)?,
+    );
+    let (si, ci) = (int("splits", plan.splits)?, int("chunk", plan.chunk)?);
+    // SAFETY: pure function of its arguments; reads the host spec.
+    let ws_len = unsafe { tqkv_decode_attention_workspace(&vt.spec, bi, hqi, hkvi, ti, si) };
+    let mut ws = unsafe { stream.alloc::<f32>(ws_len.max(1) as usize) }.map_err(driver)?;
+    let vis_d = ints(stream, visible, "visible length")?;
+    stream.context().bind_to_thread().map_err(driver)?;
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = kcache.device_ptr(stream);
+    let (vp, _g3) = vcache.device_ptr(stream);
+    let (visp, _g4) = vis_d.device_ptr(stream);
+    let (kchp, _g5) = kt.channels.device_ptr(stream);
+    let (vchp, _g6) = vt.channels.device_ptr(stream);
+    let (wp, _g7) = ws.device_ptr_mut(stream);
+    let (stp, _g8) = status.0.device_ptr(stream);
+    let (op, _g9) = out.device_ptr_mut(stream);
+    // SAFETY: sizes checked above; the workspace is sized by the kernel's own formula; every
+    // slot a block writes is fully written before the merge reads it (same stream).
+    let code = unsafe {
+        tqkv_decode_attention(
+            raw::<c_void>(qp),
+            T::CODE,
+            raw(kp),
+            raw(vp),
+            raw(visp),
+            raw(kchp),
+            raw(vchp),
+            &kt.spec,
+            &vt.spec,
+            bi,
+            hqi,
+            hkvi,
+            ti,
+            int("capacity", cap)?,
+            scale,
+            si,
+            ci,
+            raw_mut(wp),
+            raw(stp),
+            raw_mut(op),
+            stream.cu_stream() as *mut c_void,
+        )
+    };
+    launched("tqkv_decode_attention", code)
+}
+
+/// Whether a CUDA driver answers on this machine (false where the driver library is missing
+/// or initialisation fails, e.g. on machines without a GPU), whatever cudarc's linking mode.
+pub fn driver_present() -> bool {
+    // With run-time loading, cudarc panics when the library is absent: contain that.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(|| cudarc::driver::result::init().is_ok()).unwrap_or(false);
+    std::panic::set_hook(hook);
+    ok
 }

@@ -52,6 +52,9 @@ pub enum Error {
     /// An invalid configuration (a channel split, a sketch size, a spec).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A CUDA driver or kernel launch failure (feature `cuda`).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// Result alias of this crate.

@@ -73,6 +73,53 @@ pub(crate) fn check_finite_tensor(what: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Attention of `q` `[batch, q_heads, tokens, head_dim]` over dense `k`, `v`
+/// `[batch, kv_heads, ≥ max len, head_dim]` holding `state`'s sequences: matmuls in `dtype`,
+/// softmax in f32 with the causal / length mask, zeros for padding rows, GQA without repeating
+/// K/V heads. Shared by [`FullCache`] and the TurboQuant cache's dequantized prefill on CUDA.
+pub(crate) fn dense_attention(
+    state: &SeqState,
+    kc: &Tensor,
+    vc: &Tensor,
+    q: &Tensor,
+    scale: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (b, hq, t, g) = state.check_queries(q)?;
+    let hk = state.kv_heads;
+    let d = state.head_dim;
+    let l = state.lens.iter().copied().max().unwrap_or(0).max(1);
+    let k = kc.narrow(2, 0, l)?;
+    let v = vc.narrow(2, 0, l)?;
+    let qd = q.dtype();
+    let q = (q.to_dtype(dtype)? * scale)?.reshape((b, hk, g * t, d))?;
+    let scores = q
+        .matmul(&k.t()?)?
+        .to_dtype(DType::F32)?
+        .reshape((b, hk, g, t, l))?;
+    // Mask [b, 1, 1, t, l]: 0 where visible, -1e30 elsewhere; row weights zero padding rows.
+    let mut mask = vec![0.0f32; b * t * l];
+    let mut rows = vec![0.0f32; b * t];
+    for i in 0..b {
+        for r in 0..t {
+            let vis = state.visible(i, r);
+            rows[i * t + r] = if vis > 0 { 1.0 } else { 0.0 };
+            for j in vis..l {
+                mask[(i * t + r) * l + j] = -1e30;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, 1, 1, t, l), q.device())?;
+    let rows = Tensor::from_vec(rows, (b, 1, 1, t, 1), q.device())?;
+    let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let p = p
+        .broadcast_mul(&rows)?
+        .reshape((b, hk, g * t, l))?
+        .to_dtype(dtype)?;
+    let out = p.matmul(&v.contiguous()?)?;
+    out.reshape((b, hq, t, d))?.to_dtype(qd)
+}
+
 impl KvCache for FullCache {
     fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()> {
         let (b, t, new) = self.state.plan(k, v, lens)?;
@@ -107,40 +154,8 @@ impl KvCache for FullCache {
     }
 
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
-        let (b, hq, t, g) = self.state.check_queries(q)?;
         let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        let hk = self.state.kv_heads;
-        let d = self.state.head_dim;
-        let l = self.state.lens.iter().copied().max().unwrap_or(0).max(1);
-        let k = kc.narrow(2, 0, l)?;
-        let v = vc.narrow(2, 0, l)?;
-        let qd = q.dtype();
-        let q = (q.to_dtype(self.dtype)? * scale)?.reshape((b, hk, g * t, d))?;
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .reshape((b, hk, g, t, l))?;
-        // Mask [b, 1, 1, t, l]: 0 where visible, -1e30 elsewhere; row weights zero padding rows.
-        let mut mask = vec![0.0f32; b * t * l];
-        let mut rows = vec![0.0f32; b * t];
-        for i in 0..b {
-            for r in 0..t {
-                let vis = self.state.visible(i, r);
-                rows[i * t + r] = if vis > 0 { 1.0 } else { 0.0 };
-                for j in vis..l {
-                    mask[(i * t + r) * l + j] = -1e30;
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t, l), q.device())?;
-        let rows = Tensor::from_vec(rows, (b, 1, 1, t, 1), q.device())?;
-        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-        let p = p
-            .broadcast_mul(&rows)?
-            .reshape((b, hk, g * t, l))?
-            .to_dtype(self.dtype)?;
-        let out = p.matmul(&v.contiguous()?)?;
-        out.reshape((b, hq, t, d))?.to_dtype(qd)
+        dense_attention(&self.state, kc, vc, q, scale, self.dtype)
     }
 
     fn seq_lens(&self) -> &[usize] {

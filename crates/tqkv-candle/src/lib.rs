@@ -7,8 +7,8 @@
 //! [`CacheConfig`]:
 //!
 //! * [`TurboCache`] — TurboQuant (TurboQuant §3–4; QJL §3 for prod keys): packed records of
-//!   docs/FORMAT.md, written and read by the candle ops of [`ops`] (CPU reference now; their
-//!   `cuda_fwd` is where the CUDA kernels of issue 5 plug in);
+//!   docs/FORMAT.md, written and read by the candle ops of [`ops`] (the CPU reference of `tqkv`
+//!   on the CPU; the kernels of `tqkv::cuda` on CUDA, through [`cuda_ops`], feature `cuda`);
 //! * baselines for side-by-side numbers: [`FullCache`] (f32/f16/bf16, any device),
 //!   [`CodecCache`] with [`Q8`] (q8_0-like) or [`Q4Hadamard`] (llama.cpp's rotated q4_0), and
 //!   [`KiviCache`] (KIVI 2/4 bits with its full-precision window).
@@ -32,6 +32,9 @@ pub mod attention;
 pub mod cache;
 pub mod codec;
 pub mod config;
+#[cfg_attr(feature = "cuda", path = "cuda_ops.rs")]
+#[cfg_attr(not(feature = "cuda"), path = "cuda_stub.rs")]
+pub mod cuda_ops;
 pub mod full;
 pub mod kivi;
 pub mod ops;
@@ -43,4 +46,4 @@ pub use codec::{CodecCache, Q4Hadamard, Q8};
 pub use config::{CacheConfig, CacheKind};
 pub use full::FullCache;
 pub use kivi::KiviCache;
-pub use turbo::TurboCache;
+pub use turbo::{PrefillPath, TurboCache};

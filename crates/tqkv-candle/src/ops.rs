@@ -9,21 +9,19 @@
 //!   out: f32 `[batch, q_heads, tokens, head_dim]`. Query row t of sequence b sees slots
 //!   `0..visible(b, t)` (causal, per-sequence lengths; 0 for padding rows → zeros).
 //!
+//! * [`TqDequantize`] (`CustomOp1`): the first `n` slots of a cache back to vectors
+//!   `[batch, kv_heads, n, head_dim]` in f32 / f16 / bf16 (the CUDA prefill path feeds them to
+//!   candle's matmuls).
+//!
 //! CPU: the reference of `tqkv` ([`tqkv::VectorQuantizer::quantize`],
-//! [`tqkv::attention::attend_packed`]), parallel over (sequence, KV head). CUDA: an error naming
-//! the missing kernels until they land — never a silent copy to the host.
+//! [`tqkv::attention::attend_packed`]), parallel over (sequence, KV head). CUDA: the kernels of
+//! `tqkv::cuda` through [`crate::cuda_ops`] on candle's stream, never a copy to the host.
 
 use crate::cache::{grouped_attention, SeqState};
-use candle_core::{CpuStorage, CudaStorage, InplaceOp2, Layout, Result, Shape};
+use crate::cuda_ops::GpuTables;
+use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp2, Layout, Result, Shape};
 use std::sync::Arc;
 use tqkv::VectorQuantizer;
-
-fn no_cuda(op: &str) -> candle_core::Error {
-    candle_core::Error::msg(format!(
-        "{op}: the TurboQuant CUDA kernels are not built yet (issue 5); on CUDA use a \
-         full-precision cache (f16/bf16/f32), or run the quantized cache on the CPU"
-    ))
-}
 
 /// Contiguous f32 copy of a float storage region.
 fn float_slice(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
@@ -56,8 +54,10 @@ pub struct TqAppend {
     pub new: Vec<usize>,
     /// Slots per (sequence, head) in the cache tensor.
     pub capacity: usize,
-    /// `keys` or `values`, for error messages.
+    /// `keys` or `values` (picks the GPU tables, names errors).
     pub what: &'static str,
+    /// The layer's tables on the GPU (CUDA caches only).
+    pub gpu: Option<Arc<GpuTables>>,
 }
 
 impl InplaceOp2 for TqAppend {
@@ -105,8 +105,14 @@ impl InplaceOp2 for TqAppend {
             })
     }
 
-    fn cuda_fwd(&self, _: &mut CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<()> {
-        Err(no_cuda(self.name()))
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        src: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        crate::cuda_ops::append(self, dst, dl, src, sl)
     }
 }
 
@@ -122,6 +128,8 @@ pub struct TqAttend {
     pub capacity: usize,
     /// Softmax scale.
     pub scale: f32,
+    /// The layer's tables on the GPU (CUDA caches only).
+    pub gpu: Option<Arc<GpuTables>>,
 }
 
 impl candle_core::CustomOp3 for TqAttend {
@@ -168,13 +176,70 @@ impl candle_core::CustomOp3 for TqAttend {
 
     fn cuda_fwd(
         &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        Err(no_cuda(self.name()))
+        crate::cuda_ops::attend(self, q, ql, k, kl, v, vl)
+    }
+}
+
+/// Dequantize: see the module docs for layouts.
+pub struct TqDequantize {
+    /// Quantizer of each KV head.
+    pub quantizers: Arc<Vec<VectorQuantizer>>,
+    /// Values (else keys): picks the GPU tables.
+    pub values: bool,
+    /// Sequences in the cache tensor.
+    pub batch: usize,
+    /// Slots per (sequence, head) in the cache tensor.
+    pub capacity: usize,
+    /// Slots to dequantize.
+    pub n: usize,
+    /// Output dtype (f32, f16 or bf16).
+    pub dtype: DType,
+    /// The layer's tables on the GPU (CUDA caches only).
+    pub gpu: Option<Arc<GpuTables>>,
+}
+
+impl candle_core::CustomOp1 for TqDequantize {
+    fn name(&self) -> &'static str {
+        "tqkv-dequantize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cache = u8_slice(s, l, "cache")?;
+        let h = self.quantizers.len();
+        let d = self.quantizers[0].dim();
+        let rb = self.quantizers[0].record_bytes();
+        let (b, cap, n) = (self.batch, self.capacity, self.n);
+        if cache.len() < b * h * cap * rb || n > cap {
+            candle_core::bail!("tqkv-dequantize: the cache is smaller than {b}×{h}×{cap} records");
+        }
+        let mut out = vec![0f32; b * h * n * d];
+        for (idx, o) in out.chunks_mut((n * d).max(1)).enumerate().take(b * h) {
+            let q = &self.quantizers[idx % h];
+            for s in 0..n {
+                let rec = &cache[(idx * cap + s) * rb..][..rb];
+                q.dequantize(rec, &mut o[s * d..(s + 1) * d])
+                    .map_err(candle_core::Error::wrap)?;
+            }
+        }
+        let storage = match self.dtype {
+            DType::F32 => CpuStorage::F32(out),
+            DType::F16 => CpuStorage::F16(out.iter().map(|&x| half::f16::from_f32(x)).collect()),
+            DType::BF16 => CpuStorage::BF16(out.iter().map(|&x| half::bf16::from_f32(x)).collect()),
+            other => candle_core::bail!(
+                "tqkv-dequantize: output must be f32, f16 or bf16, not {other:?}"
+            ),
+        };
+        Ok((storage, Shape::from((b, h, n, d))))
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        crate::cuda_ops::dequantize(self, s, l)
     }
 }

@@ -80,7 +80,7 @@ pub struct ModelArgs {
     pub no_dequantize: bool,
 }
 
-fn device(s: &str) -> Result<Device> {
+pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
@@ -140,7 +140,7 @@ fn load(a: &ModelArgs) -> Result<Loaded> {
     let opts = LoadOptions {
         model: a.model.clone(),
         revision: a.revision.clone(),
-        device: device(&a.device)?,
+        device: parse_device(&a.device)?,
         dtype,
         cache: cache_config(a)?,
         progress: true,

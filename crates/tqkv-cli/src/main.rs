@@ -4,7 +4,9 @@
 //! * `tqkv chat` — chat with a model whose KV cache is quantized (default: SmolLM2-135M-Instruct
 //!   with a 3.5-bit TurboQuant cache).
 //! * `tqkv generate` — raw completion of a prompt.
+//! * `tqkv bench attention` — decode and prefill-chunk attention per cache kind against f16.
 
+mod bench;
 mod chat;
 mod distortion;
 
@@ -44,6 +46,15 @@ enum Command {
         #[arg(long)]
         prompt: String,
     },
+    /// Benchmarks (on a GPU: `tqkv bench attention --device cuda`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Decode and prefill-chunk attention over a filled cache, per kind, vs the f16 cache.
+    Attention(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +67,6 @@ fn main() -> anyhow::Result<()> {
             system,
         } => chat::run_chat(model, prompt, system),
         Command::Generate { model, prompt } => chat::run_generate(model, prompt),
+        Command::Bench(BenchCommand::Attention(args)) => bench::run(args),
     }
 }

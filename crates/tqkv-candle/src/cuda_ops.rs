@@ -1,0 +1,281 @@
+//! The CUDA side of the TurboQuant ops (feature `cuda`): candle's `CudaStorage` handed to the
+//! kernels of `tqkv::cuda` on candle's own stream — quantize-append (TurboQuant §3.1–3.2, §4.3
+//! split, QJL §3 signs), fused decode attention from the codes, and dequantize for the prefill
+//! path. No host round trip: bad input values set the cache's device status word (read at
+//! prefill appends and by [`crate::TurboCache::check_status`]; attention over a poisoned cache
+//! returns NaN).
+//!
+//! Layouts are those of [`crate::ops`]: caches u8 `[batch, kv_heads, capacity, record_bytes]`
+//! (contiguous, offset 0), inputs and queries f32/f16/bf16 `[batch, heads, tokens, head_dim]`
+//! (contiguous), attention output f32 `[batch, q_heads, tokens, head_dim]`.
+
+use crate::ops::{TqAppend, TqAttend, TqDequantize};
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::CudaStorageSlice;
+use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+use std::sync::{Arc, Mutex};
+use tqkv::cuda::{AppendShape, AttentionShape, DeviceTables, StatusWord};
+use tqkv::device_tables::LayerTables;
+
+fn wrap(e: tqkv::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// One layer's key and value tables on the GPU, and the cache's status word.
+pub struct GpuTables {
+    k: DeviceTables,
+    v: DeviceTables,
+    status: Mutex<StatusWord>,
+}
+
+impl GpuTables {
+    /// Uploads the tables of the per-head quantizers on `device` (a CUDA device).
+    pub fn new(
+        kq: &[tqkv::VectorQuantizer],
+        vq: &[tqkv::VectorQuantizer],
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        Ok(GpuTables {
+            k: DeviceTables::upload(&LayerTables::new(kq).map_err(wrap)?, &stream).map_err(wrap)?,
+            v: DeviceTables::upload(&LayerTables::new(vq).map_err(wrap)?, &stream).map_err(wrap)?,
+            status: Mutex::new(StatusWord::new(&stream).map_err(wrap)?),
+        })
+    }
+
+    /// Reads the status word (synchronizes with the device's stream).
+    pub fn check(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let s = self
+            .status
+            .lock()
+            .map_err(|_| candle_core::Error::msg("status lock"))?;
+        s.read(&stream).map_err(wrap)
+    }
+
+    /// Clears the status word.
+    pub fn clear(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let mut s = self
+            .status
+            .lock()
+            .map_err(|_| candle_core::Error::msg("status lock"))?;
+        s.clear(&stream).map_err(wrap)
+    }
+}
+
+fn gpu_of<'a>(gpu: &'a Option<Arc<GpuTables>>, op: &str) -> Result<&'a GpuTables> {
+    gpu.as_deref().ok_or_else(|| {
+        candle_core::Error::msg(format!(
+            "{op}: the cache's GPU tables are missing (CPU cache on a CUDA tensor?)"
+        ))
+    })
+}
+
+fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::msg(format!("{what} must be contiguous")))
+}
+
+fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match l.shape().dims() {
+        &[a, b, c, d] => Ok((a, b, c, d)),
+        d => candle_core::bail!("{what} must be [batch, heads, tokens, head_dim], got {d:?}"),
+    }
+}
+
+/// Quantize-append on the GPU.
+pub fn append(
+    op: &TqAppend,
+    dst: &mut CudaStorage,
+    dl: &Layout,
+    src: &CudaStorage,
+    sl: &Layout,
+) -> Result<()> {
+    let gpu = gpu_of(&op.gpu, "tqkv-append")?;
+    let tables = if op.what == "values" { &gpu.v } else { &gpu.k };
+    let stream = dst.device.cuda_stream();
+    if offsets(dl, "the cache")?.0 != 0 {
+        candle_core::bail!("tqkv-append: the cache must start at offset 0");
+    }
+    let (b, h, t, _) = dims4(sl, op.what)?;
+    let (s, e) = offsets(sl, op.what)?;
+    let shape = AppendShape {
+        batch: b,
+        heads: h,
+        tokens: t,
+        capacity: op.capacity,
+    };
+    let cache = dst.as_cuda_slice_mut::<u8>()?;
+    let mut status = gpu
+        .status
+        .lock()
+        .map_err(|_| candle_core::Error::msg("status lock"))?;
+    let r = match &src.slice {
+        CudaStorageSlice::F32(x) => tqkv::cuda::quantize_append(
+            &stream,
+            tables,
+            &x.slice(s..e),
+            cache,
+            shape,
+            &op.start,
+            &op.new,
+            &mut status,
+        ),
+        CudaStorageSlice::F16(x) => tqkv::cuda::quantize_append(
+            &stream,
+            tables,
+            &x.slice(s..e),
+            cache,
+            shape,
+            &op.start,
+            &op.new,
+            &mut status,
+        ),
+        CudaStorageSlice::BF16(x) => tqkv::cuda::quantize_append(
+            &stream,
+            tables,
+            &x.slice(s..e),
+            cache,
+            shape,
+            &op.start,
+            &op.new,
+            &mut status,
+        ),
+        _ => candle_core::bail!("tqkv-append: {} must be f32, f16 or bf16", op.what),
+    };
+    r.map_err(wrap)
+}
+
+fn u8_cache<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<&'a CudaSlice<u8>> {
+    if offsets(l, what)?.0 != 0 {
+        candle_core::bail!("{what} must start at offset 0");
+    }
+    s.as_cuda_slice::<u8>()
+}
+
+/// Fused attention over the packed caches on the GPU.
+pub fn attend(
+    op: &TqAttend,
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let gpu = gpu_of(&op.gpu, "tqkv-attend")?;
+    let stream = q.device.cuda_stream();
+    let (b, hq, t, d) = dims4(ql, "queries")?;
+    let (s, e) = offsets(ql, "queries")?;
+    let (kc, vc) = (
+        u8_cache(k, kl, "key cache")?,
+        u8_cache(v, vl, "value cache")?,
+    );
+    let visible: Vec<usize> = (0..b)
+        .flat_map(|i| (0..t).map(move |r| (i, r)))
+        .map(|(i, r)| op.state.visible(i, r))
+        .collect();
+    let shape = AttentionShape {
+        batch: b,
+        q_heads: hq,
+        kv_heads: op.state.kv_heads,
+        tokens: t,
+        capacity: op.capacity,
+    };
+    let mut out = stream
+        .alloc_zeros::<f32>(b * hq * t * d)
+        .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))?;
+    let status = gpu
+        .status
+        .lock()
+        .map_err(|_| candle_core::Error::msg("status lock"))?;
+    let r = match &q.slice {
+        CudaStorageSlice::F32(x) => tqkv::cuda::decode_attention(
+            &stream,
+            &gpu.k,
+            &gpu.v,
+            &x.slice(s..e),
+            kc,
+            vc,
+            shape,
+            &visible,
+            op.scale,
+            &status,
+            &mut out,
+        ),
+        CudaStorageSlice::F16(x) => tqkv::cuda::decode_attention(
+            &stream,
+            &gpu.k,
+            &gpu.v,
+            &x.slice(s..e),
+            kc,
+            vc,
+            shape,
+            &visible,
+            op.scale,
+            &status,
+            &mut out,
+        ),
+        CudaStorageSlice::BF16(x) => tqkv::cuda::decode_attention(
+            &stream,
+            &gpu.k,
+            &gpu.v,
+            &x.slice(s..e),
+            kc,
+            vc,
+            shape,
+            &visible,
+            op.scale,
+            &status,
+            &mut out,
+        ),
+        _ => candle_core::bail!("tqkv-attend: queries must be f32, f16 or bf16"),
+    };
+    r.map_err(wrap)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, q.device.clone()),
+        Shape::from((b, hq, t, d)),
+    ))
+}
+
+/// Dequantize of the first `n` slots on the GPU.
+pub fn dequantize(op: &TqDequantize, c: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let gpu = gpu_of(&op.gpu, "tqkv-dequantize")?;
+    let tables = if op.values { &gpu.v } else { &gpu.k };
+    let stream = c.device.cuda_stream();
+    let cache = u8_cache(c, l, "the cache")?;
+    let (b, h) = (op.batch, tables.heads());
+    let d = tables.head_dim();
+    let shape = AppendShape {
+        batch: b,
+        heads: h,
+        tokens: 0,
+        capacity: op.capacity,
+    };
+    let len = b * h * op.n * d;
+    let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        candle_core::Error::msg(format!("tqkv-dequantize: {e}"))
+    };
+    let storage = match op.dtype {
+        DType::F32 => {
+            let mut o = stream.alloc_zeros::<f32>(len).map_err(err)?;
+            tqkv::cuda::dequantize(&stream, tables, cache, shape, op.n, &mut o).map_err(wrap)?;
+            CudaStorage::wrap_cuda_slice(o, c.device.clone())
+        }
+        DType::F16 => {
+            let mut o = stream.alloc_zeros::<half::f16>(len).map_err(err)?;
+            tqkv::cuda::dequantize(&stream, tables, cache, shape, op.n, &mut o).map_err(wrap)?;
+            CudaStorage::wrap_cuda_slice(o, c.device.clone())
+        }
+        DType::BF16 => {
+            let mut o = stream.alloc_zeros::<half::bf16>(len).map_err(err)?;
+            tqkv::cuda::dequantize(&stream, tables, cache, shape, op.n, &mut o).map_err(wrap)?;
+            CudaStorage::wrap_cuda_slice(o, c.device.clone())
+        }
+        other => {
+            candle_core::bail!("tqkv-dequantize: output must be f32, f16 or bf16, not {other:?}")
+        }
+    };
+    Ok((storage, Shape::from((b, h, op.n, d))))
+}

@@ -1,0 +1,212 @@
+//! The caches on a CUDA device against the same caches on the CPU (feature `cuda`; skipped with
+//! a printed reason when no device is present). The CPU TurboQuant cache is the oracle: the
+//! CUDA one quantizes with the kernels and attends with the fused kernel (decode) or the
+//! dequantize + matmul path (prefill); outputs agree within the stated tolerances (codes can
+//! differ at boundary ties, which moves an output by far less than the tolerance).
+#![cfg(feature = "cuda")]
+use candle_core::{DType, Device, Tensor};
+use tqkv::rng::Rng;
+use tqkv_candle::{Attention, CacheConfig, CacheKind, FullCache, KvCache, PrefillPath, TurboCache};
+
+fn cuda() -> Option<Device> {
+    if !tqkv::cuda::driver_present() {
+        eprintln!("SKIPPED: no CUDA driver library on this machine");
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("SKIPPED: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn seed(test: &str) -> u64 {
+    let s = std::env::var("TQKV_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("{test}: seed {s} (replay with TQKV_TEST_SEED={s})");
+    s
+}
+
+fn kv_like(rng: &mut Rng, shape: (usize, usize, usize, usize)) -> Tensor {
+    let (b, h, t, d) = shape;
+    let mut v = Vec::with_capacity(b * h * t * d);
+    for _ in 0..b * h * t {
+        for c in 0..d {
+            let s = if c % 16 == 3 { 4.0 } else { 1.0 };
+            let o = if c % 8 == 5 { 1.5 } else { 0.0 };
+            v.push((s * rng.gaussian() + o) as f32);
+        }
+    }
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖ over all elements, in f64.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let f = |t: &Tensor| -> Vec<f64> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (f(a), f(b));
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn turbo(kind: &str, h: usize, d: usize, dev: &Device, seed: u64) -> TurboCache {
+    let CacheKind::Turbo(spec) = kind.parse().unwrap() else {
+        panic!("{kind} is not a TurboQuant kind")
+    };
+    TurboCache::new(spec, h, d, dev, seed, None).unwrap()
+}
+
+#[test]
+fn turbo_cache_on_cuda_matches_the_cpu_cache() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(seed("turbo cuda vs cpu"));
+    for (kind, d) in [
+        ("tq3.5", 128usize),
+        ("tq2.5", 64),
+        ("tq4-qjl", 128),
+        ("tqk4v3", 96),
+        ("tq3.5-had", 128),
+    ] {
+        for (dtype, tol_decode, tol_prefill) in [
+            (DType::F32, 2e-3, 2e-3),
+            (DType::F16, 3e-3, 5e-3),
+            (DType::BF16, 1e-2, 3e-2),
+        ] {
+            for path in [PrefillPath::Dequantize, PrefillPath::Fused] {
+                let (b, hq, hk, t) = (2usize, 8usize, 2usize, 37usize);
+                let cache_seed = rng.next_u64();
+                let mut cpu = turbo(kind, hk, d, &Device::Cpu, cache_seed);
+                let mut cud = turbo(kind, hk, d, &gpu, cache_seed);
+                cud.set_prefill_path(path);
+                let lens = [t, 20];
+                let ctx = format!("{kind} d={d} {dtype:?} {path:?}");
+                // Prefill (ragged), then decode steps.
+                for step in 0..4 {
+                    let tt = if step == 0 { t } else { 1 };
+                    let k = kv_like(&mut rng, (b, hk, tt, d)).to_dtype(dtype).unwrap();
+                    let v = kv_like(&mut rng, (b, hk, tt, d)).to_dtype(dtype).unwrap();
+                    let q = kv_like(&mut rng, (b, hq, tt, d)).to_dtype(dtype).unwrap();
+                    let l = if step == 0 { Some(&lens[..]) } else { None };
+                    cpu.append(&k, &v, l).unwrap();
+                    cud.append(&k.to_device(&gpu).unwrap(), &v.to_device(&gpu).unwrap(), l)
+                        .unwrap();
+                    let want = cpu.attend(&q, 0.1).unwrap();
+                    let got = cud.attend(&q.to_device(&gpu).unwrap(), 0.1).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let r = rel(&got, &want);
+                    let tol = if step == 0 { tol_prefill } else { tol_decode };
+                    eprintln!("{ctx} step {step}: relative error {r:.2e}");
+                    assert!(
+                        r <= tol,
+                        "{ctx} step {step}: relative error {r:.2e} > {tol:e}"
+                    );
+                }
+                cud.check_status().unwrap();
+                assert_eq!(cud.seq_lens(), cpu.seq_lens());
+                assert_eq!(cud.memory(), cpu.memory());
+            }
+        }
+    }
+}
+
+#[test]
+fn full_cache_and_attention_layer_on_cuda_match_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(seed("full/layer cuda vs cpu"));
+    let (b, hq, hk, d) = (1usize, 6usize, 2usize, 64usize);
+    for kind in ["f16", "bf16", "f32", "tq3.5", "tq2.5-qjl"] {
+        let cfg = CacheConfig::new(kind.parse().unwrap());
+        let mut cpu = Attention::new(cfg.build(3, hk, d, &Device::Cpu).unwrap(), hq, hk, d)
+            .unwrap()
+            .with_chunk(16);
+        let mut cud = Attention::new(cfg.build(3, hk, d, &gpu).unwrap(), hq, hk, d)
+            .unwrap()
+            .with_chunk(16);
+        for tt in [41usize, 1, 1, 7, 1] {
+            let q = kv_like(&mut rng, (b, hq, tt, d));
+            let k = kv_like(&mut rng, (b, hk, tt, d));
+            let v = kv_like(&mut rng, (b, hk, tt, d));
+            let want = cpu.forward(&q, &k, &v).unwrap();
+            let got = cud
+                .forward(
+                    &q.to_device(&gpu).unwrap(),
+                    &k.to_device(&gpu).unwrap(),
+                    &v.to_device(&gpu).unwrap(),
+                )
+                .unwrap();
+            let r = rel(&got, &want);
+            eprintln!("{kind} chunk of {tt}: relative error {r:.2e}");
+            let tol = if kind == "bf16" { 2e-2 } else { 5e-3 };
+            assert!(r <= tol, "{kind}, chunk of {tt}: {r:.2e}");
+        }
+    }
+}
+
+#[test]
+fn nan_input_on_cuda_is_an_error_and_keeps_the_cache() {
+    let Some(gpu) = cuda() else { return };
+    let mut rng = Rng::new(seed("cuda nan"));
+    let (hk, d) = (2usize, 64usize);
+    let mut c = turbo("tq3.5", hk, d, &gpu, 7);
+    let k = kv_like(&mut rng, (1, hk, 9, d)).to_device(&gpu).unwrap();
+    c.append(&k, &k, None).unwrap();
+    // A prefill chunk with NaN: an error at once, and nothing committed.
+    let mut bad = kv_like(&mut rng, (1, hk, 5, d))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    bad[70] = f32::NAN;
+    let bad = Tensor::from_vec(bad, (1, hk, 5, d), &gpu).unwrap();
+    let e = c.append(&bad, &bad, None).unwrap_err().to_string();
+    assert!(e.contains("NaN"), "{e}");
+    assert_eq!(c.seq_lens(), &[9]);
+    let q = kv_like(&mut rng, (1, 4, 1, d)).to_device(&gpu).unwrap();
+    let one = kv_like(&mut rng, (1, hk, 1, d)).to_device(&gpu).unwrap();
+    c.append(&one, &one, None).unwrap();
+    let out = c.attend(&q, 0.125).unwrap();
+    let finite = out
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite());
+    assert!(
+        finite,
+        "a clean cache gives finite attention after the rejected chunk"
+    );
+    // A decode token with Inf: deferred to check_status; attention meanwhile is NaN, not a number.
+    let inf = (one.ones_like().unwrap() * f64::INFINITY).unwrap();
+    c.append(&inf, &one, None).unwrap();
+    let out = c.attend(&q, 0.125).unwrap();
+    assert!(out
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_nan()));
+    assert!(c.check_status().is_err());
+    // FullCache on CUDA rejects NaN at append.
+    let mut f = FullCache::new(hk, d, DType::F16, &gpu, None).unwrap();
+    assert!(f.append(&bad, &bad, None).is_err());
+}

@@ -1,0 +1,478 @@
+// Fused decode attention over the packed TurboQuant cache (flash-decoding: split along the
+// sequence, then one reduction). Scores come straight from the key codes in the rotated domain
+// (TurboQuant §3: <q, x̃> = n · Σ_j (Π q)_j c[idx_j]; QJL §3 for the prod-mode sign term
+// γ/(mκ) · <S Π q, z>), values are accumulated in the rotated domain and un-rotated once per
+// query. The CPU reference is tqkv::attention::attend_packed (src/attention.rs).
+//
+// Layouts (row-major, contiguous):
+//   q        [B, Hq, T, head_dim]  f32 / f16 / bf16 (q_dtype 0 / 1 / 2); Hq = G · Hkv (GQA)
+//   kcache   [B, Hkv, cap, ks.record_bytes] u8;  vcache [B, Hkv, cap, vs.record_bytes] u8
+//   visible  [B, T] int  query (b, t) sees slots 0..visible[b·T + t] of its sequence
+//   kch, vch [Hkv, head_dim] int  per-head channel order of keys / values
+//   status   [1] int  the cache's status word: non-zero (bad input was appended) → NaN output
+//   out      [B, Hq, T, head_dim] f32
+//   ws       workspace: [B, Hkv, tiles, splits, R, Dv + 2] f32 (Dv = rotated value coordinates)
+// A block of the split kernel handles R query rows (row = t·G + g of one KV head) and one
+// chunk of `chunk` slots; grid (splits, Hkv · tiles, B). The merge kernel has grid
+// (Hkv · tiles, B). Query rows that see nothing produce zeros.
+#include "tqkv_common.cuh"
+#include <cuda_pipeline.h>
+
+// Records of a tile of slots are staged in shared memory by asynchronous 4-byte copies of the
+// contiguous slot range, double-buffered (tile k+1 lands while tile k is computed). Slots per
+// tile and bytes of each record buffer, by rows per block (static shared memory < 48 KiB):
+template <int R> struct TqAttTile { static constexpr int slots = R >= 8 ? 32 : 64, bytes = R >= 8 ? 4096 : 8192; };
+#define TQ_ATT_REC_BYTES_MIN 4096
+
+// Copies n bytes global → shared: asynchronous 4-byte copies when both are 4-byte aligned,
+// else plain byte copies (visible after the next __syncthreads).
+__device__ __forceinline__ void tq_stage(uint8_t* dst, const uint8_t* src, int n) {
+  if ((((uintptr_t)src | (uintptr_t)dst) & 3) == 0 && (n & 3) == 0) {
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) __pipeline_memcpy_async(dst + 4 * i, src + 4 * i, 4);
+  } else {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// Offsets of each group's coordinates in the rotated space of a spec: MSE coordinates of all
+// groups first, then the sketch coordinates; returns the total.
+__device__ __forceinline__ int tq_coord_offsets(const TqSpec& s, int* mse_off, int* sgn_off) {
+  int off = 0;
+  for (int g = 0; g < s.num_groups; ++g) {
+    mse_off[g] = off;
+    if (s.groups[g].mse_bits > 0) off += s.groups[g].dim;
+  }
+  for (int g = 0; g < s.num_groups; ++g) {
+    sgn_off[g] = off;
+    off += s.groups[g].m;
+  }
+  return off;
+}
+
+// dot[r] += Σ_j q[j·R + r] · cent[code_j] over `dim` codes of B bits at p (8 codes = B bytes).
+// Reads up to 7 bytes past the codes (the tile buffer is padded).
+template <int B, int R>
+__device__ __forceinline__ void tq_dot_codes(const uint8_t* p, int dim, const float* cent, const float* q,
+                                             float* dot) {
+  constexpr unsigned mask = (1u << B) - 1u;
+  for (int j0 = 0; j0 < dim; j0 += 8, p += B) {
+    unsigned long long w = 0;
+#pragma unroll
+    for (int k = 0; k < B; ++k) w |= (unsigned long long)p[k] << (8 * k);
+    const int n = min(8, dim - j0);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (u < n) {
+        const float c = cent[(w >> (u * B)) & mask];
+        const float* qj = q + (j0 + u) * R;
+#pragma unroll
+        for (int r = 0; r < R; ++r) dot[r] = fmaf(qj[r], c, dot[r]);
+      }
+    }
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void tq_dot_codes_any(int bits, const uint8_t* p, int dim, const float* cent,
+                                                 const float* q, float* dot) {
+  switch (bits) {
+    case 1: tq_dot_codes<1, R>(p, dim, cent, q, dot); break;
+    case 2: tq_dot_codes<2, R>(p, dim, cent, q, dot); break;
+    case 3: tq_dot_codes<3, R>(p, dim, cent, q, dot); break;
+    case 4: tq_dot_codes<4, R>(p, dim, cent, q, dot); break;
+    case 5: tq_dot_codes<5, R>(p, dim, cent, q, dot); break;
+    case 6: tq_dot_codes<6, R>(p, dim, cent, q, dot); break;
+    case 7: tq_dot_codes<7, R>(p, dim, cent, q, dot); break;
+    default: tq_dot_codes<8, R>(p, dim, cent, q, dot); break;
+  }
+}
+
+// One block: R query rows of one KV head against slots [s0, s0 + chunk) of one sequence, in
+// tiles of `tt` slots with an online softmax; writes (acc, m, l) of each row to the workspace.
+template <typename T, int R>
+__global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
+    tq_attn_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
+                         const int* __restrict__ visible, const int* __restrict__ kch, const int* __restrict__ vch,
+                         TqSpec ks, TqSpec vs, int Hq, int Hkv, int T_, int cap, int chunk, int tiles, float scale,
+                         float* __restrict__ ws) {
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int h = blockIdx.y / tiles, tile = blockIdx.y % tiles;
+  const int G = Hq / Hkv, d = ks.head_dim, splits = gridDim.x;
+  constexpr int TILE = TqAttTile<R>::slots, REC = TqAttTile<R>::bytes;
+  __shared__ __align__(16) float qr[2 * TQ_MAX_DIM * R];  // [coordinate][R] rotated/projected queries
+  __shared__ __align__(16) uint32_t recs[2][REC / 4 + 4];
+  __shared__ __align__(16) float sc[TILE * R];            // [slot][R] scores, then probabilities
+  __shared__ __align__(16) float pw[4][TILE * R];         // [group·2 + sign][slot][R] value weights
+  __shared__ float xs[TQ_MAX_DIM];
+  __shared__ float kcent[2][256], vcent[2][256];
+  __shared__ int vis[R];
+  __shared__ float run_m[R], run_l[R], alpha[R];
+  int kmo[2], kso[2], vmo[2], vso[2];
+  tq_coord_offsets(ks, kmo, kso);
+  const int Dv = tq_coord_offsets(vs, vmo, vso);
+  const int s0 = split * chunk;
+  const int rbk = ks.record_bytes, rbv = vs.record_bytes;
+
+  for (int g = 0; g < ks.num_groups; ++g)
+    if (ks.groups[g].mse_bits > 0)
+      for (int i = threadIdx.x; i < (1 << ks.groups[g].mse_bits); i += blockDim.x) kcent[g][i] = ks.groups[g].centroids[i];
+  for (int g = 0; g < vs.num_groups; ++g)
+    if (vs.groups[g].mse_bits > 0)
+      for (int i = threadIdx.x; i < (1 << vs.groups[g].mse_bits); i += blockDim.x) vcent[g][i] = vs.groups[g].centroids[i];
+  if (threadIdx.x < R) {
+    const int gr = tile * R + threadIdx.x;
+    vis[threadIdx.x] = gr < G * T_ ? visible[b * T_ + gr / G] : 0;
+    run_m[threadIdx.x] = -INFINITY;
+    run_l[threadIdx.x] = 0.f;
+  }
+  for (int i = threadIdx.x; i < 2 * TQ_MAX_DIM * R; i += blockDim.x) qr[i] = 0.f;
+  __syncthreads();
+
+  // 1. Query rows: Π_g q_g per key group and (S_g Π_g q_g)/(mκ) per sketch, as qr[coord][r].
+  for (int r = 0; r < R; ++r) {
+    if (vis[r] <= s0) continue;  // uniform across the block
+    const int gr = tile * R + r, t = gr / G, qh = h * G + gr % G;
+    const long qoff = (((long)b * Hq + qh) * T_ + t) * d;
+    const int* ch = kch + (long)h * d;
+    int base = 0;
+    for (int g = 0; g < ks.num_groups; ++g) {
+      const TqGroup& kg = ks.groups[g];
+      for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) xs[j] = tq_load<T>(q, qoff + ch[base + j]);
+      __syncthreads();
+      __shared__ float rot[TQ_MAX_DIM];
+      const float* src = xs;
+      if (kg.mse_bits > 0) {
+        tq_rotate(kg, xs, rot);
+        src = rot;
+        for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) qr[(kmo[g] + j) * R + r] = rot[j];
+      }
+      for (int l = threadIdx.x; l < kg.m; l += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < kg.dim; ++j) acc = fmaf(kg.sketch[(long)l * kg.dim + j], src[j], acc);
+        qr[(kso[g] + l) * R + r] = acc * kg.qjl_scale;
+      }
+      __syncthreads();
+      base += kg.dim;
+    }
+  }
+
+  int hi = 0;
+  for (int r = 0; r < R; ++r) hi = max(hi, min(vis[r], s0 + chunk));
+  // Slots per tile: what the record buffer holds, at most TQ_ATT_TILE.
+  const int tt = max(1, min(TILE, REC / (rbk + rbv)));
+  const uint8_t* kbase = kc + ((long)b * Hkv + h) * cap * rbk;
+  const uint8_t* vbase = vc + ((long)b * Hkv + h) * cap * rbv;
+  // Values: each thread owns up to 4 rotated value coordinates (Dv ≤ 4 · TQ_THREADS).
+  float acc[4][R];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[k][r] = 0.f;
+
+  // 2. Stage tile 0; each iteration stages the next tile before computing its own.
+  auto stage = [&](int buf, int t0) {
+    const int n = min(tt, hi - t0);
+    uint8_t* dst = reinterpret_cast<uint8_t*>(recs[buf]);
+    tq_stage(dst, kbase + (long)t0 * rbk, n * rbk);
+    tq_stage(dst + n * rbk, vbase + (long)t0 * rbv, n * rbv);
+  };
+  if (s0 < hi) stage(0, s0);
+  __pipeline_commit();
+  int cur = 0;
+  for (int t0 = s0; t0 < hi; t0 += tt, cur ^= 1) {
+    const int n = min(tt, hi - t0);
+    if (t0 + tt < hi) stage(cur ^ 1, t0 + tt);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    const uint8_t* krec = reinterpret_cast<const uint8_t*>(recs[cur]);
+    const uint8_t* vrec = krec + n * rbk;
+    // 3. Scores straight from the codes: two neighbouring threads per slot, each with half of
+    //    every group's codes (and signs), summed by one shuffle.
+    const int half = threadIdx.x & 1;
+    for (int base = 0; base < n; base += blockDim.x >> 1) {
+      const int i = base + (threadIdx.x >> 1);
+      const bool valid = i < n;
+      const uint8_t* rec = krec + (valid ? i : 0) * rbk;
+      float score[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) score[r] = 0.f;
+      for (int g = 0; g < ks.num_groups && valid; ++g) {
+        const TqGroup& kg = ks.groups[g];
+        if (kg.mse_bits > 0) {
+          const int split8 = 8 * (((kg.dim + 7) / 8) / 2);  // codes of half 0, a multiple of 8
+          const int j0 = half ? split8 : 0, cnt = half ? kg.dim - split8 : split8;
+          float dot[R];
+#pragma unroll
+          for (int r = 0; r < R; ++r) dot[r] = 0.f;
+          if (cnt > 0)
+            tq_dot_codes_any<R>(kg.mse_bits, rec + kg.codes_off + j0 / 8 * kg.mse_bits, cnt, kcent[g],
+                                qr + (kmo[g] + j0) * R, dot);
+          const float nn = tq_read_norm(rec, kg.norm_off, ks.norm_f16);
+#pragma unroll
+          for (int r = 0; r < R; ++r) score[r] = fmaf(nn, dot[r], score[r]);
+        }
+        if (kg.m > 0) {
+          float dot[R];
+#pragma unroll
+          for (int r = 0; r < R; ++r) dot[r] = 0.f;
+          const int l0 = half ? kg.m / 2 : 0, l1 = half ? kg.m : kg.m / 2;
+          for (int l = l0; l < l1; ++l) {
+            const bool z = (rec[kg.signs_off + (l >> 3)] >> (l & 7)) & 1u;
+#pragma unroll
+            for (int r = 0; r < R; ++r) dot[r] += z ? qr[(kso[g] + l) * R + r] : -qr[(kso[g] + l) * R + r];
+          }
+          const float gam = tq_read_norm(rec, kg.gamma_off, ks.norm_f16);
+#pragma unroll
+          for (int r = 0; r < R; ++r) score[r] = fmaf(gam, dot[r], score[r]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) score[r] += __shfl_xor_sync(0xffffffffu, score[r], 1);
+      if (valid && half == 0)
+#pragma unroll
+        for (int r = 0; r < R; ++r) sc[i * R + r] = (t0 + i < vis[r]) ? score[r] * scale : -INFINITY;
+    }
+    __syncthreads();
+    // 4. Online softmax statistics, one warp per row.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int r = warp; r < R; r += nwarps) {
+      float m = -INFINITY;
+      for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[i * R + r]);
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      const float m_new = fmaxf(run_m[r], m);
+      float l = 0.f;
+      for (int i = lane; i < n; i += 32) {
+        const float s = sc[i * R + r];
+        const float p = s == -INFINITY ? 0.f : expf(s - m_new);
+        sc[i * R + r] = p;
+        l += p;
+      }
+      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+      if (lane == 0) {
+        const float a = run_m[r] == -INFINITY ? 0.f : expf(run_m[r] - m_new);
+        alpha[r] = a;
+        run_l[r] = run_l[r] * a + l;
+        run_m[r] = m_new;
+      }
+    }
+    __syncthreads();
+    // 5. Value weights per slot: p·n for MSE coordinates, p·γ for sign coordinates.
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint8_t* rec = vrec + i * rbv;
+      for (int g = 0; g < vs.num_groups; ++g) {
+        const TqGroup& vg = vs.groups[g];
+        const float nn = vg.mse_bits > 0 ? tq_read_norm(rec, vg.norm_off, vs.norm_f16) : 0.f;
+        const float gam = vg.m > 0 ? tq_read_norm(rec, vg.gamma_off, vs.norm_f16) : 0.f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          pw[2 * g][i * R + r] = sc[i * R + r] * nn;
+          pw[2 * g + 1][i * R + r] = sc[i * R + r] * gam;
+        }
+      }
+    }
+    __syncthreads();
+    // 6. Values in the rotated domain, each thread its coordinates.
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int c = threadIdx.x + k * TQ_THREADS;
+      if (c >= Dv) break;
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[k][r] *= alpha[r];
+      int g = 0;
+      bool sign = false;
+      for (int gg = 0; gg < vs.num_groups; ++gg) {
+        if (vs.groups[gg].mse_bits > 0 && c >= vmo[gg] && c < vmo[gg] + vs.groups[gg].dim) g = gg;
+        if (c >= vso[gg] && c < vso[gg] + vs.groups[gg].m) {
+          g = gg;
+          sign = true;
+        }
+      }
+      const TqGroup& vg = vs.groups[g];
+      const float* w = pw[2 * g + (sign ? 1 : 0)];
+      if (!sign) {
+        const int j = c - vmo[g], bits = vg.mse_bits;
+        const int bit = j * bits, byte = vg.codes_off + (bit >> 3), shift = bit & 7;
+        const unsigned msk = (1u << bits) - 1u;
+        const float* cent = vcent[g];
+        for (int i = 0; i < n; ++i) {
+          const uint8_t* p = vrec + i * rbv + byte;
+          const unsigned word = (unsigned)p[0] | ((unsigned)p[1] << 8);
+          const float x = cent[(word >> shift) & msk];
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[k][r] = fmaf(w[i * R + r], x, acc[k][r]);
+        }
+      } else {
+        const int l = c - vso[g];
+        const int byte = vg.signs_off + (l >> 3), shift = l & 7;
+        for (int i = 0; i < n; ++i) {
+          const bool z = (vrec[i * rbv + byte] >> shift) & 1u;
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[k][r] += z ? w[i * R + r] : -w[i * R + r];
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * splits + split) * R * (Dv + 2);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int c = threadIdx.x + k * TQ_THREADS;
+    if (c >= Dv) break;
+#pragma unroll
+    for (int r = 0; r < R; ++r) ws[wbase + (long)r * (Dv + 2) + c] = acc[k][r];
+  }
+  if (threadIdx.x < R) {
+    ws[wbase + (long)threadIdx.x * (Dv + 2) + Dv] = run_m[threadIdx.x];
+    ws[wbase + (long)threadIdx.x * (Dv + 2) + Dv + 1] = run_l[threadIdx.x];
+  }
+}
+
+// Merges the splits of each row, adds the sketch term Sᵀ(Σ p γ z)/(mκ), un-rotates per value
+// group and scatters to the head's channels. One block per (b, KV head, tile, row).
+template <int R>
+__global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __restrict__ vch, TqSpec vs, int Hq,
+                                     int Hkv, int T_, int tiles, int splits, const int* __restrict__ status,
+                                     float* __restrict__ out) {
+  const int b = blockIdx.y, r = blockIdx.x % R, h = blockIdx.x / R / tiles, tile = blockIdx.x / R % tiles;
+  const int G = Hq / Hkv, d = vs.head_dim;
+  __shared__ float acc[2 * TQ_MAX_DIM];
+  __shared__ float xg[TQ_MAX_DIM], tmp[TQ_MAX_DIM];
+  __shared__ float wsplit[1024];
+  __shared__ float total;
+  int vmo[2], vso[2];
+  const int Dv = tq_coord_offsets(vs, vmo, vso);
+  const bool poisoned = *status != 0;
+  {
+    const int gr = tile * R + r;
+    if (gr >= G * T_) return;
+    const int t = gr / G, qh = h * G + gr % G;
+    float* o = out + (((long)b * Hq + qh) * T_ + t) * d;
+    const long base = (((long)b * Hkv + h) * tiles + tile) * splits * R * (Dv + 2) + (long)r * (Dv + 2);
+    const long stride = (long)R * (Dv + 2);
+    // Split weights exp(m_s − M), in chunks of 1024 splits at most (the launcher checks).
+    float M = -INFINITY;
+    for (int s = 0; s < splits; ++s) M = fmaxf(M, ws[base + s * stride + Dv]);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+      const float m = ws[base + s * stride + Dv];
+      wsplit[s] = (M == -INFINITY || m == -INFINITY) ? 0.f : expf(m - M);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float L = 0.f;
+      for (int s = 0; s < splits; ++s) L += wsplit[s] * ws[base + s * stride + Dv + 1];
+      total = L;
+    }
+    __syncthreads();
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    for (int c = threadIdx.x; c < Dv; c += blockDim.x) {
+      float a = 0.f;
+      for (int s = 0; s < splits; ++s) a = fmaf(wsplit[s], ws[base + s * stride + c], a);
+      acc[c] = a * inv;
+    }
+    __syncthreads();
+    int chbase = 0;
+    for (int g = 0; g < vs.num_groups; ++g) {
+      const TqGroup& vg = vs.groups[g];
+      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) {
+        float x = vg.mse_bits > 0 ? acc[vmo[g] + j] : 0.f;
+        if (vg.m > 0) {
+          float s = 0.f;
+          for (int l = 0; l < vg.m; ++l) s = fmaf(vg.sketch[(long)l * vg.dim + j], acc[vso[g] + l], s);
+          x = fmaf(vg.qjl_scale, s, x);
+        }
+        tmp[j] = x;
+      }
+      __syncthreads();
+      if (vg.mse_bits > 0) {
+        tq_rotate_inverse(vg, tmp, xg);
+      } else {
+        for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xg[j] = tmp[j];
+        __syncthreads();
+      }
+      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x)
+        o[vch[(long)h * d + chbase + j]] = poisoned ? NAN : xg[j];
+      __syncthreads();
+      chbase += vg.dim;
+    }
+  }
+}
+
+template <typename T, int R>
+static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
+                          const int* vch, const TqSpec* ks, const TqSpec* vs, int B, int Hq, int Hkv, int T_, int cap,
+                          float scale, int splits, int chunk, float* ws, const int* status, float* out,
+                          cudaStream_t stream) {
+  const int tiles = (Hq / Hkv * T_ + R - 1) / R;
+  tq_attn_split_kernel<T, R><<<dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
+      (const T*)q, kc, vc, visible, kch, vch, *ks, *vs, Hq, Hkv, T_, cap, chunk, tiles, scale, ws);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return (int)e;
+  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, *vs, Hq, Hkv, T_, tiles, splits,
+                                                                           status, out);
+  return (int)cudaGetLastError();
+}
+
+// Rows per block for `rows` query rows per KV head (G · T): the smallest power of two ≥ rows, ≤ 8.
+extern "C" int tqkv_decode_attention_rows(int rows) {
+  return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+}
+
+// Largest chunk (slots per split): any length works (online softmax within a split).
+extern "C" int tqkv_decode_attention_max_chunk(int rows) {
+  (void)rows;
+  return 1 << 30;
+}
+
+// The workspace in floats: B · Hkv · tiles · splits · R · (Dv + 2).
+extern "C" long tqkv_decode_attention_workspace(const TqSpec* vs, int B, int Hq, int Hkv, int T, int splits) {
+  int Dv = 0;
+  for (int g = 0; g < vs->num_groups; ++g) Dv += (vs->groups[g].mse_bits > 0 ? vs->groups[g].dim : 0) + vs->groups[g].m;
+  const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
+  const long tiles = (Hq / Hkv * T + R - 1) / R;
+  return (long)B * Hkv * tiles * splits * R * (Dv + 2);
+}
+
+extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* kcache, const uint8_t* vcache,
+                                     const int* visible, const int* kch, const int* vch, const TqSpec* ks,
+                                     const TqSpec* vs, int B, int Hq, int Hkv, int T, int cap, float scale,
+                                     int splits, int chunk, float* workspace, const int* status, float* out,
+                                     cudaStream_t stream) {
+  if (ks->head_dim != vs->head_dim || ks->head_dim > TQ_MAX_DIM || Hkv <= 0 || Hq % Hkv != 0)
+    return (int)cudaErrorInvalidValue;
+  const TqSpec* both[2] = {ks, vs};
+  for (const TqSpec* s : both) {
+    if (s->num_groups < 1 || s->num_groups > 2) return (int)cudaErrorInvalidValue;
+    int coords = 0;
+    for (int g = 0; g < s->num_groups; ++g) {
+      if (s->groups[g].dim > TQ_MAX_DIM || s->groups[g].m > TQ_MAX_DIM || s->groups[g].mse_bits > 8)
+        return (int)cudaErrorInvalidValue;
+      coords += (s->groups[g].mse_bits > 0 ? s->groups[g].dim : 0) + s->groups[g].m;
+    }
+    if (coords > 2 * TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
+  }
+  const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
+  if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
+  // Staged records: one slot of keys + values must fit the tile buffer.
+  if (ks->record_bytes + vs->record_bytes > TQ_ATT_REC_BYTES_MIN) return (int)cudaErrorInvalidValue;
+  if (B == 0 || T == 0) return 0;
+#define TQ_ATT_CASE(TY, RR)                                                                                       \
+  return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, ks, vs, B, Hq, Hkv, T, cap, scale, splits, \
+                                chunk, workspace, status, out, stream)
+#define TQ_ATT_ROWS(TY)      \
+  switch (R) {               \
+    case 1: TQ_ATT_CASE(TY, 1); \
+    case 2: TQ_ATT_CASE(TY, 2); \
+    case 4: TQ_ATT_CASE(TY, 4); \
+    default: TQ_ATT_CASE(TY, 8); \
+  }
+  switch (q_dtype) {
+    case 0: TQ_ATT_ROWS(float)
+    case 1: TQ_ATT_ROWS(__half)
+    case 2: TQ_ATT_ROWS(__nv_bfloat16)
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef TQ_ATT_ROWS
+#undef TQ_ATT_CASE
+}

@@ -1,0 +1,698 @@
+//! GPU kernels against the CPU reference (feature `cuda`; each test prints why it is skipped
+//! when no CUDA device is present). Fresh random inputs of awkward sizes each run.
+//!
+//! * quantize-append: packed codes equal to `VectorQuantizer::quantize` except at boundary ties
+//!   (counted over the whole test, bounded by 1e-4 of the codes), norms within 1e-3 relative,
+//!   slots outside the write window untouched.
+//! * dequantize: within 1e-5 (f32), 1e-3 (f16), 8e-3 (bf16) of the largest |value|.
+//! * decode attention: relative error ≤ 1e-3 against `attend_packed` on the same packed cache.
+#![cfg(feature = "cuda")]
+mod common;
+use common::{fresh_seed, gaussian_vec};
+use cudarc::driver::{CudaContext, CudaStream};
+use half::{bf16, f16};
+use std::sync::Arc;
+use tqkv::cuda::{
+    decode_attention, dequantize, quantize_append, AppendShape, AttentionShape, DeviceTables,
+    StatusWord,
+};
+use tqkv::device_tables::LayerTables;
+use tqkv::rng::Rng;
+use tqkv::{OutlierRule, QuantSpec, VectorQuantizer};
+
+fn gpu() -> Option<Arc<CudaStream>> {
+    if !tqkv::cuda::driver_present() {
+        eprintln!("SKIPPED: no CUDA driver library on this machine");
+        return None;
+    }
+    match CudaContext::new(0) {
+        Ok(ctx) => Some(ctx.default_stream()),
+        Err(e) => {
+            eprintln!("SKIPPED: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// Per-head quantizers of one layer (different outlier channels, one seed).
+fn heads(
+    rng: &mut Rng,
+    bits: &str,
+    mode: &str,
+    rot: &str,
+    d: usize,
+    h: usize,
+) -> Vec<VectorQuantizer> {
+    let mut spec = QuantSpec::mse(bits.parse().unwrap())
+        .with_rotation(rot.parse().unwrap())
+        .with_outliers(OutlierRule::Magnitude);
+    spec.mode = mode.parse().unwrap();
+    let seed = rng.next_u64();
+    (0..h)
+        .map(|_| {
+            let scales: Vec<f32> = (0..d).map(|_| 0.3 + rng.uniform() as f32 * 3.0).collect();
+            let calib: Vec<f32> = (0..8).flat_map(|_| gaussian_vec(rng, &scales)).collect();
+            VectorQuantizer::calibrate(spec, d, &calib, seed).unwrap()
+        })
+        .collect()
+}
+
+const CONFIGS: [(&str, &str, &str, usize); 8] = [
+    ("3.5", "mse", "dense", 128),
+    ("2.5", "mse", "hadamard", 128),
+    ("4", "prod", "dense", 64),
+    ("3", "prod-orth", "hadamard", 96),
+    ("2.5", "mse", "dense", 256),
+    ("paper2.5", "mse", "dense", 128),
+    ("1", "prod", "dense", 64),
+    ("33@4+66@3", "mse", "dense", 99),
+];
+
+/// Random K/V-like data with per-channel scales and a per-channel offset.
+fn data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    let scales: Vec<f32> = (0..d).map(|_| 0.2 + rng.uniform() as f32 * 4.0).collect();
+    let offs: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
+    (0..n)
+        .flat_map(|_| {
+            gaussian_vec(rng, &scales)
+                .into_iter()
+                .zip(&offs)
+                .map(|(x, o)| x + o)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn read_norm(rec: &[u8], off: usize, f16n: bool) -> f32 {
+    if f16n {
+        f16::from_le_bytes([rec[off], rec[off + 1]]).to_f32()
+    } else {
+        f32::from_le_bytes(rec[off..off + 4].try_into().unwrap())
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    codes: usize,
+    code_diff: usize,
+    signs: usize,
+    sign_diff: usize,
+}
+
+/// Compares a GPU record with the CPU one field by field.
+fn compare(q: &VectorQuantizer, gpu: &[u8], cpu: &[u8], f16n: bool, tally: &mut Tally, ctx: &str) {
+    let mut codes_equal = true;
+    for g in &q.layout().groups {
+        if g.mse_bits > 0 {
+            let len = tqkv::packing::packed_len(g.dim, g.mse_bits);
+            let (mut a, mut b) = (vec![0u8; g.dim], vec![0u8; g.dim]);
+            tqkv::packing::unpack_codes(&gpu[g.codes_offset..][..len], g.mse_bits, &mut a).unwrap();
+            tqkv::packing::unpack_codes(&cpu[g.codes_offset..][..len], g.mse_bits, &mut b).unwrap();
+            let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            tally.codes += g.dim;
+            tally.code_diff += diff;
+            codes_equal &= diff == 0;
+            let (ng, nc) = (
+                read_norm(gpu, g.norm_offset, f16n),
+                read_norm(cpu, g.norm_offset, f16n),
+            );
+            assert!(
+                (ng - nc).abs() <= 1e-3 * nc.abs().max(1e-6),
+                "{ctx}: norm {ng} vs {nc}"
+            );
+        }
+        if g.sketch_dim > 0 {
+            let len = g.sketch_dim.div_ceil(8);
+            let (mut a, mut b) = (vec![0u8; g.sketch_dim], vec![0u8; g.sketch_dim]);
+            tqkv::packing::unpack_codes(&gpu[g.signs_offset..][..len], 1, &mut a).unwrap();
+            tqkv::packing::unpack_codes(&cpu[g.signs_offset..][..len], 1, &mut b).unwrap();
+            if codes_equal {
+                tally.signs += g.sketch_dim;
+                tally.sign_diff += a.iter().zip(&b).filter(|(x, y)| x != y).count();
+                let (ng, nc) = (
+                    read_norm(gpu, g.gamma_offset, f16n),
+                    read_norm(cpu, g.gamma_offset, f16n),
+                );
+                assert!(
+                    (ng - nc).abs() <= 1e-3 * nc.abs().max(1e-6),
+                    "{ctx}: residual norm {ng} vs {nc}"
+                );
+            }
+        }
+    }
+}
+
+fn to_dtype<T: Copy>(x: &[f32], f: impl Fn(f32) -> T) -> Vec<T> {
+    x.iter().map(|&v| f(v)).collect()
+}
+
+#[test]
+fn quantize_append_matches_the_cpu_quantizer() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = Rng::new(fresh_seed("gpu quantize_append"));
+    let mut tally = Tally::default();
+    for (ci, &(bits, mode, rot, d)) in CONFIGS.iter().enumerate() {
+        for dtype in 0..3 {
+            let (b, h, t) = (2usize, 3usize, if ci == 0 { 99 } else { 7 });
+            let cap = t + 5;
+            let qs = heads(&mut rng, bits, mode, rot, d, h);
+            let tables = LayerTables::new(&qs).unwrap();
+            let dev = DeviceTables::upload(&tables, &stream).unwrap();
+            let rb = tables.record_bytes;
+            let mut x = data(&mut rng, b * h * t, d);
+            // The CPU sees what the kernel reads: the values rounded to the input dtype.
+            match dtype {
+                1 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+                2 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+                _ => {}
+            }
+            let start = [3usize, 0];
+            let new = [t, t - 3];
+            let fill: Vec<u8> = (0..b * h * cap * rb).map(|i| (i * 7 + 3) as u8).collect();
+            let mut cache = stream.clone_htod(&fill).unwrap();
+            let mut status = StatusWord::new(&stream).unwrap();
+            let shape = AppendShape {
+                batch: b,
+                heads: h,
+                tokens: t,
+                capacity: cap,
+            };
+            match dtype {
+                0 => {
+                    let xd = stream.clone_htod(&x).unwrap();
+                    quantize_append(
+                        &stream,
+                        &dev,
+                        &xd,
+                        &mut cache,
+                        shape,
+                        &start,
+                        &new,
+                        &mut status,
+                    )
+                }
+                1 => {
+                    let xd = stream.clone_htod(&to_dtype(&x, f16::from_f32)).unwrap();
+                    quantize_append(
+                        &stream,
+                        &dev,
+                        &xd,
+                        &mut cache,
+                        shape,
+                        &start,
+                        &new,
+                        &mut status,
+                    )
+                }
+                _ => {
+                    let xd = stream.clone_htod(&to_dtype(&x, bf16::from_f32)).unwrap();
+                    quantize_append(
+                        &stream,
+                        &dev,
+                        &xd,
+                        &mut cache,
+                        shape,
+                        &start,
+                        &new,
+                        &mut status,
+                    )
+                }
+            }
+            .unwrap();
+            status.read(&stream).unwrap();
+            let got = stream.clone_dtoh(&cache).unwrap();
+            let mut rec = vec![0u8; rb];
+            for bi in 0..b {
+                for (hi, q) in qs.iter().enumerate() {
+                    for slot in 0..cap {
+                        let at = ((bi * h + hi) * cap + slot) * rb;
+                        let g = &got[at..at + rb];
+                        if slot < start[bi] || slot >= start[bi] + new[bi] {
+                            assert_eq!(
+                                g,
+                                &fill[at..at + rb],
+                                "slot {slot} outside the window was written"
+                            );
+                            continue;
+                        }
+                        let tok = slot - start[bi];
+                        let xo = ((bi * h + hi) * t + tok) * d;
+                        q.quantize(&x[xo..xo + d], &mut rec).unwrap();
+                        let ctx =
+                            format!("{bits} {mode} {rot} d={d} dtype {dtype} b{bi} h{hi} t{tok}");
+                        compare(q, g, &rec, tables.norm_f16, &mut tally, &ctx);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "codes differing: {} of {}; QJL signs differing: {} of {}",
+        tally.code_diff, tally.codes, tally.sign_diff, tally.signs
+    );
+    assert!(tally.codes > 100_000);
+    assert!(
+        (tally.code_diff as f64) <= 1e-4 * tally.codes as f64,
+        "{} of {} codes differ",
+        tally.code_diff,
+        tally.codes
+    );
+    assert!(
+        (tally.sign_diff as f64) <= 1e-4 * tally.signs as f64 + 1.0,
+        "{} of {} signs differ",
+        tally.sign_diff,
+        tally.signs
+    );
+}
+
+#[test]
+fn dequantize_matches_the_cpu_quantizer() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = Rng::new(fresh_seed("gpu dequantize"));
+    for &(bits, mode, rot, d) in &CONFIGS {
+        let (b, h, cap, n) = (2usize, 3usize, 40usize, 33usize);
+        let qs = heads(&mut rng, bits, mode, rot, d, h);
+        let tables = LayerTables::new(&qs).unwrap();
+        let dev = DeviceTables::upload(&tables, &stream).unwrap();
+        let rb = tables.record_bytes;
+        let x = data(&mut rng, b * h * cap, d);
+        let mut recs = vec![0u8; b * h * cap * rb];
+        let mut want = vec![0f32; b * h * n * d];
+        for bi in 0..b {
+            for (hi, q) in qs.iter().enumerate() {
+                for s in 0..cap {
+                    let i = (bi * h + hi) * cap + s;
+                    q.quantize(&x[i * d..(i + 1) * d], &mut recs[i * rb..(i + 1) * rb])
+                        .unwrap();
+                    if s < n {
+                        let o = ((bi * h + hi) * n + s) * d;
+                        q.dequantize(&recs[i * rb..(i + 1) * rb], &mut want[o..o + d])
+                            .unwrap();
+                    }
+                }
+            }
+        }
+        let cache = stream.clone_htod(&recs).unwrap();
+        let shape = AppendShape {
+            batch: b,
+            heads: h,
+            tokens: 0,
+            capacity: cap,
+        };
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let check = |got: Vec<f32>, tol: f32, what: &str| {
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= tol * scale,
+                "{bits} {mode} {rot} d={d} {what}: max error {err} (scale {scale})"
+            );
+        };
+        let mut o32 = stream.alloc_zeros::<f32>(b * h * n * d).unwrap();
+        dequantize(&stream, &dev, &cache, shape, n, &mut o32).unwrap();
+        check(stream.clone_dtoh(&o32).unwrap(), 1e-5, "f32");
+        let mut o16 = stream.alloc_zeros::<f16>(b * h * n * d).unwrap();
+        dequantize(&stream, &dev, &cache, shape, n, &mut o16).unwrap();
+        check(
+            stream
+                .clone_dtoh(&o16)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            1e-3,
+            "f16",
+        );
+        let mut ob = stream.alloc_zeros::<bf16>(b * h * n * d).unwrap();
+        dequantize(&stream, &dev, &cache, shape, n, &mut ob).unwrap();
+        check(
+            stream
+                .clone_dtoh(&ob)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            8e-3,
+            "bf16",
+        );
+    }
+}
+
+/// One attention case: packed caches written by the CPU, queries in `dtype`, compared with
+/// `attend_packed` per (sequence, KV head).
+#[allow(clippy::too_many_arguments)]
+fn attention_case(
+    stream: &Arc<CudaStream>,
+    rng: &mut Rng,
+    kcfg: (&str, &str, &str),
+    vbits: &str,
+    d: usize,
+    hkv: usize,
+    g: usize,
+    t: usize,
+    lens: &[usize],
+    dtype: usize,
+) {
+    let b = lens.len();
+    let hq = hkv * g;
+    let cap = lens.iter().max().unwrap() + 9;
+    let kq = heads(rng, kcfg.0, kcfg.1, kcfg.2, d, hkv);
+    let vq = heads(rng, vbits, "mse", kcfg.2, d, hkv);
+    let (kt, vt) = (
+        LayerTables::new(&kq).unwrap(),
+        LayerTables::new(&vq).unwrap(),
+    );
+    let (kd, vd) = (
+        DeviceTables::upload(&kt, stream).unwrap(),
+        DeviceTables::upload(&vt, stream).unwrap(),
+    );
+    let (rbk, rbv) = (kt.record_bytes, vt.record_bytes);
+    // Slots past each length hold random bytes: the kernel must not read them.
+    let mut kc: Vec<u8> = (0..b * hkv * cap * rbk)
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    let mut vc: Vec<u8> = (0..b * hkv * cap * rbv)
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    for (bi, &len) in lens.iter().enumerate().take(b) {
+        for h in 0..hkv {
+            let k = data(rng, len, d);
+            let v = data(rng, len, d);
+            for s in 0..len {
+                let i = (bi * hkv + h) * cap + s;
+                kq[h]
+                    .quantize(&k[s * d..(s + 1) * d], &mut kc[i * rbk..(i + 1) * rbk])
+                    .unwrap();
+                vq[h]
+                    .quantize(&v[s * d..(s + 1) * d], &mut vc[i * rbv..(i + 1) * rbv])
+                    .unwrap();
+            }
+        }
+    }
+    let mut q: Vec<f32> = (0..b * hq * t * d).map(|_| rng.gaussian() as f32).collect();
+    match dtype {
+        1 => q.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        2 => q.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        _ => {}
+    }
+    // Causal visibility of the last t tokens (a row that sees nothing when the length is short).
+    let visible: Vec<usize> = (0..b)
+        .flat_map(|bi| (0..t).map(move |ti| (lens[bi] + ti + 1).saturating_sub(t)))
+        .collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    let (kcd, vcd) = (
+        stream.clone_htod(&kc).unwrap(),
+        stream.clone_htod(&vc).unwrap(),
+    );
+    let status = StatusWord::new(stream).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(b * hq * t * d).unwrap();
+    let shape = AttentionShape {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        tokens: t,
+        capacity: cap,
+    };
+    match dtype {
+        0 => {
+            let qd = stream.clone_htod(&q).unwrap();
+            decode_attention(
+                stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
+            )
+        }
+        1 => {
+            let qd = stream.clone_htod(&to_dtype(&q, f16::from_f32)).unwrap();
+            decode_attention(
+                stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
+            )
+        }
+        _ => {
+            let qd = stream.clone_htod(&to_dtype(&q, bf16::from_f32)).unwrap();
+            decode_attention(
+                stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
+            )
+        }
+    }
+    .unwrap();
+    let got = stream.clone_dtoh(&out).unwrap();
+    for bi in 0..b {
+        for h in 0..hkv {
+            let n = lens[bi];
+            let kr = &kc[(bi * hkv + h) * cap * rbk..][..n * rbk];
+            let vr = &vc[(bi * hkv + h) * cap * rbv..][..n * rbv];
+            // Rows of this KV head: (t, g) with query head h·G + g.
+            let mut qq = Vec::new();
+            let mut vis = Vec::new();
+            for ti in 0..t {
+                for gi in 0..g {
+                    let o = ((bi * hq + h * g + gi) * t + ti) * d;
+                    qq.extend_from_slice(&q[o..o + d]);
+                    vis.push(visible[bi * t + ti]);
+                }
+            }
+            let mut want = vec![0f32; qq.len()];
+            tqkv::attention::attend_packed(&kq[h], &vq[h], &qq, kr, vr, &vis, scale, &mut want)
+                .unwrap();
+            for ti in 0..t {
+                for gi in 0..g {
+                    let o = ((bi * hq + h * g + gi) * t + ti) * d;
+                    let row = &got[o..o + d];
+                    let w = &want[(ti * g + gi) * d..][..d];
+                    let ctx = format!(
+                        "{kcfg:?}/v{vbits} d={d} G={g} T={t} dtype {dtype} seq {bi} (len {n}) head {h} row ({ti},{gi}) sees {}",
+                        vis[ti * g + gi]
+                    );
+                    if vis[ti * g + gi] == 0 {
+                        assert!(row.iter().all(|&x| x == 0.0), "{ctx}: expected zeros");
+                        continue;
+                    }
+                    let num: f64 = row
+                        .iter()
+                        .zip(w)
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum();
+                    let den: f64 = w.iter().map(|&b| (b as f64).powi(2)).sum();
+                    let rel = (num / den.max(1e-30)).sqrt();
+                    assert!(rel <= 1e-3, "{ctx}: relative error {rel:.2e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn decode_attention_matches_attend_packed() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = Rng::new(fresh_seed("gpu decode attention"));
+    // Decode (T = 1), GQA 4, lengths that need several splits and ones shorter than a chunk.
+    attention_case(
+        &stream,
+        &mut rng,
+        ("3.5", "mse", "dense"),
+        "3.5",
+        128,
+        2,
+        4,
+        1,
+        &[1, 7, 99, 3001],
+        0,
+    );
+    attention_case(
+        &stream,
+        &mut rng,
+        ("2.5", "mse", "hadamard"),
+        "2.5",
+        128,
+        2,
+        4,
+        1,
+        &[1000, 5],
+        1,
+    );
+    attention_case(
+        &stream,
+        &mut rng,
+        ("4", "prod", "dense"),
+        "3",
+        64,
+        3,
+        1,
+        1,
+        &[777, 2],
+        2,
+    );
+    attention_case(
+        &stream,
+        &mut rng,
+        ("3", "prod-orth", "hadamard"),
+        "4",
+        96,
+        1,
+        7,
+        1,
+        &[1500],
+        0,
+    );
+    attention_case(
+        &stream,
+        &mut rng,
+        ("2.5", "mse", "dense"),
+        "2.5",
+        256,
+        2,
+        2,
+        1,
+        &[300, 64],
+        1,
+    );
+    attention_case(
+        &stream,
+        &mut rng,
+        ("33@4+66@3", "mse", "dense"),
+        "3",
+        99,
+        1,
+        3,
+        1,
+        &[50],
+        0,
+    );
+    // Several query tokens (prefill-style rows, causal), more rows than one block holds.
+    attention_case(
+        &stream,
+        &mut rng,
+        ("3.5", "mse", "dense"),
+        "3.5",
+        128,
+        2,
+        4,
+        5,
+        &[9, 2000],
+        2,
+    );
+    attention_case(
+        &stream,
+        &mut rng,
+        ("1", "prod", "dense"),
+        "2",
+        64,
+        1,
+        1,
+        3,
+        &[2, 40],
+        0,
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = Rng::new(fresh_seed("gpu bad inputs"));
+    let (h, d, t) = (2usize, 64usize, 3usize);
+    let qs = heads(&mut rng, "3.5", "mse", "dense", d, h);
+    let tables = LayerTables::new(&qs).unwrap();
+    let dev = DeviceTables::upload(&tables, &stream).unwrap();
+    let rb = tables.record_bytes;
+    let mut x = data(&mut rng, h * t, d);
+    x[d + 5] = f32::NAN;
+    let xd = stream.clone_htod(&x).unwrap();
+    let mut cache = stream.alloc_zeros::<u8>(h * 4 * rb).unwrap();
+    let mut status = StatusWord::new(&stream).unwrap();
+    let shape = AppendShape {
+        batch: 1,
+        heads: h,
+        tokens: t,
+        capacity: 4,
+    };
+    quantize_append(
+        &stream,
+        &dev,
+        &xd,
+        &mut cache,
+        shape,
+        &[0],
+        &[t],
+        &mut status,
+    )
+    .unwrap();
+    let err = status.read(&stream).unwrap_err().to_string();
+    assert!(err.contains("NaN"), "{err}");
+    // The poisoned token's record is not written; the others are.
+    let got = stream.clone_dtoh(&cache).unwrap();
+    assert!(got[rb..2 * rb].iter().all(|&b| b == 0));
+    assert!(got[..rb].iter().any(|&b| b != 0));
+    // Attention over a cache whose status is set returns NaN, never a silent number.
+    let q = stream.clone_htod(&vec![0.5f32; h * d]).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(h * d).unwrap();
+    let ashape = AttentionShape {
+        batch: 1,
+        q_heads: h,
+        kv_heads: h,
+        tokens: 1,
+        capacity: 4,
+    };
+    decode_attention(
+        &stream,
+        &dev,
+        &dev,
+        &q,
+        &cache,
+        &cache,
+        ashape,
+        &[3],
+        0.1,
+        &status,
+        &mut out,
+    )
+    .unwrap();
+    assert!(stream.clone_dtoh(&out).unwrap().iter().all(|v| v.is_nan()));
+    status.clear(&stream).unwrap();
+    status.read(&stream).unwrap();
+    // Shapes: too small a cache, too many new tokens, a length beyond the capacity.
+    let small = shape_err(quantize_append(
+        &stream,
+        &dev,
+        &xd,
+        &mut stream.alloc_zeros::<u8>(rb).unwrap(),
+        shape,
+        &[0],
+        &[t],
+        &mut status,
+    ));
+    assert!(small.contains("cache"), "{small}");
+    let over = shape_err(quantize_append(
+        &stream,
+        &dev,
+        &xd,
+        &mut cache,
+        shape,
+        &[2],
+        &[t],
+        &mut status,
+    ));
+    assert!(over.contains("do not fit"), "{over}");
+    let vis = shape_err(decode_attention(
+        &stream,
+        &dev,
+        &dev,
+        &q,
+        &cache,
+        &cache,
+        ashape,
+        &[5],
+        0.1,
+        &status,
+        &mut out,
+    ));
+    assert!(vis.contains("sees 5"), "{vis}");
+    // Unsupported head_dim for the kernels.
+    let big = VectorQuantizer::new(QuantSpec::mse("3".parse().unwrap()), 512, 1).unwrap();
+    let e = DeviceTables::upload(&LayerTables::new(&[big]).unwrap(), &stream).unwrap_err();
+    assert!(e.to_string().contains("head_dim"), "{e}");
+}
+
+fn shape_err(r: tqkv::Result<()>) -> String {
+    r.expect_err("expected an error").to_string()
+}
