@@ -9,7 +9,7 @@
 #![cfg(feature = "cuda")]
 mod common;
 use common::{fresh_seed, gaussian_vec};
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::sync::Arc;
 use tqkv::cuda::{
@@ -99,51 +99,83 @@ struct Tally {
     sign_diff: usize,
 }
 
+/// Unpacks `n` fields of `bits` at byte `off` of both records; returns (fields, differing).
+fn diff_fields(gpu: &[u8], cpu: &[u8], off: usize, n: usize, bits: u8) -> (usize, usize) {
+    let len = tqkv::packing::packed_len(n, bits);
+    let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
+    tqkv::packing::unpack_codes(&gpu[off..][..len], bits, &mut a).unwrap();
+    tqkv::packing::unpack_codes(&cpu[off..][..len], bits, &mut b).unwrap();
+    (n, a.iter().zip(&b).filter(|(x, y)| x != y).count())
+}
+
+/// Asserts that the norms stored at byte `off` of both records agree within 1e-3.
+fn same_norm(gpu: &[u8], cpu: &[u8], off: usize, f16n: bool, what: &str) {
+    let (ng, nc) = (read_norm(gpu, off, f16n), read_norm(cpu, off, f16n));
+    assert!(
+        (ng - nc).abs() <= 1e-3 * nc.abs().max(1e-6),
+        "{what} {ng} vs {nc}"
+    );
+}
+
 /// Compares a GPU record with the CPU one field by field.
 fn compare(q: &VectorQuantizer, gpu: &[u8], cpu: &[u8], f16n: bool, tally: &mut Tally, ctx: &str) {
     let mut codes_equal = true;
     for g in &q.layout().groups {
         if g.mse_bits > 0 {
-            let len = tqkv::packing::packed_len(g.dim, g.mse_bits);
-            let (mut a, mut b) = (vec![0u8; g.dim], vec![0u8; g.dim]);
-            tqkv::packing::unpack_codes(&gpu[g.codes_offset..][..len], g.mse_bits, &mut a).unwrap();
-            tqkv::packing::unpack_codes(&cpu[g.codes_offset..][..len], g.mse_bits, &mut b).unwrap();
-            let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
-            tally.codes += g.dim;
+            let (n, diff) = diff_fields(gpu, cpu, g.codes_offset, g.dim, g.mse_bits);
+            tally.codes += n;
             tally.code_diff += diff;
             codes_equal &= diff == 0;
-            let (ng, nc) = (
-                read_norm(gpu, g.norm_offset, f16n),
-                read_norm(cpu, g.norm_offset, f16n),
-            );
-            assert!(
-                (ng - nc).abs() <= 1e-3 * nc.abs().max(1e-6),
-                "{ctx}: norm {ng} vs {nc}"
-            );
+            same_norm(gpu, cpu, g.norm_offset, f16n, &format!("{ctx}: norm"));
         }
-        if g.sketch_dim > 0 {
-            let len = g.sketch_dim.div_ceil(8);
-            let (mut a, mut b) = (vec![0u8; g.sketch_dim], vec![0u8; g.sketch_dim]);
-            tqkv::packing::unpack_codes(&gpu[g.signs_offset..][..len], 1, &mut a).unwrap();
-            tqkv::packing::unpack_codes(&cpu[g.signs_offset..][..len], 1, &mut b).unwrap();
-            if codes_equal {
-                tally.signs += g.sketch_dim;
-                tally.sign_diff += a.iter().zip(&b).filter(|(x, y)| x != y).count();
-                let (ng, nc) = (
-                    read_norm(gpu, g.gamma_offset, f16n),
-                    read_norm(cpu, g.gamma_offset, f16n),
-                );
-                assert!(
-                    (ng - nc).abs() <= 1e-3 * nc.abs().max(1e-6),
-                    "{ctx}: residual norm {ng} vs {nc}"
-                );
-            }
+        // Signs and residual norms are compared only where the codes agree (a tie moves them).
+        if g.sketch_dim > 0 && codes_equal {
+            let (n, diff) = diff_fields(gpu, cpu, g.signs_offset, g.sketch_dim, 1);
+            tally.signs += n;
+            tally.sign_diff += diff;
+            same_norm(
+                gpu,
+                cpu,
+                g.gamma_offset,
+                f16n,
+                &format!("{ctx}: residual norm"),
+            );
         }
     }
 }
 
 fn to_dtype<T: Copy>(x: &[f32], f: impl Fn(f32) -> T) -> Vec<T> {
     x.iter().map(|&v| f(v)).collect()
+}
+
+/// Rounds `x` to what a kernel reads from input dtype `dtype` (0 f32, 1 f16, 2 bf16).
+fn round_to(dtype: usize, x: &mut [f32]) {
+    match dtype {
+        1 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        2 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        _ => {}
+    }
+}
+
+/// Uploads `$x` (f32 on the host) as dtype `$dtype` (0 f32, 1 f16, 2 bf16), binds the device
+/// slice to `$xd` and evaluates `$body` with it.
+macro_rules! with_input_as {
+    ($stream:expr, $dtype:expr, $x:expr, |$xd:ident| $body:expr) => {
+        match $dtype {
+            0 => {
+                let $xd = $stream.clone_htod($x).unwrap();
+                $body
+            }
+            1 => {
+                let $xd = $stream.clone_htod(&to_dtype($x, f16::from_f32)).unwrap();
+                $body
+            }
+            _ => {
+                let $xd = $stream.clone_htod(&to_dtype($x, bf16::from_f32)).unwrap();
+                $body
+            }
+        }
+    };
 }
 
 #[test]
@@ -161,11 +193,7 @@ fn quantize_append_matches_the_cpu_quantizer() {
             let rb = tables.record_bytes;
             let mut x = data(&mut rng, b * h * t, d);
             // The CPU sees what the kernel reads: the values rounded to the input dtype.
-            match dtype {
-                1 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
-                2 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-                _ => {}
-            }
+            round_to(dtype, &mut x);
             let start = [3usize, 0];
             let new = [t, t - 3];
             let fill: Vec<u8> = (0..b * h * cap * rb).map(|i| (i * 7 + 3) as u8).collect();
@@ -177,47 +205,16 @@ fn quantize_append_matches_the_cpu_quantizer() {
                 tokens: t,
                 capacity: cap,
             };
-            match dtype {
-                0 => {
-                    let xd = stream.clone_htod(&x).unwrap();
-                    quantize_append(
-                        &stream,
-                        &dev,
-                        &xd,
-                        &mut cache,
-                        shape,
-                        &start,
-                        &new,
-                        &mut status,
-                    )
-                }
-                1 => {
-                    let xd = stream.clone_htod(&to_dtype(&x, f16::from_f32)).unwrap();
-                    quantize_append(
-                        &stream,
-                        &dev,
-                        &xd,
-                        &mut cache,
-                        shape,
-                        &start,
-                        &new,
-                        &mut status,
-                    )
-                }
-                _ => {
-                    let xd = stream.clone_htod(&to_dtype(&x, bf16::from_f32)).unwrap();
-                    quantize_append(
-                        &stream,
-                        &dev,
-                        &xd,
-                        &mut cache,
-                        shape,
-                        &start,
-                        &new,
-                        &mut status,
-                    )
-                }
-            }
+            with_input_as!(stream, dtype, &x, |xd| quantize_append(
+                &stream,
+                &dev,
+                &xd,
+                &mut cache,
+                shape,
+                &start,
+                &new,
+                &mut status,
+            ))
             .unwrap();
             status.read(&stream).unwrap();
             let got = stream.clone_dtoh(&cache).unwrap();
@@ -392,11 +389,7 @@ fn attention_case(
         }
     }
     let mut q: Vec<f32> = (0..b * hq * t * d).map(|_| rng.gaussian() as f32).collect();
-    match dtype {
-        1 => q.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
-        2 => q.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-        _ => {}
-    }
+    round_to(dtype, &mut q);
     // Causal visibility of the last t tokens (a row that sees nothing when the length is short).
     let visible: Vec<usize> = (0..b)
         .flat_map(|bi| (0..t).map(move |ti| (lens[bi] + ti + 1).saturating_sub(t)))
@@ -415,26 +408,9 @@ fn attention_case(
         tokens: t,
         capacity: cap,
     };
-    match dtype {
-        0 => {
-            let qd = stream.clone_htod(&q).unwrap();
-            decode_attention(
-                stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
-            )
-        }
-        1 => {
-            let qd = stream.clone_htod(&to_dtype(&q, f16::from_f32)).unwrap();
-            decode_attention(
-                stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
-            )
-        }
-        _ => {
-            let qd = stream.clone_htod(&to_dtype(&q, bf16::from_f32)).unwrap();
-            decode_attention(
-                stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
-            )
-        }
-    }
+    with_input_as!(stream, dtype, &q, |qd| decode_attention(
+        stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
+    ))
     .unwrap();
     let got = stream.clone_dtoh(&out).unwrap();
     for bi in 0..b {
@@ -606,17 +582,10 @@ fn bad_inputs_are_errors_not_panics() {
         tokens: t,
         capacity: 4,
     };
-    quantize_append(
-        &stream,
-        &dev,
-        &xd,
-        &mut cache,
-        shape,
-        &[0],
-        &[t],
-        &mut status,
-    )
-    .unwrap();
+    let append = |cache: &mut CudaSlice<u8>, start: usize, status: &mut StatusWord| {
+        quantize_append(&stream, &dev, &xd, cache, shape, &[start], &[t], status)
+    };
+    append(&mut cache, 0, &mut status).unwrap();
     let err = status.read(&stream).unwrap_err().to_string();
     assert!(err.contains("NaN"), "{err}");
     // The poisoned token's record is not written; the others are.
@@ -633,60 +602,36 @@ fn bad_inputs_are_errors_not_panics() {
         tokens: 1,
         capacity: 4,
     };
-    decode_attention(
-        &stream,
-        &dev,
-        &dev,
-        &q,
-        &cache,
-        &cache,
-        ashape,
-        &[3],
-        0.1,
-        &status,
-        &mut out,
-    )
-    .unwrap();
+    let mut attend = |visible: usize, status: &StatusWord| {
+        decode_attention(
+            &stream,
+            &dev,
+            &dev,
+            &q,
+            &cache,
+            &cache,
+            ashape,
+            &[visible],
+            0.1,
+            status,
+            &mut out,
+        )
+    };
+    attend(3, &status).unwrap();
+    let vis = shape_err(attend(5, &status));
+    assert!(vis.contains("sees 5"), "{vis}");
     assert!(stream.clone_dtoh(&out).unwrap().iter().all(|v| v.is_nan()));
     status.clear(&stream).unwrap();
     status.read(&stream).unwrap();
     // Shapes: too small a cache, too many new tokens, a length beyond the capacity.
-    let small = shape_err(quantize_append(
-        &stream,
-        &dev,
-        &xd,
+    let small = shape_err(append(
         &mut stream.alloc_zeros::<u8>(rb).unwrap(),
-        shape,
-        &[0],
-        &[t],
+        0,
         &mut status,
     ));
     assert!(small.contains("cache"), "{small}");
-    let over = shape_err(quantize_append(
-        &stream,
-        &dev,
-        &xd,
-        &mut cache,
-        shape,
-        &[2],
-        &[t],
-        &mut status,
-    ));
+    let over = shape_err(append(&mut cache, 2, &mut status));
     assert!(over.contains("do not fit"), "{over}");
-    let vis = shape_err(decode_attention(
-        &stream,
-        &dev,
-        &dev,
-        &q,
-        &cache,
-        &cache,
-        ashape,
-        &[5],
-        0.1,
-        &status,
-        &mut out,
-    ));
-    assert!(vis.contains("sees 5"), "{vis}");
     // Unsupported head_dim for the kernels.
     let big = VectorQuantizer::new(QuantSpec::mse("3".parse().unwrap()), 512, 1).unwrap();
     let e = DeviceTables::upload(&LayerTables::new(&[big]).unwrap(), &stream).unwrap_err();

@@ -21,6 +21,25 @@ fn wrap(e: tqkv::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 
+/// The one dtype dispatch of these ops: binds `$x` to the f32 / f16 / bf16 slice of a
+/// `CudaStorageSlice` and evaluates `$body` (generic over `tqkv::cuda::KernelFloat`); any other
+/// dtype is an error naming `$what`.
+macro_rules! with_float_slice {
+    ($slice:expr, $what:expr, |$x:ident| $body:expr) => {
+        match $slice {
+            CudaStorageSlice::F32($x) => $body,
+            CudaStorageSlice::F16($x) => $body,
+            CudaStorageSlice::BF16($x) => $body,
+            _ => candle_core::bail!("{} must be f32, f16 or bf16", $what),
+        }
+    };
+}
+
+fn lock(m: &Mutex<StatusWord>) -> Result<std::sync::MutexGuard<'_, StatusWord>> {
+    m.lock()
+        .map_err(|_| candle_core::Error::msg("the cache's status lock is poisoned"))
+}
+
 /// One layer's key and value tables on the GPU, and the cache's status word.
 pub struct GpuTables {
     k: DeviceTables,
@@ -46,21 +65,13 @@ impl GpuTables {
     /// Reads the status word (synchronizes with the device's stream).
     pub fn check(&self, device: &candle_core::Device) -> Result<()> {
         let stream = device.as_cuda_device()?.cuda_stream();
-        let s = self
-            .status
-            .lock()
-            .map_err(|_| candle_core::Error::msg("status lock"))?;
-        s.read(&stream).map_err(wrap)
+        lock(&self.status)?.read(&stream).map_err(wrap)
     }
 
     /// Clears the status word.
     pub fn clear(&self, device: &candle_core::Device) -> Result<()> {
         let stream = device.as_cuda_device()?.cuda_stream();
-        let mut s = self
-            .status
-            .lock()
-            .map_err(|_| candle_core::Error::msg("status lock"))?;
-        s.clear(&stream).map_err(wrap)
+        lock(&self.status)?.clear(&stream).map_err(wrap)
     }
 }
 
@@ -107,43 +118,18 @@ pub fn append(
         capacity: op.capacity,
     };
     let cache = dst.as_cuda_slice_mut::<u8>()?;
-    let mut status = gpu
-        .status
-        .lock()
-        .map_err(|_| candle_core::Error::msg("status lock"))?;
-    let r = match &src.slice {
-        CudaStorageSlice::F32(x) => tqkv::cuda::quantize_append(
-            &stream,
-            tables,
-            &x.slice(s..e),
-            cache,
-            shape,
-            &op.start,
-            &op.new,
-            &mut status,
-        ),
-        CudaStorageSlice::F16(x) => tqkv::cuda::quantize_append(
-            &stream,
-            tables,
-            &x.slice(s..e),
-            cache,
-            shape,
-            &op.start,
-            &op.new,
-            &mut status,
-        ),
-        CudaStorageSlice::BF16(x) => tqkv::cuda::quantize_append(
-            &stream,
-            tables,
-            &x.slice(s..e),
-            cache,
-            shape,
-            &op.start,
-            &op.new,
-            &mut status,
-        ),
-        _ => candle_core::bail!("tqkv-append: {} must be f32, f16 or bf16", op.what),
-    };
+    let mut status = lock(&gpu.status)?;
+    let what = || format!("tqkv-append: {}", op.what);
+    let r = with_float_slice!(&src.slice, what(), |x| tqkv::cuda::quantize_append(
+        &stream,
+        tables,
+        &x.slice(s..e),
+        cache,
+        shape,
+        &op.start,
+        &op.new,
+        &mut status,
+    ));
     r.map_err(wrap)
 }
 
@@ -186,12 +172,9 @@ pub fn attend(
     let mut out = stream
         .alloc_zeros::<f32>(b * hq * t * d)
         .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))?;
-    let status = gpu
-        .status
-        .lock()
-        .map_err(|_| candle_core::Error::msg("status lock"))?;
-    let r = match &q.slice {
-        CudaStorageSlice::F32(x) => tqkv::cuda::decode_attention(
+    let status = lock(&gpu.status)?;
+    let r = with_float_slice!(&q.slice, "tqkv-attend: queries", |x| {
+        tqkv::cuda::decode_attention(
             &stream,
             &gpu.k,
             &gpu.v,
@@ -203,35 +186,8 @@ pub fn attend(
             op.scale,
             &status,
             &mut out,
-        ),
-        CudaStorageSlice::F16(x) => tqkv::cuda::decode_attention(
-            &stream,
-            &gpu.k,
-            &gpu.v,
-            &x.slice(s..e),
-            kc,
-            vc,
-            shape,
-            &visible,
-            op.scale,
-            &status,
-            &mut out,
-        ),
-        CudaStorageSlice::BF16(x) => tqkv::cuda::decode_attention(
-            &stream,
-            &gpu.k,
-            &gpu.v,
-            &x.slice(s..e),
-            kc,
-            vc,
-            shape,
-            &visible,
-            op.scale,
-            &status,
-            &mut out,
-        ),
-        _ => candle_core::bail!("tqkv-attend: queries must be f32, f16 or bf16"),
-    };
+        )
+    });
     r.map_err(wrap)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, q.device.clone()),
@@ -243,7 +199,6 @@ pub fn attend(
 pub fn dequantize(op: &TqDequantize, c: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let gpu = gpu_of(&op.gpu, "tqkv-dequantize")?;
     let tables = if op.values { &gpu.v } else { &gpu.k };
-    let stream = c.device.cuda_stream();
     let cache = u8_cache(c, l, "the cache")?;
     let (b, h) = (op.batch, tables.heads());
     let d = tables.head_dim();
@@ -253,29 +208,35 @@ pub fn dequantize(op: &TqDequantize, c: &CudaStorage, l: &Layout) -> Result<(Cud
         tokens: 0,
         capacity: op.capacity,
     };
-    let len = b * h * op.n * d;
-    let err = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
-        candle_core::Error::msg(format!("tqkv-dequantize: {e}"))
-    };
     let storage = match op.dtype {
-        DType::F32 => {
-            let mut o = stream.alloc_zeros::<f32>(len).map_err(err)?;
-            tqkv::cuda::dequantize(&stream, tables, cache, shape, op.n, &mut o).map_err(wrap)?;
-            CudaStorage::wrap_cuda_slice(o, c.device.clone())
-        }
-        DType::F16 => {
-            let mut o = stream.alloc_zeros::<half::f16>(len).map_err(err)?;
-            tqkv::cuda::dequantize(&stream, tables, cache, shape, op.n, &mut o).map_err(wrap)?;
-            CudaStorage::wrap_cuda_slice(o, c.device.clone())
-        }
-        DType::BF16 => {
-            let mut o = stream.alloc_zeros::<half::bf16>(len).map_err(err)?;
-            tqkv::cuda::dequantize(&stream, tables, cache, shape, op.n, &mut o).map_err(wrap)?;
-            CudaStorage::wrap_cuda_slice(o, c.device.clone())
-        }
+        DType::F32 => dequantize_as::<f32>(c, tables, cache, shape, op.n)?,
+        DType::F16 => dequantize_as::<half::f16>(c, tables, cache, shape, op.n)?,
+        DType::BF16 => dequantize_as::<half::bf16>(c, tables, cache, shape, op.n)?,
         other => {
             candle_core::bail!("tqkv-dequantize: output must be f32, f16 or bf16, not {other:?}")
         }
     };
     Ok((storage, Shape::from((b, h, op.n, d))))
+}
+
+fn dequantize_as<T>(
+    c: &CudaStorage,
+    tables: &DeviceTables,
+    cache: &CudaSlice<u8>,
+    shape: AppendShape,
+    n: usize,
+) -> Result<CudaStorage>
+where
+    T: tqkv::cuda::KernelFloat
+        + candle_core::cuda_backend::CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+{
+    let stream = c.device.cuda_stream();
+    let len = shape.batch * tables.heads() * n * tables.head_dim();
+    let mut o = stream
+        .alloc_zeros::<T>(len)
+        .map_err(|e| candle_core::Error::msg(format!("tqkv-dequantize: {e}")))?;
+    tqkv::cuda::dequantize(&stream, tables, cache, shape, n, &mut o).map_err(wrap)?;
+    Ok(CudaStorage::wrap_cuda_slice(o, c.device.clone()))
 }

@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use tqkv::rng::Rng;
 use tqkv_candle::{Attention, CacheConfig, CacheKind, FullCache, KvCache, PrefillPath, TurboCache};
 
+mod common;
+use common::{kv_like, seed};
+
 fn cuda() -> Option<Device> {
     if !tqkv::cuda::driver_present() {
         eprintln!("SKIPPED: no CUDA driver library on this machine");
@@ -20,33 +23,6 @@ fn cuda() -> Option<Device> {
             None
         }
     }
-}
-
-fn seed(test: &str) -> u64 {
-    let s = std::env::var("TQKV_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("{test}: seed {s} (replay with TQKV_TEST_SEED={s})");
-    s
-}
-
-fn kv_like(rng: &mut Rng, shape: (usize, usize, usize, usize)) -> Tensor {
-    let (b, h, t, d) = shape;
-    let mut v = Vec::with_capacity(b * h * t * d);
-    for _ in 0..b * h * t {
-        for c in 0..d {
-            let s = if c % 16 == 3 { 4.0 } else { 1.0 };
-            let o = if c % 8 == 5 { 1.5 } else { 0.0 };
-            v.push((s * rng.gaussian() + o) as f32);
-        }
-    }
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 /// ‖a − b‖ / ‖b‖ over all elements, in f64.
@@ -101,9 +77,15 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
                 // Prefill (ragged), then decode steps.
                 for step in 0..4 {
                     let tt = if step == 0 { t } else { 1 };
-                    let k = kv_like(&mut rng, (b, hk, tt, d)).to_dtype(dtype).unwrap();
-                    let v = kv_like(&mut rng, (b, hk, tt, d)).to_dtype(dtype).unwrap();
-                    let q = kv_like(&mut rng, (b, hq, tt, d)).to_dtype(dtype).unwrap();
+                    let k = kv_like(&mut rng, (b, hk, tt, d), 1.0)
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let v = kv_like(&mut rng, (b, hk, tt, d), 1.0)
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let q = kv_like(&mut rng, (b, hq, tt, d), 1.0)
+                        .to_dtype(dtype)
+                        .unwrap();
                     let l = if step == 0 { Some(&lens[..]) } else { None };
                     cpu.append(&k, &v, l).unwrap();
                     cud.append(&k.to_device(&gpu).unwrap(), &v.to_device(&gpu).unwrap(), l)
@@ -141,9 +123,9 @@ fn full_cache_and_attention_layer_on_cuda_match_the_cpu() {
             .unwrap()
             .with_chunk(16);
         for tt in [41usize, 1, 1, 7, 1] {
-            let q = kv_like(&mut rng, (b, hq, tt, d));
-            let k = kv_like(&mut rng, (b, hk, tt, d));
-            let v = kv_like(&mut rng, (b, hk, tt, d));
+            let q = kv_like(&mut rng, (b, hq, tt, d), 1.0);
+            let k = kv_like(&mut rng, (b, hk, tt, d), 1.0);
+            let v = kv_like(&mut rng, (b, hk, tt, d), 1.0);
             let want = cpu.forward(&q, &k, &v).unwrap();
             let got = cud
                 .forward(
@@ -166,10 +148,12 @@ fn nan_input_on_cuda_is_an_error_and_keeps_the_cache() {
     let mut rng = Rng::new(seed("cuda nan"));
     let (hk, d) = (2usize, 64usize);
     let mut c = turbo("tq3.5", hk, d, &gpu, 7);
-    let k = kv_like(&mut rng, (1, hk, 9, d)).to_device(&gpu).unwrap();
+    let k = kv_like(&mut rng, (1, hk, 9, d), 1.0)
+        .to_device(&gpu)
+        .unwrap();
     c.append(&k, &k, None).unwrap();
     // A prefill chunk with NaN: an error at once, and nothing committed.
-    let mut bad = kv_like(&mut rng, (1, hk, 5, d))
+    let mut bad = kv_like(&mut rng, (1, hk, 5, d), 1.0)
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
@@ -179,8 +163,12 @@ fn nan_input_on_cuda_is_an_error_and_keeps_the_cache() {
     let e = c.append(&bad, &bad, None).unwrap_err().to_string();
     assert!(e.contains("NaN"), "{e}");
     assert_eq!(c.seq_lens(), &[9]);
-    let q = kv_like(&mut rng, (1, 4, 1, d)).to_device(&gpu).unwrap();
-    let one = kv_like(&mut rng, (1, hk, 1, d)).to_device(&gpu).unwrap();
+    let q = kv_like(&mut rng, (1, 4, 1, d), 1.0)
+        .to_device(&gpu)
+        .unwrap();
+    let one = kv_like(&mut rng, (1, hk, 1, d), 1.0)
+        .to_device(&gpu)
+        .unwrap();
     c.append(&one, &one, None).unwrap();
     let out = c.attend(&q, 0.125).unwrap();
     let finite = out

@@ -7,8 +7,7 @@
 mod common;
 use candle_core::{Device, D};
 use std::path::PathBuf;
-use tqkv_llama::template::Message;
-use tqkv_llama::{load, Loaded};
+use tqkv_llama::load;
 
 fn setup() -> Option<(Device, PathBuf)> {
     if !tqkv::cuda::driver_present() {
@@ -35,24 +34,6 @@ fn setup() -> Option<(Device, PathBuf)> {
     Some((dev, path))
 }
 
-fn prompt_ids(m: &Loaded, question: &str) -> Vec<u32> {
-    let prompt = m
-        .template
-        .render(
-            &[Message {
-                role: "user".into(),
-                content: question.into(),
-            }],
-            true,
-        )
-        .unwrap();
-    m.tokenizer
-        .encode(prompt.as_str(), false)
-        .unwrap()
-        .get_ids()
-        .to_vec()
-}
-
 #[test]
 fn the_default_model_runs_on_cuda() {
     let Some((dev, path)) = setup() else { return };
@@ -62,7 +43,7 @@ fn the_default_model_runs_on_cuda() {
     let mut o = common::options(&path, "f16", None);
     o.device = dev.clone();
     let mut gpu = load(&o).unwrap();
-    let ids = prompt_ids(&cpu, q);
+    let ids = common::prompt_ids(&cpu, q);
     let a = cpu.model.forward(&ids, false).unwrap();
     let b = gpu
         .model
@@ -84,24 +65,9 @@ fn the_default_model_runs_on_cuda() {
         let mut o = common::options(&path, kv, None);
         o.device = dev.clone();
         let mut m = load(&o).unwrap();
-        let ids = prompt_ids(&m, q);
+        let ids = common::prompt_ids(&m, q);
         let t0 = std::time::Instant::now();
-        let mut logits = m.model.forward(&ids, false).unwrap();
-        let mut out = Vec::new();
-        for _ in 0..16 {
-            let next = logits
-                .flatten_all()
-                .unwrap()
-                .argmax(0)
-                .unwrap()
-                .to_scalar::<u32>()
-                .unwrap();
-            if m.eos_ids.contains(&next) {
-                break;
-            }
-            out.push(next);
-            logits = m.model.forward(&[next], false).unwrap();
-        }
+        let out = common::greedy(&mut m, &ids, 16);
         let text = m.tokenizer.decode(&out, true).unwrap();
         eprintln!(
             "cuda {kv}: {q} → {text:?} ({} tokens in {:.2?})",

@@ -4,7 +4,6 @@ mod common;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use std::path::PathBuf;
-use tqkv_llama::template::Message;
 use tqkv_llama::{load, Error, LoadOptions};
 
 fn gguf() -> PathBuf {
@@ -44,38 +43,8 @@ fn tokenizer_round_trips_and_knows_its_special_tokens() {
 
 fn greedy_answer(kv: &str, question: &str) -> String {
     let mut m = load(&opts(kv)).unwrap();
-    let prompt = m
-        .template
-        .render(
-            &[Message {
-                role: "user".into(),
-                content: question.into(),
-            }],
-            true,
-        )
-        .unwrap();
-    let ids = m
-        .tokenizer
-        .encode(prompt.as_str(), false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    let mut logits = m.model.forward(&ids, false).unwrap();
-    let mut out = Vec::new();
-    for _ in 0..24 {
-        let next = logits
-            .flatten_all()
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar::<u32>()
-            .unwrap();
-        if m.eos_ids.contains(&next) {
-            break;
-        }
-        out.push(next);
-        logits = m.model.forward(&[next], false).unwrap();
-    }
+    let ids = common::prompt_ids(&m, question);
+    let out = common::greedy(&mut m, &ids, 24);
     m.tokenizer.decode(&out, true).unwrap()
 }
 
