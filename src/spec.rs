@@ -325,6 +325,10 @@ pub struct KvSpec {
     pub key: QuantSpec,
     /// How values are stored.
     pub value: QuantSpec,
+    /// Subtract a per-(head, channel) key mean, measured once on the first chunk, before
+    /// quantizing keys. Every score of a query moves by the same q·μ, which softmax ignores, so
+    /// attention is unchanged while the quantizer sees smaller, centred vectors.
+    pub center_keys: bool,
 }
 
 impl KvSpec {
@@ -333,6 +337,7 @@ impl KvSpec {
         KvSpec {
             key: QuantSpec::mse(bits),
             value: QuantSpec::mse(bits),
+            center_keys: false,
         }
     }
 }

@@ -30,7 +30,8 @@ impl std::str::FromStr for CacheKind {
     /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `kivi2`, `kivi4`, `tq<bits>` (bits as in
     /// [`BitsSpec`]: `tq2.5`, `tq3`, `tq3.5`, `tq4`, …; MSE keys and values, dense rotation),
     /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
-    /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation).
+    /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation),
+    /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]).
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "f32" => CacheKind::Full(DType::F32),
@@ -44,7 +45,7 @@ impl std::str::FromStr for CacheKind {
                 let Some(rest) = s.strip_prefix("tq") else {
                     candle_core::bail!(
                         "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, \
-                         kivi2, kivi4, tq<bits>[-qjl][-had] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
+                         kivi2, kivi4, tq<bits>[-qjl][-had][-c] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
                     );
                 };
                 let mut parts = rest.split('-');
@@ -58,6 +59,7 @@ impl std::str::FromStr for CacheKind {
                 let vb: BitsSpec = vb.parse().map_err(candle_core::Error::wrap)?;
                 let mut key = QuantSpec::mse(kb);
                 let mut value = QuantSpec::mse(vb);
+                let mut center_keys = false;
                 for p in parts {
                     match p {
                         "qjl" => {
@@ -82,12 +84,17 @@ impl std::str::FromStr for CacheKind {
                             key = key.with_rotation(RotationKind::Hadamard);
                             value = value.with_rotation(RotationKind::Hadamard);
                         }
+                        "c" => center_keys = true,
                         _ => candle_core::bail!(
-                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had"
+                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c"
                         ),
                     }
                 }
-                CacheKind::Turbo(KvSpec { key, value })
+                CacheKind::Turbo(KvSpec {
+                    key,
+                    value,
+                    center_keys,
+                })
             }
         })
     }

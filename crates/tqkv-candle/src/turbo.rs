@@ -31,6 +31,31 @@ pub enum PrefillPath {
 use std::sync::Arc;
 use tqkv::{KvSpec, QuantSpec, VectorQuantizer};
 
+/// `[b, 1, t, 1]` f32: 1 for the real tokens `t < new[b]`, 0 for padding.
+fn token_mask(b: usize, t: usize, new: &[usize], device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..b)
+        .flat_map(|i| (0..t).map(move |j| if j < new[i] { 1.0 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (b, 1, t, 1), device)
+}
+
+/// The per-(head, channel) mean of the real tokens of `x` `[b, h, t, d]`: `[1, h, 1, d]` f32.
+/// Errors when it is not finite (NaN/Inf among the keys).
+fn key_mean(x: &Tensor, new: &[usize]) -> Result<Tensor> {
+    let (b, h, t, d) = crate::cache::dims4("keys", x)?;
+    let n = new.iter().sum::<usize>().max(1) as f64;
+    let mask = token_mask(b, t, new, x.device())?;
+    let mean = (x
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&mask)?
+        .sum(2)?
+        .sum(0)?
+        / n)?;
+    let host = mean.flatten_all()?.to_vec1::<f32>()?;
+    crate::cache::check_finite("keys", &host)?;
+    mean.reshape((1, h, 1, d))
+}
+
 /// Keys and values in TurboQuant's packed format.
 pub struct TurboCache {
     state: SeqState,
@@ -44,6 +69,9 @@ pub struct TurboCache {
     capacity: usize,
     gpu: Option<Arc<GpuTables>>,
     prefill: PrefillPath,
+    /// `[1, kv_heads, 1, head_dim]` f32: the key mean subtracted before quantizing
+    /// ([`KvSpec::center_keys`]), measured with the calibration.
+    kmean: Option<Tensor>,
 }
 
 impl TurboCache {
@@ -74,6 +102,7 @@ impl TurboCache {
             capacity: 0,
             gpu: None,
             prefill: PrefillPath::default(),
+            kmean: None,
         })
     }
 
@@ -115,10 +144,7 @@ impl TurboCache {
             return Ok(out);
         }
         // Mean square per (head, channel) over real tokens: one reduction on the device.
-        let mask: Vec<f32> = (0..b)
-            .flat_map(|i| (0..t).map(move |j| if j < new[i] { 1.0 } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, t, 1), x.device())?;
+        let mask = token_mask(b, t, new, x.device())?;
         let energy = x
             .to_dtype(DType::F32)?
             .sqr()?
@@ -168,6 +194,17 @@ impl KvCache for TurboCache {
             );
         }
         let fresh = self.kq.is_none();
+        if fresh && self.spec.center_keys {
+            self.kmean = Some(key_mean(k, &new)?);
+        }
+        let centred;
+        let k = match &self.kmean {
+            Some(m) => {
+                centred = k.to_dtype(DType::F32)?.broadcast_sub(m)?;
+                &centred
+            }
+            None => k,
+        };
         if fresh {
             let ks = tqkv::rng::derive_seed(self.seed, 1);
             let vs = tqkv::rng::derive_seed(self.seed, 2);
@@ -293,6 +330,9 @@ impl KvCache for TurboCache {
         }
         if let tqkv::Mode::Prod { .. } = k.mode {
             s.push_str("-qjl");
+        }
+        if self.spec.center_keys {
+            s.push_str("-c");
         }
         s
     }

@@ -129,7 +129,7 @@ pub fn cache_config(a: &ModelArgs) -> Result<CacheConfig> {
     Ok(cfg)
 }
 
-fn load(a: &ModelArgs) -> Result<Loaded> {
+pub fn load(a: &ModelArgs) -> Result<Loaded> {
     let dtype = match a.dtype.as_deref() {
         None => None,
         Some("f32") => Some(DType::F32),

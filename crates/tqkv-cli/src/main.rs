@@ -9,6 +9,7 @@
 mod bench;
 mod chat;
 mod distortion;
+mod eval;
 
 use clap::{Parser, Subcommand};
 
@@ -49,6 +50,15 @@ enum Command {
     /// Benchmarks (on a GPU: `tqkv bench attention --device cuda`).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Quality of KV caches on a model (`tqkv eval kld --kv q8,tq3.5,tq2.5`).
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// KL divergence, perplexity and top-1 agreement of each cache against an f16 cache.
+    Kld(eval::Args),
 }
 
 #[derive(Subcommand)]
@@ -68,5 +78,6 @@ fn main() -> anyhow::Result<()> {
         } => chat::run_chat(model, prompt, system),
         Command::Generate { model, prompt } => chat::run_generate(model, prompt),
         Command::Bench(BenchCommand::Attention(args)) => bench::run(args),
+        Command::Eval(EvalCommand::Kld(args)) => eval::run(args),
     }
 }

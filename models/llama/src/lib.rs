@@ -3,10 +3,12 @@
 //! [`Llama`] runs Llama 2/3.x, Mistral, SmolLM2 and Qwen2 (q/k/v biases) from Hugging Face
 //! safetensors or GGUF, with every layer's KV cache chosen by a [`tqkv_candle::CacheConfig`].
 //! [`loader`] finds and loads a model (hub repo id, local directory or `.gguf`) with its
-//! tokenizer and chat template; [`sampling`] and [`template`] do the rest of a chat turn.
+//! tokenizer and chat template; [`sampling`] and [`template`] do the rest of a chat turn;
+//! [`eval`] measures a cache's quality on the model (KL divergence, perplexity, top-1).
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod eval;
 pub mod gguf;
 pub mod loader;
 pub mod model;

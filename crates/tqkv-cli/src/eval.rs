@@ -1,0 +1,169 @@
+//! `tqkv eval kld`: the quality of KV caches on a model and a text — mean / max KL divergence
+//! of the next-token distributions against a reference cache (f16), perplexity, top-1
+//! agreement and KV bytes, per cache kind, as a table (and JSON). The measures are
+//! tqkv_llama::eval's (llama.cpp's `perplexity --kl-divergence`).
+
+use crate::chat::{self, ModelArgs};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::time::Instant;
+use tqkv_llama::eval::{score_window, scored_logits, windows, LogitStats};
+
+/// The text of the default measurement (present on Debian and Ubuntu machines).
+const DEFAULT_TEXT: &str = "/usr/share/common-licenses/GPL-3";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model, device, dtype and cache options; `--kv` takes a comma-separated list of kinds.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The reference cache kind.
+    #[arg(long, default_value = "f16")]
+    reference: String,
+    /// The text file to score (UTF-8).
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    /// Tokens per window (each run from an empty cache; its second half is scored).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Windows scored at most (consecutive, from the start of the text).
+    #[arg(long, default_value_t = 4)]
+    windows: usize,
+    /// Tokens per forward call (chunked prefill).
+    #[arg(long, default_value_t = 128)]
+    chunk: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    kind: String,
+    tokens: usize,
+    mean_kld: f64,
+    max_kld: f64,
+    ppl: f64,
+    ppl_ref: f64,
+    top1: f64,
+    kv_bytes: usize,
+    f16_bytes: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let text = std::fs::read_to_string(&args.text).with_context(|| {
+        format!(
+            "reading the text to score {:?} (give one with --text FILE)",
+            args.text
+        )
+    })?;
+    let kinds: Vec<String> = args
+        .model
+        .kv
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if kinds.is_empty() {
+        bail!("--kv: no cache kind given");
+    }
+    let with_kind = |kind: &str| ModelArgs {
+        kv: kind.to_string(),
+        ..args.model.clone()
+    };
+    // Every kind is checked before the model runs.
+    for kind in kinds.iter().chain([&args.reference]) {
+        chat::cache_config(&with_kind(kind)).with_context(|| format!("--kv {kind}"))?;
+    }
+    // Reference logits of every window first (kept on the host), then each kind in turn.
+    let mut m = chat::load(&with_kind(&args.reference))?;
+    let ids = m
+        .tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", args.text))?
+        .get_ids()
+        .to_vec();
+    let wins = windows(&ids, args.ctx, args.windows)?;
+    eprintln!(
+        "{}: {} tokens; {} windows of {} (scored: the last {} positions of each), chunks of {}",
+        args.text,
+        ids.len(),
+        wins.len(),
+        args.ctx,
+        args.ctx - args.ctx / 2 - 1,
+        args.chunk
+    );
+    let bar = ProgressBar::new((wins.len() * (kinds.len() + 1)) as u64).with_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} windows, {elapsed}")?
+            .progress_chars("=> "),
+    );
+    bar.set_message(args.reference.clone());
+    let t0 = Instant::now();
+    let mut refs = Vec::with_capacity(wins.len());
+    for w in &wins {
+        refs.push(scored_logits(&mut m.model, w, args.chunk)?);
+        bar.inc(1);
+    }
+    drop(m);
+    let mut rows = Vec::new();
+    for kind in &kinds {
+        bar.set_message(kind.clone());
+        let mut m = chat::load(&with_kind(kind)).with_context(|| format!("--kv {kind}"))?;
+        let mut st = LogitStats::default();
+        for (w, r) in wins.iter().zip(&refs) {
+            let got = scored_logits(&mut m.model, w, args.chunk)?;
+            score_window(&mut st, r, &got, w)?;
+            bar.inc(1);
+        }
+        rows.push(Row {
+            kind: kind.clone(),
+            tokens: st.tokens,
+            mean_kld: st.mean_kld(),
+            max_kld: st.kld_max,
+            ppl: st.ppl(),
+            ppl_ref: st.ppl_ref(),
+            top1: st.top1(),
+            kv_bytes: m.model.kv_memory().logical,
+            f16_bytes: m.model.kv_f16_bytes(),
+        });
+    }
+    bar.finish_and_clear();
+    eprintln!("done in {:.1?}", t0.elapsed());
+    println!(
+        "reference {}; {} scored tokens of {}\n",
+        args.reference,
+        rows.first().map_or(0, |r| r.tokens),
+        args.text
+    );
+    println!(
+        "| kv | mean KLD | max KLD | PPL | PPL ({}) | Δ PPL | top-1 same | KV bytes vs f16 |",
+        args.reference
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.5} | {:.3} | {:.3} | {:.3} | {:+.2}% | {:.1}% | {:.2}× smaller |",
+            r.kind,
+            r.mean_kld,
+            r.max_kld,
+            r.ppl,
+            r.ppl_ref,
+            100.0 * (r.ppl / r.ppl_ref - 1.0),
+            100.0 * r.top1,
+            r.f16_bytes as f64 / r.kv_bytes.max(1) as f64
+        );
+    }
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "text": args.text,
+            "reference": args.reference,
+            "ctx": args.ctx,
+            "chunk": args.chunk,
+            "windows": wins.len(),
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! Quality of a KV cache measured on the model: the next-token distributions of a model run
+//! with the cache under test against the same model run with a reference cache (f16) on the
+//! same text — mean and maximum KL divergence KL(P_ref ‖ P_test), perplexity of both, and how
+//! often their top-1 tokens agree. These are llama.cpp's `perplexity --kl-divergence` measures
+//! (the numbers of ../shared/docs/ANCHORS.md), computed in f64.
+//!
+//! Like llama.cpp, a text is cut into windows of `ctx` tokens, each run from an empty cache,
+//! and only the second half of each window is scored, so that every scored token has at least
+//! `ctx / 2` tokens of context in the cache. Windows run through the model in chunks of
+//! `chunk` tokens (chunked prefill: later chunks attend to the quantized past).
+
+use crate::{Error, Llama, Result};
+use candle_core::Tensor;
+
+/// Log-softmax of `logits` in f64. Errors on an empty or non-finite row.
+pub fn log_softmax(logits: &[f32]) -> Result<Vec<f64>> {
+    if logits.is_empty() {
+        return Err(Error::Input("empty logits".into()));
+    }
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(Error::Input(format!(
+            "logit {i} is not finite ({})",
+            logits[i]
+        )));
+    }
+    let m = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let lse = m + logits
+        .iter()
+        .map(|&x| (x as f64 - m).exp())
+        .sum::<f64>()
+        .ln();
+    Ok(logits.iter().map(|&x| x as f64 - lse).collect())
+}
+
+/// Accumulated measures over scored positions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogitStats {
+    /// Scored positions.
+    pub tokens: usize,
+    /// Σ KL(P_ref ‖ P_test) in nats.
+    pub kld_sum: f64,
+    /// Largest KL of one position.
+    pub kld_max: f64,
+    /// Σ −log P_ref(next token).
+    pub nll_ref: f64,
+    /// Σ −log P_test(next token).
+    pub nll: f64,
+    /// Positions where both distributions have the same most likely token.
+    pub top1_same: usize,
+}
+
+impl LogitStats {
+    /// Scores one position: the reference's and the tested model's logits, and the token that
+    /// actually follows.
+    pub fn add(&mut self, reference: &[f32], test: &[f32], next: u32) -> Result<()> {
+        if reference.len() != test.len() {
+            return Err(Error::Input(format!(
+                "logit rows of {} and {} entries",
+                reference.len(),
+                test.len()
+            )));
+        }
+        let n = next as usize;
+        if n >= reference.len() {
+            return Err(Error::Input(format!(
+                "token {next} is outside the vocabulary of {}",
+                reference.len()
+            )));
+        }
+        let (lp, lq) = (log_softmax(reference)?, log_softmax(test)?);
+        let kld: f64 = lp
+            .iter()
+            .zip(&lq)
+            .map(|(&a, &b)| a.exp() * (a - b))
+            .sum::<f64>()
+            .max(0.0);
+        self.tokens += 1;
+        self.kld_sum += kld;
+        self.kld_max = self.kld_max.max(kld);
+        self.nll_ref -= lp[n];
+        self.nll -= lq[n];
+        self.top1_same += usize::from(argmax(&lp) == argmax(&lq));
+        Ok(())
+    }
+
+    /// Mean KL divergence per scored token (nats).
+    pub fn mean_kld(&self) -> f64 {
+        self.kld_sum / self.tokens.max(1) as f64
+    }
+
+    /// Perplexity of the tested model.
+    pub fn ppl(&self) -> f64 {
+        (self.nll / self.tokens.max(1) as f64).exp()
+    }
+
+    /// Perplexity of the reference.
+    pub fn ppl_ref(&self) -> f64 {
+        (self.nll_ref / self.tokens.max(1) as f64).exp()
+    }
+
+    /// Fraction of scored positions whose top-1 tokens agree.
+    pub fn top1(&self) -> f64 {
+        self.top1_same as f64 / self.tokens.max(1) as f64
+    }
+}
+
+fn argmax(x: &[f64]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// The windows of `tokens`: consecutive, non-overlapping runs of `ctx` tokens, at most `max`.
+/// Errors when `ctx < 3` (nothing would be scored), or the text is shorter than one window.
+pub fn windows(tokens: &[u32], ctx: usize, max: usize) -> Result<Vec<&[u32]>> {
+    if ctx < 3 {
+        return Err(Error::Input(format!(
+            "a window needs at least 3 tokens (its second half is scored), not {ctx}"
+        )));
+    }
+    if tokens.len() < ctx {
+        return Err(Error::Input(format!(
+            "the text has {} tokens, fewer than one window of {ctx}",
+            tokens.len()
+        )));
+    }
+    Ok(tokens.chunks_exact(ctx).take(max.max(1)).collect())
+}
+
+/// Runs one window from an empty cache in chunks of `chunk` tokens and returns the logits of
+/// its scored positions (the second half, each predicting the next token of the window):
+/// `[ctx − ctx/2 − 1, vocab]` f32 on the host. The model's caches are reset first, and hold
+/// the window afterwards (for [`Llama::kv_memory`]).
+pub fn scored_logits(model: &mut Llama, window: &[u32], chunk: usize) -> Result<Tensor> {
+    let chunk = chunk.max(1);
+    let first = window.len() / 2;
+    model.reset();
+    let mut rows = Vec::new();
+    let mut at = 0;
+    for piece in window[..window.len() - 1].chunks(chunk) {
+        let logits = model.forward(piece, true)?;
+        let lo = first.max(at) - at;
+        if lo < piece.len() {
+            rows.push(logits.narrow(0, lo, piece.len() - lo)?);
+        }
+        at += piece.len();
+    }
+    Ok(Tensor::cat(&rows, 0)?.to_device(&candle_core::Device::Cpu)?)
+}
+
+/// Adds the scored positions of one window to `stats`: `reference` and `test` from
+/// [`scored_logits`] on the same `window`.
+pub fn score_window(
+    stats: &mut LogitStats,
+    reference: &Tensor,
+    test: &Tensor,
+    window: &[u32],
+) -> Result<()> {
+    let (r, t) = (reference.to_vec2::<f32>()?, test.to_vec2::<f32>()?);
+    let first = window.len() / 2;
+    if r.len() != t.len() || first + r.len() + 1 != window.len() {
+        return Err(Error::Input(format!(
+            "{} reference and {} tested rows for a window of {}",
+            r.len(),
+            t.len(),
+            window.len()
+        )));
+    }
+    for (i, (a, b)) in r.iter().zip(&t).enumerate() {
+        stats.add(a, b, window[first + i + 1])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tqkv::rng::Rng;
+
+    fn seed() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    /// KL, NLL and top-1 against a naive f64 computation (softmax by direct exponentials).
+    #[test]
+    fn stats_match_a_naive_computation() {
+        let s = seed();
+        eprintln!("seed {s}");
+        let mut rng = Rng::new(s);
+        for vocab in [1usize, 2, 7, 99, 1000] {
+            let mut st = LogitStats::default();
+            let (mut kl, mut nq, mut np, mut same) = (0f64, 0f64, 0f64, 0usize);
+            for _ in 0..5 {
+                let p: Vec<f32> = (0..vocab).map(|_| 3.0 * rng.gaussian() as f32).collect();
+                let q: Vec<f32> = p.iter().map(|&x| x + 0.3 * rng.gaussian() as f32).collect();
+                let next = (rng.next_u64() % vocab as u64) as u32;
+                st.add(&p, &q, next).unwrap();
+                let z = |v: &[f32]| v.iter().map(|&x| (x as f64).exp()).sum::<f64>();
+                let (zp, zq) = (z(&p), z(&q));
+                for i in 0..vocab {
+                    let (pi, qi) = ((p[i] as f64).exp() / zp, (q[i] as f64).exp() / zq);
+                    kl += pi * (pi / qi).ln();
+                }
+                np -= ((p[next as usize] as f64).exp() / zp).ln();
+                nq -= ((q[next as usize] as f64).exp() / zq).ln();
+                let am = |v: &[f32]| {
+                    (0..vocab)
+                        .max_by(|&a, &b| v[a].partial_cmp(&v[b]).unwrap())
+                        .unwrap()
+                };
+                same += usize::from(am(&p) == am(&q));
+            }
+            assert!(
+                (st.kld_sum - kl.max(0.0)).abs() <= 1e-9 * (1.0 + kl.abs()),
+                "{vocab}"
+            );
+            assert!((st.nll - nq).abs() <= 1e-9 * (1.0 + nq.abs()));
+            assert!((st.nll_ref - np).abs() <= 1e-9 * (1.0 + np.abs()));
+            assert_eq!(st.top1_same, same);
+            assert_eq!(st.tokens, 5);
+        }
+    }
+
+    #[test]
+    fn identical_rows_have_zero_kl_and_uniform_rows_the_vocab_as_perplexity() {
+        let mut st = LogitStats::default();
+        let row = vec![0.25f32; 64];
+        for t in 0..10 {
+            st.add(&row, &row, t).unwrap();
+        }
+        assert_eq!(st.mean_kld(), 0.0);
+        assert!((st.ppl() - 64.0).abs() < 1e-9 && (st.ppl_ref() - 64.0).abs() < 1e-9);
+        assert_eq!(st.top1(), 1.0);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let mut st = LogitStats::default();
+        assert!(st.add(&[1.0, 2.0], &[1.0], 0).is_err());
+        assert!(st.add(&[1.0, 2.0], &[1.0, 2.0], 2).is_err());
+        assert!(st.add(&[1.0, f32::NAN], &[1.0, 2.0], 0).is_err());
+        assert!(st.add(&[], &[], 0).is_err());
+        assert_eq!(st, LogitStats::default(), "nothing was counted");
+        assert!(windows(&[1, 2, 3], 4, 1).is_err());
+        assert!(windows(&[1, 2, 3], 1, 1).is_err());
+        assert!(windows(&[1, 2, 3], 2, 1).is_err());
+        assert_eq!(windows(&[1, 2, 3, 4, 5, 6, 7], 3, 9).unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,82 @@
+//! tqkv_llama::eval on the real default model, over a text that is always present (this
+//! repository's README and docs): the reference against itself is exactly zero, chunked and
+//! one-shot prefill agree, and the measures order the caches by their precision.
+mod common;
+use tqkv_llama::eval::{score_window, scored_logits, windows, LogitStats};
+use tqkv_llama::load;
+
+fn text_ids(m: &tqkv_llama::Loaded) -> Vec<u32> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut text = String::new();
+    for f in ["README.md", "docs/FORMAT.md", "docs/CACHES.md"] {
+        text += &std::fs::read_to_string(root.join(f)).unwrap();
+    }
+    m.tokenizer
+        .encode(text.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
+#[test]
+fn kl_divergence_orders_the_caches_and_the_reference_scores_zero() {
+    let gguf =
+        tqkv_llama::loader::default_gguf().expect("the default model (scripts/fetch-model.sh)");
+    let (ctx, chunk) = (200, 37);
+    let mut m = load(&common::options(&gguf, "f16", None)).unwrap();
+    let ids = text_ids(&m);
+    let wins = windows(&ids, ctx, 1).unwrap();
+    let w = wins[0];
+    let reference = scored_logits(&mut m.model, w, chunk).unwrap();
+    assert_eq!(reference.dims()[0], ctx - ctx / 2 - 1);
+
+    // The reference against itself, run again: exactly zero, perplexity equal.
+    let again = scored_logits(&mut m.model, w, chunk).unwrap();
+    let mut st = LogitStats::default();
+    score_window(&mut st, &reference, &again, w).unwrap();
+    assert_eq!(st.kld_sum, 0.0);
+    assert_eq!(st.top1(), 1.0);
+    assert_eq!(st.ppl(), st.ppl_ref());
+    // A sensible perplexity for English prose on a 135M model.
+    assert!(
+        st.ppl_ref() > 1.5 && st.ppl_ref() < 200.0,
+        "{}",
+        st.ppl_ref()
+    );
+
+    // One-shot prefill of the window against chunks of 37: the same model up to rounding.
+    let one = scored_logits(&mut m.model, w, ctx).unwrap();
+    let mut st = LogitStats::default();
+    score_window(&mut st, &reference, &one, w).unwrap();
+    eprintln!(
+        "f16, one chunk vs chunks of {chunk}: mean KLD {:.2e}",
+        st.mean_kld()
+    );
+    assert!(st.mean_kld() < 1e-4, "{}", st.mean_kld());
+
+    let kld = |kind: &str| {
+        let mut t = load(&common::options(&gguf, kind, None)).unwrap();
+        let got = scored_logits(&mut t.model, w, chunk).unwrap();
+        let mut st = LogitStats::default();
+        score_window(&mut st, &reference, &got, w).unwrap();
+        eprintln!(
+            "{kind}: mean KLD {:.5}, PPL {:.3} vs {:.3}, top-1 {:.1}%",
+            st.mean_kld(),
+            st.ppl(),
+            st.ppl_ref(),
+            100.0 * st.top1()
+        );
+        st.mean_kld()
+    };
+    let (f32k, q8, tq35, tq25) = (kld("f32"), kld("q8"), kld("tq3.5"), kld("tq2.5"));
+    assert!(f32k < 1e-3, "f32 cache: {f32k}");
+    assert!(
+        f32k < q8 && q8 < tq35 && tq35 < tq25,
+        "{f32k} {q8} {tq35} {tq25}"
+    );
+}
+
+#[test]
+fn a_text_shorter_than_a_window_is_an_error() {
+    assert!(windows(&[1, 2, 3], 512, 4).is_err());
+}
