@@ -52,21 +52,8 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
       float n2 = 0.f;
       for (int i = threadIdx.x; i < g.dim; i += blockDim.x) n2 += rot[i] * rot[i];
       n2 = tq_block_sum(n2);
-      if (threadIdx.x == 0) {
-        float n = sqrtf(n2), ns;
-        if (spec.norm_f16) {
-          __half hn = __float2half_rn(n);
-          ns = __half2float(hn);
-          if (!isfinite(ns)) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
-          memcpy(rec + g.norm_off, &hn, 2);
-        } else {
-          ns = n;
-          memcpy(rec + g.norm_off, &n, 4);
-        }
-        stored_norm = ns;
-        // Codes are of y = rot / n with the unrounded n, as on the CPU.
-        exact_norm = n;
-      }
+      // Codes are of y = rot / n with the unrounded n, as on the CPU.
+      if (threadIdx.x == 0) exact_norm = sqrtf(n2);
       __syncthreads();
       const float n = exact_norm;
       const float inv = n > 0.f ? 1.f / n : 0.f;
@@ -76,6 +63,27 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
         int idx = 0;
         for (int k = 0; k < nb; ++k) idx += (y > g.boundaries[k]) ? 1 : 0;
         codes[i] = idx;
+      }
+      // The stored norm: n, or the projected norm n² / ⟨rot, c⟩ (positive unless x = 0).
+      // (spec.projected_norm is uniform over the block: every thread reaches the block sum.)
+      float proj = 0.f;
+      if (spec.projected_norm) {
+        for (int i = threadIdx.x; i < g.dim; i += blockDim.x) proj = fmaf(rot[i], g.centroids[codes[i]], proj);
+        proj = tq_block_sum(proj);
+      }
+      if (threadIdx.x == 0) {
+        const float nstore = (spec.projected_norm && proj > 0.f) ? n * n / proj : n;
+        float ns;
+        if (spec.norm_f16) {
+          __half hn = __float2half_rn(nstore);
+          ns = __half2float(hn);
+          if (!isfinite(ns)) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
+          memcpy(rec + g.norm_off, &hn, 2);
+        } else {
+          ns = nstore;
+          memcpy(rec + g.norm_off, &nstore, 4);
+        }
+        stored_norm = ns;
       }
       __syncthreads();
       const int nbytes = (g.dim * g.mse_bits + 7) / 8;

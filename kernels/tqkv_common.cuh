@@ -35,6 +35,7 @@ struct TqSpec {
   int num_groups;   // 1 or 2
   int record_bytes;
   int norm_f16;     // 1: norms are IEEE half, 0: float
+  int projected_norm;  // 1: store n = ‖x‖² / ⟨rot, ‖x‖·c⟩ (NormRule::Projected), 0: n = ‖x‖
   TqGroup groups[2];
 };
 

@@ -67,6 +67,8 @@ pub struct TqSpec {
     pub record_bytes: c_int,
     /// 1: f16 norms, 0: f32.
     pub norm_f16: c_int,
+    /// 1: the MSE norm is [`crate::NormRule::Projected`], 0: exact.
+    pub projected_norm: c_int,
     /// The groups (the second unused for uniform bits).
     pub groups: [TqGroup; 2],
 }
@@ -308,6 +310,7 @@ impl DeviceTables {
             num_groups: t.groups.len() as c_int,
             record_bytes: int("record bytes", t.record_bytes)?,
             norm_f16: t.norm_f16 as c_int,
+            projected_norm: t.projected_norm as c_int,
             groups,
         };
         let channels = stream.clone_htod(&t.channels).map_err(driver)?;

@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::quantizer::VectorQuantizer;
 use crate::rotation::RotationKind;
-use crate::spec::NormFormat;
+use crate::spec::{NormFormat, NormRule};
 
 /// One group's tables and layout numbers.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +45,8 @@ pub struct LayerTables {
     pub record_bytes: usize,
     /// Norms stored as f16 (else f32).
     pub norm_f16: bool,
+    /// The MSE norm is [`NormRule::Projected`] (else exact).
+    pub projected_norm: bool,
     /// The groups (1 or 2).
     pub groups: Vec<GroupTables>,
     /// `[heads, head_dim]`: for each head, group 0's channels then group 1's.
@@ -128,6 +130,7 @@ impl LayerTables {
             head_dim: first.dim(),
             record_bytes: first.record_bytes(),
             norm_f16: first.spec().norm == NormFormat::F16,
+            projected_norm: first.spec().norm_rule == NormRule::Projected,
             groups,
             channels,
         })
@@ -160,12 +163,18 @@ impl LayerTables {
                     }
                 };
                 let n = rot.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt() as f32;
-                let ns = self.put_norm(rec, g.offsets[0], n);
                 let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
                 let codes: Vec<u8> = rot
                     .iter()
                     .map(|&v| g.boundaries.iter().filter(|&&b| v * inv > b).count() as u8)
                     .collect();
+                // Codes come from the exact norm; the stored one may be the projected norm.
+                let stored = if self.projected_norm {
+                    crate::quantizer::projected_norm(n, &rot, &codes, &g.centroids)
+                } else {
+                    n
+                };
+                let ns = self.put_norm(rec, g.offsets[0], stored);
                 let len = crate::packing::packed_len(g.dim, g.mse_bits);
                 crate::packing::pack_codes_unchecked(
                     &codes,

@@ -48,4 +48,4 @@ pub use mse::MseQuantizer;
 pub use qjl::QjlSketch;
 pub use quantizer::{select_outliers, PreparedQuery, RecordLayout, VectorQuantizer};
 pub use rotation::{Rotation, RotationKind};
-pub use spec::{BitsSpec, KvSpec, Mode, NormFormat, OutlierRule, QuantSpec};
+pub use spec::{BitsSpec, KvSpec, Mode, NormFormat, NormRule, OutlierRule, QuantSpec};

@@ -16,7 +16,7 @@ use crate::mse::MseQuantizer;
 use crate::packing::{pack_codes_unchecked, packed_len, unpack_codes_unchecked};
 use crate::qjl::QjlSketch;
 use crate::rng::derive_seed;
-use crate::spec::{BitsSpec, Mode, NormFormat, OutlierRule, QuantSpec};
+use crate::spec::{BitsSpec, Mode, NormFormat, NormRule, OutlierRule, QuantSpec};
 use half::f16;
 
 /// Byte offsets of one group's fields inside a record.
@@ -301,7 +301,10 @@ impl VectorQuantizer {
                 let mut rot = vec![0.0f32; gl.dim];
                 mse.rotation().apply_unchecked(&xg, &mut rot);
                 let mut codes = vec![0u8; gl.dim];
-                let n = mse.encode_rotated(&rot, &mut codes);
+                let mut n = mse.encode_rotated(&rot, &mut codes);
+                if self.spec.norm_rule == NormRule::Projected {
+                    n = projected_norm(n, &rot, &codes, mse.codebook().centroids());
+                }
                 let n = self.write_norm(record, gl.norm_offset, n)?;
                 pack_codes_unchecked(
                     &codes,
@@ -502,5 +505,21 @@ pub fn select_outliers(
             hi.sort_unstable();
             Ok(hi)
         }
+    }
+}
+
+/// [`NormRule::Projected`]: ‖x‖² / ⟨rot, ‖x‖·c[codes]⟩ (f64 sums), or `n` itself when the
+/// projection is not positive (only for the zero vector: codes keep the signs of their
+/// coordinates, so ⟨u, c⟩ > 0 otherwise).
+pub(crate) fn projected_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
+    let dot: f64 = rot
+        .iter()
+        .zip(codes)
+        .map(|(&r, &k)| r as f64 * centroids[k as usize] as f64)
+        .sum();
+    if dot > 0.0 {
+        ((n as f64) * (n as f64) / dot) as f32
+    } else {
+        n
     }
 }

@@ -226,6 +226,32 @@ impl std::str::FromStr for NormFormat {
     }
 }
 
+/// Which norm the MSE stage stores with the codes (the codes themselves are the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormRule {
+    /// n = ‖x‖ (TurboQuant §3.1). The reconstruction n·c is the Lloyd–Max conditional mean,
+    /// whose inner products shrink by about 1 − D_mse.
+    Exact,
+    /// n = ‖x‖² / ⟨x, ‖x‖·c⟩ = ‖x‖ / ⟨u, c⟩ (u = the rotated unit vector, c its centroids): the
+    /// reconstruction's projection on x is exactly x, so ⟨q, x̂⟩ = ⟨q, x⟩ + ⟨q, e⟩ with an error
+    /// e orthogonal to x, and scores are not shrunk (a softmax temperature error the exact
+    /// norm makes). The MSE grows from D to at most about D / (1 − D).
+    Projected,
+}
+
+impl std::str::FromStr for NormRule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(NormRule::Exact),
+            "projected" => Ok(NormRule::Projected),
+            _ => Err(Error::Config(format!(
+                "unknown norm rule {s:?}: supported are exact, projected"
+            ))),
+        }
+    }
+}
+
 /// How the high-precision channels of a split are chosen (per layer and KV head, once, from the
 /// first prefill's vectors, then fixed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,6 +289,8 @@ pub struct QuantSpec {
     pub norm: NormFormat,
     /// Outlier-channel rule for splits.
     pub outliers: OutlierRule,
+    /// Which norm the MSE stage stores.
+    pub norm_rule: NormRule,
 }
 
 impl QuantSpec {
@@ -274,6 +302,7 @@ impl QuantSpec {
             rotation: RotationKind::Dense,
             norm: NormFormat::F16,
             outliers: OutlierRule::Magnitude,
+            norm_rule: NormRule::Exact,
         }
     }
 
@@ -308,6 +337,12 @@ impl QuantSpec {
     /// Replaces the norm format.
     pub fn with_norm(mut self, norm: NormFormat) -> Self {
         self.norm = norm;
+        self
+    }
+
+    /// Replaces the norm rule.
+    pub fn with_norm_rule(mut self, rule: NormRule) -> Self {
+        self.norm_rule = rule;
         self
     }
 

@@ -5,7 +5,7 @@ mod common;
 use common::{fresh_seed, gaussian_vec};
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
-use tqkv::{OutlierRule, QuantSpec, VectorQuantizer};
+use tqkv::{NormRule, OutlierRule, QuantSpec, VectorQuantizer};
 
 #[test]
 fn tables_reproduce_the_quantizer_records() {
@@ -17,10 +17,17 @@ fn tables_reproduce_the_quantizer_records() {
         ("3", "prod-orth", "dense", 96),
         ("1", "prod", "dense", 64),
         ("33@4+66@3", "mse", "dense", 99),
+        ("3.5", "mse-projected", "hadamard", 64),
+        ("2", "prod-projected", "dense", 64),
     ] {
+        let (mode, rule) = match mode.strip_suffix("-projected") {
+            Some(m) => (m, NormRule::Projected),
+            None => (mode, NormRule::Exact),
+        };
         let mut spec = QuantSpec::mse(bits.parse().unwrap())
             .with_rotation(rot.parse().unwrap())
-            .with_outliers(OutlierRule::Magnitude);
+            .with_outliers(OutlierRule::Magnitude)
+            .with_norm_rule(rule);
         spec.mode = mode.parse().unwrap();
         let seed = rng.next_u64();
         // Three heads with different outlier channels, one layer seed.

@@ -18,7 +18,7 @@ use tqkv::cuda::{
 };
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
-use tqkv::{OutlierRule, QuantSpec, VectorQuantizer};
+use tqkv::{NormRule, OutlierRule, QuantSpec, VectorQuantizer};
 
 fn gpu() -> Option<Arc<CudaStream>> {
     if !tqkv::cuda::driver_present() {
@@ -43,9 +43,15 @@ fn heads(
     d: usize,
     h: usize,
 ) -> Vec<VectorQuantizer> {
+    // `<mode>-projected`: NormRule::Projected.
+    let (mode, rule) = match mode.strip_suffix("-projected") {
+        Some(m) => (m, NormRule::Projected),
+        None => (mode, NormRule::Exact),
+    };
     let mut spec = QuantSpec::mse(bits.parse().unwrap())
         .with_rotation(rot.parse().unwrap())
-        .with_outliers(OutlierRule::Magnitude);
+        .with_outliers(OutlierRule::Magnitude)
+        .with_norm_rule(rule);
     spec.mode = mode.parse().unwrap();
     let seed = rng.next_u64();
     (0..h)
@@ -57,7 +63,7 @@ fn heads(
         .collect()
 }
 
-const CONFIGS: [(&str, &str, &str, usize); 8] = [
+const CONFIGS: [(&str, &str, &str, usize); 10] = [
     ("3.5", "mse", "dense", 128),
     ("2.5", "mse", "hadamard", 128),
     ("4", "prod", "dense", 64),
@@ -66,6 +72,8 @@ const CONFIGS: [(&str, &str, &str, usize); 8] = [
     ("paper2.5", "mse", "dense", 128),
     ("1", "prod", "dense", 64),
     ("33@4+66@3", "mse", "dense", 99),
+    ("3.5", "mse-projected", "dense", 128),
+    ("2", "prod-projected", "hadamard", 64),
 ];
 
 /// Random K/V-like data with per-channel scales and a per-channel offset.

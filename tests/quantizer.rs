@@ -3,7 +3,7 @@ mod common;
 use common::{dot64, fresh_seed, gaussian_vec};
 use tqkv::rng::Rng;
 use tqkv::{
-    BitsSpec, Error, Mode, NormFormat, OutlierRule, QjlSketch, QuantSpec, RotationKind,
+    BitsSpec, Error, Mode, NormFormat, NormRule, OutlierRule, QjlSketch, QuantSpec, RotationKind,
     VectorQuantizer,
 };
 
@@ -15,10 +15,73 @@ fn specs() -> Vec<QuantSpec> {
             let mut s = QuantSpec::mse(b).with_outliers(OutlierRule::Fixed);
             s.mode = mode.parse().unwrap();
             v.push(s);
+            if bits == "3.5" {
+                v.push(s.with_norm_rule(NormRule::Projected));
+            }
         }
     }
     v.push(QuantSpec::qjl(256));
     v
+}
+
+/// NormRule::Projected: a reconstruction whose projection on x is x (⟨x̂, x⟩ = ‖x‖² within the
+/// f16 rounding of the norm), so inner products along x are not shrunk, where the exact norm
+/// gives ⟨x̂, x⟩/‖x‖² ≈ 1 − D (TurboQuant's MSE-mode bias); the price is an MSE of at most
+/// D / (1 − D) instead of D. Codes are the same for both rules.
+#[test]
+fn projected_norms_unshrink_inner_products() {
+    let mut rng = Rng::new(fresh_seed("projected_norms"));
+    for (bits, d) in [("2", 128usize), ("3", 64), ("4", 128)] {
+        let exact = QuantSpec::mse(bits.parse().unwrap());
+        let seed = rng.next_u64();
+        let qe = VectorQuantizer::new(exact, d, seed).unwrap();
+        let qp = VectorQuantizer::new(exact.with_norm_rule(NormRule::Projected), d, seed).unwrap();
+        let (mut re, mut rp) = (vec![0u8; qe.record_bytes()], vec![0u8; qp.record_bytes()]);
+        let (mut xe, mut xp) = (vec![0f32; d], vec![0f32; d]);
+        let (mut ae, mut ap, mut mse_e, mut mse_p) = (0f64, 0f64, 0f64, 0f64);
+        let n = 2000;
+        for _ in 0..n {
+            let x = gaussian_vec(&mut rng, &vec![1.0; d]);
+            qe.quantize(&x, &mut re).unwrap();
+            qp.quantize(&x, &mut rp).unwrap();
+            let nb = 2; // the f16 norm comes first; the codes follow and are the same
+            assert_eq!(re[nb..], rp[nb..], "{bits} d={d}: codes differ");
+            qe.dequantize(&re, &mut xe).unwrap();
+            qp.dequantize(&rp, &mut xp).unwrap();
+            let xx = dot64(&x, &x);
+            let p = dot64(&xp, &x) / xx;
+            assert!((p - 1.0).abs() < 1e-3, "{bits} d={d}: ⟨x̂, x⟩/‖x‖² = {p}");
+            ae += dot64(&xe, &x) / xx;
+            ap += p;
+            let err = |y: &[f32]| {
+                x.iter()
+                    .zip(y)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    / xx
+            };
+            mse_e += err(&xe);
+            mse_p += err(&xp);
+        }
+        let (ae, ap, mse_e, mse_p) = (
+            ae / n as f64,
+            ap / n as f64,
+            mse_e / n as f64,
+            mse_p / n as f64,
+        );
+        eprintln!("{bits} d={d}: ⟨x̂,x⟩/‖x‖² exact {ae:.4}, projected {ap:.4}; MSE {mse_e:.4} vs {mse_p:.4}");
+        // The exact norm shrinks by about D (exactly so for the limiting coordinate density);
+        // the projected one costs at most D / (1 − D) of MSE.
+        assert!(
+            (ae - (1.0 - mse_e)).abs() < 0.15 * mse_e,
+            "{ae} vs 1 − {mse_e}"
+        );
+        assert!(
+            ae < 1.0 - 0.8 * mse_e && (ap - 1.0).abs() < 1e-4,
+            "{ae} {ap}"
+        );
+        assert!(mse_p <= 1.05 * mse_e / (1.0 - mse_e), "{mse_p} vs {mse_e}");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use crate::full::FullCache;
 use crate::kivi::KiviCache;
 use crate::turbo::TurboCache;
 use candle_core::{DType, Device, Result};
-use tqkv::{BitsSpec, KvSpec, Mode, QuantSpec, RotationKind};
+use tqkv::{BitsSpec, KvSpec, Mode, NormRule, QuantSpec, RotationKind};
 
 /// What a layer's cache stores.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,7 +31,8 @@ impl std::str::FromStr for CacheKind {
     /// [`BitsSpec`]: `tq2.5`, `tq3`, `tq3.5`, `tq4`, …; MSE keys and values, dense rotation),
     /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
     /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation),
-    /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]).
+    /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]),
+    /// `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]).
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "f32" => CacheKind::Full(DType::F32),
@@ -45,7 +46,7 @@ impl std::str::FromStr for CacheKind {
                 let Some(rest) = s.strip_prefix("tq") else {
                     candle_core::bail!(
                         "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, \
-                         kivi2, kivi4, tq<bits>[-qjl][-had][-c] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
+                         kivi2, kivi4, tq<bits>[-qjl][-had][-c][-pn] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
                     );
                 };
                 let mut parts = rest.split('-');
@@ -85,8 +86,12 @@ impl std::str::FromStr for CacheKind {
                             value = value.with_rotation(RotationKind::Hadamard);
                         }
                         "c" => center_keys = true,
+                        "pn" => {
+                            key = key.with_norm_rule(NormRule::Projected);
+                            value = value.with_norm_rule(NormRule::Projected);
+                        }
                         _ => candle_core::bail!(
-                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c"
+                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c, -pn"
                         ),
                     }
                 }

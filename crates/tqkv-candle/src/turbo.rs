@@ -334,6 +334,9 @@ impl KvCache for TurboCache {
         if self.spec.center_keys {
             s.push_str("-c");
         }
+        if k.norm_rule == tqkv::NormRule::Projected {
+            s.push_str("-pn");
+        }
         s
     }
 }

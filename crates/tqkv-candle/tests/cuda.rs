@@ -60,6 +60,7 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
         ("tq4-qjl", 128),
         ("tqk4v3", 96),
         ("tq3.5-had", 128),
+        ("tq3.5-pn-c", 64),
     ] {
         for (dtype, tol_decode, tol_prefill) in [
             (DType::F32, 2e-3, 2e-3),
