@@ -1,3 +1,6 @@
+//! `tqkv eval needle`: needle retrieval (a secret number hidden at several depths of filler
+//! texts of several lengths) per cache kind.
+//!
 //! `tqkv eval kld`: the quality of KV caches on a model and a text — mean / max KL divergence
 //! of the next-token distributions against a reference cache (f16), perplexity, top-1
 //! agreement and KV bytes, per cache kind, as a table (and JSON). The measures are
@@ -7,7 +10,7 @@ use crate::chat::{self, ModelArgs};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
-use tqkv_llama::eval::{score_window, scored_logits, windows, LogitStats};
+use tqkv_llama::eval::{needle_case, score_window, scored_logits, windows, LogitStats};
 
 /// The text of the default measurement (present on Debian and Ubuntu machines).
 const DEFAULT_TEXT: &str = "/usr/share/common-licenses/GPL-3";
@@ -50,15 +53,14 @@ struct Row {
     f16_bytes: usize,
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let text = std::fs::read_to_string(&args.text).with_context(|| {
-        format!(
-            "reading the text to score {:?} (give one with --text FILE)",
-            args.text
-        )
-    })?;
-    let kinds: Vec<String> = args
-        .model
+fn read_text(path: &str) -> Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading the text {path:?} (give one with --text FILE)"))
+}
+
+/// The kinds of `--kv` (comma-separated), each checked, with the model options for each.
+fn kinds_of(model: &ModelArgs, extra: &[&str]) -> Result<Vec<String>> {
+    let kinds: Vec<String> = model
         .kv
         .split(',')
         .map(|s| s.trim().to_string())
@@ -67,14 +69,35 @@ pub fn run(args: Args) -> Result<()> {
     if kinds.is_empty() {
         bail!("--kv: no cache kind given");
     }
-    let with_kind = |kind: &str| ModelArgs {
-        kv: kind.to_string(),
-        ..args.model.clone()
-    };
     // Every kind is checked before the model runs.
-    for kind in kinds.iter().chain([&args.reference]) {
-        chat::cache_config(&with_kind(kind)).with_context(|| format!("--kv {kind}"))?;
+    for kind in kinds
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
+        chat::cache_config(&with_kind(model, kind)).with_context(|| format!("--kv {kind}"))?;
     }
+    Ok(kinds)
+}
+
+fn with_kind(model: &ModelArgs, kind: &str) -> ModelArgs {
+    ModelArgs {
+        kv: kind.to_string(),
+        ..model.clone()
+    }
+}
+
+fn bar(len: usize) -> Result<ProgressBar> {
+    Ok(ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len}, {elapsed}")?
+            .progress_chars("=> "),
+    ))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let text = read_text(&args.text)?;
+    let kinds = kinds_of(&args.model, &[&args.reference])?;
+    let with_kind = |kind: &str| with_kind(&args.model, kind);
     // Reference logits of every window first (kept on the host), then each kind in turn.
     let mut m = chat::load(&with_kind(&args.reference))?;
     let ids = m
@@ -93,10 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         args.ctx - args.ctx / 2 - 1,
         args.chunk
     );
-    let bar = ProgressBar::new((wins.len() * (kinds.len() + 1)) as u64).with_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} windows, {elapsed}")?
-            .progress_chars("=> "),
-    );
+    let bar = bar(wins.len() * (kinds.len() + 1))?;
     bar.set_message(args.reference.clone());
     let t0 = Instant::now();
     let mut refs = Vec::with_capacity(wins.len());
@@ -163,6 +183,92 @@ pub fn run(args: Args) -> Result<()> {
             "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct NeedleArgs {
+    /// Model, device, dtype and cache options; `--kv` takes a comma-separated list of kinds.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The filler text (UTF-8).
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    /// Haystack lengths in tokens, comma-separated.
+    #[arg(long, default_value = "256,512,1024", value_delimiter = ',')]
+    lengths: Vec<usize>,
+    /// Needle depths (0 = start, 1 = end), comma-separated.
+    #[arg(long, default_value = "0,0.25,0.5,0.75,1", value_delimiter = ',')]
+    depths: Vec<f64>,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 128)]
+    chunk: usize,
+    /// Also write every trial as JSON to this file.
+    #[arg(long)]
+    json: Option<String>,
+}
+
+pub fn run_needle(args: NeedleArgs) -> Result<()> {
+    let filler = read_text(&args.text)?;
+    let kinds = kinds_of(&args.model, &[])?;
+    if args.lengths.is_empty() || args.depths.is_empty() {
+        bail!("--lengths and --depths need at least one value each");
+    }
+    let mut rng = tqkv::rng::Rng::new(args.model.seed);
+    let cases: Vec<(usize, f64, u32)> = args
+        .lengths
+        .iter()
+        .flat_map(|&l| args.depths.iter().map(move |&d| (l, d)))
+        .map(|(l, d)| (l, d, 10_000 + (rng.next_u64() % 90_000) as u32))
+        .collect();
+    let bar = bar(cases.len() * kinds.len())?;
+    let mut results = Vec::new();
+    for kind in &kinds {
+        bar.set_message(kind.clone());
+        let mut m =
+            chat::load(&with_kind(&args.model, kind)).with_context(|| format!("--kv {kind}"))?;
+        for &(len, depth, secret) in &cases {
+            let c = needle_case(&mut m, &filler, len, depth, secret, args.chunk, 32)?;
+            results.push((kind.clone(), len, c));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "needle retrieval in {} (found / trials; depths {:?})\n",
+        args.text, args.depths
+    );
+    print!("| kv |");
+    for l in &args.lengths {
+        print!(" {l} tokens |");
+    }
+    println!(" all |");
+    println!("|---|{}---|", "---|".repeat(args.lengths.len()));
+    for kind in &kinds {
+        print!("| {kind} |");
+        let mine: Vec<_> = results.iter().filter(|r| &r.0 == kind).collect();
+        for l in &args.lengths {
+            let at: Vec<_> = mine.iter().filter(|r| r.1 == *l).collect();
+            print!(
+                " {}/{} |",
+                at.iter().filter(|r| r.2.found).count(),
+                at.len()
+            );
+        }
+        println!(
+            " {}/{} |",
+            mine.iter().filter(|r| r.2.found).count(),
+            mine.len()
+        );
+    }
+    if let Some(path) = &args.json {
+        let rows: Vec<_> = results
+            .iter()
+            .map(|(k, l, c)| serde_json::json!({"kv": k, "length": l, "case": c}))
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {path}"))?;
     }
     Ok(())

@@ -59,6 +59,8 @@ enum Command {
 enum EvalCommand {
     /// KL divergence, perplexity and top-1 agreement of each cache against an f16 cache.
     Kld(eval::Args),
+    /// Needle retrieval: a secret number hidden in filler text, asked for, per cache kind.
+    Needle(eval::NeedleArgs),
 }
 
 #[derive(Subcommand)]
@@ -79,5 +81,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate { model, prompt } => chat::run_generate(model, prompt),
         Command::Bench(BenchCommand::Attention(args)) => bench::run(args),
         Command::Eval(EvalCommand::Kld(args)) => eval::run(args),
+        Command::Eval(EvalCommand::Needle(args)) => eval::run_needle(args),
     }
 }

@@ -4,6 +4,10 @@
 //! often their top-1 tokens agree. These are llama.cpp's `perplexity --kl-divergence` measures
 //! (the numbers of ../shared/docs/ANCHORS.md), computed in f64.
 //!
+//! Needle retrieval ([`needle_case`]): a secret number hidden at a chosen depth of a filler text
+//! of a chosen length, asked for afterwards in the chat template; found if the greedy answer
+//! contains it.
+//!
 //! Like llama.cpp, a text is cut into windows of `ctx` tokens, each run from an empty cache,
 //! and only the second half of each window is scored, so that every scored token has at least
 //! `ctx / 2` tokens of context in the cache. Windows run through the model in chunks of
@@ -179,6 +183,125 @@ pub fn score_window(
         stats.add(a, b, window[first + i + 1])?;
     }
     Ok(())
+}
+
+/// The filler text cut to its first `tokens` tokens, with `needle` inserted at the sentence
+/// boundary (". ") nearest to `depth` (0 = start, 1 = end) of it.
+pub fn haystack(
+    tokenizer: &tokenizers::Tokenizer,
+    filler: &str,
+    tokens: usize,
+    needle: &str,
+    depth: f64,
+) -> Result<String> {
+    if !(0.0..=1.0).contains(&depth) {
+        return Err(Error::Input(format!(
+            "needle depth {depth} is not in 0..=1"
+        )));
+    }
+    let enc = tokenizer
+        .encode(filler, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let ids = enc.get_ids();
+    if ids.len() < tokens {
+        return Err(Error::Input(format!(
+            "the filler text has {} tokens, fewer than the {tokens} asked for",
+            ids.len()
+        )));
+    }
+    let text = tokenizer
+        .decode(&ids[..tokens], false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let target = (depth * text.len() as f64) as usize;
+    // Candidate cut points: the start, every ". " boundary, the end.
+    let cut = std::iter::once(0)
+        .chain(text.match_indices(". ").map(|(i, _)| i + 2))
+        .chain(std::iter::once(text.len()))
+        .min_by_key(|&i| i.abs_diff(target))
+        .unwrap_or(0);
+    Ok(format!("{}{} {}", &text[..cut], needle, &text[cut..]))
+}
+
+/// One needle-retrieval trial.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NeedleCase {
+    /// Tokens of the whole prompt (template, haystack, question).
+    pub prompt_tokens: usize,
+    /// Where the needle is (0 = start of the haystack, 1 = end).
+    pub depth: f64,
+    /// The secret.
+    pub secret: String,
+    /// The model's greedy answer.
+    pub answer: String,
+    /// Whether the answer contains the secret.
+    pub found: bool,
+}
+
+/// Hides "The secret number is `secret`." at `depth` of `tokens` tokens of `filler`, asks for it
+/// in the model's chat template, prefills in chunks of `chunk` and decodes greedily up to
+/// `max_new` tokens. The model's caches are reset first.
+pub fn needle_case(
+    m: &mut crate::Loaded,
+    filler: &str,
+    tokens: usize,
+    depth: f64,
+    secret: u32,
+    chunk: usize,
+    max_new: usize,
+) -> Result<NeedleCase> {
+    let secret = secret.to_string();
+    let hay = haystack(
+        &m.tokenizer,
+        filler,
+        tokens,
+        &format!("The secret number is {secret}."),
+        depth,
+    )?;
+    let content = format!(
+        "{hay}\n\nWhat is the secret number mentioned in the text above? Answer with the number only."
+    );
+    let prompt = m
+        .template
+        .render(
+            &[crate::template::Message {
+                role: "user".into(),
+                content,
+            }],
+            true,
+        )
+        .map_err(|e| Error::Template(e.to_string()))?;
+    let ids = m
+        .tokenizer
+        .encode(prompt.as_str(), false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?
+        .get_ids()
+        .to_vec();
+    m.model.reset();
+    let mut logits = None;
+    for piece in ids.chunks(chunk.max(1)) {
+        logits = Some(m.model.forward(piece, false)?);
+    }
+    let mut out = Vec::new();
+    let mut logits = logits.ok_or_else(|| Error::Input("empty prompt".into()))?;
+    for _ in 0..max_new {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        if m.eos_ids.contains(&next) {
+            break;
+        }
+        out.push(next);
+        logits = m.model.forward(&[next], false)?;
+    }
+    let answer = m
+        .tokenizer
+        .decode(&out, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(NeedleCase {
+        prompt_tokens: ids.len(),
+        depth,
+        found: answer.contains(&secret),
+        secret,
+        answer,
+    })
 }
 
 #[cfg(test)]

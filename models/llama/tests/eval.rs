@@ -2,7 +2,7 @@
 //! repository's README and docs): the reference against itself is exactly zero, chunked and
 //! one-shot prefill agree, and the measures order the caches by their precision.
 mod common;
-use tqkv_llama::eval::{score_window, scored_logits, windows, LogitStats};
+use tqkv_llama::eval::{haystack, needle_case, score_window, scored_logits, windows, LogitStats};
 use tqkv_llama::load;
 
 fn text_ids(m: &tqkv_llama::Loaded) -> Vec<u32> {
@@ -79,4 +79,27 @@ fn kl_divergence_orders_the_caches_and_the_reference_scores_zero() {
 #[test]
 fn a_text_shorter_than_a_window_is_an_error() {
     assert!(windows(&[1, 2, 3], 512, 4).is_err());
+}
+
+#[test]
+fn the_needle_is_hidden_where_asked_and_found_with_an_f16_cache() {
+    let gguf =
+        tqkv_llama::loader::default_gguf().expect("the default model (scripts/fetch-model.sh)");
+    let mut m = load(&common::options(&gguf, "f16", None)).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let filler = std::fs::read_to_string(root.join("docs/FORMAT.md")).unwrap();
+    let needle = "The secret number is 31337.";
+    for depth in [0.0, 0.3, 0.7, 1.0] {
+        let h = haystack(&m.tokenizer, &filler, 300, needle, depth).unwrap();
+        assert_eq!(h.matches(needle).count(), 1);
+        let at = h.find(needle).unwrap() as f64 / (h.len() - needle.len()) as f64;
+        // The nearest sentence boundary: within a few sentences of the asked depth.
+        assert!((at - depth).abs() < 0.2, "depth {depth}: needle at {at:.2}");
+    }
+    assert!(haystack(&m.tokenizer, &filler, 300, needle, 1.5).is_err());
+    assert!(haystack(&m.tokenizer, "too short", 300, needle, 0.5).is_err());
+    let c = needle_case(&mut m, &filler, 300, 0.5, 31337, 64, 32).unwrap();
+    eprintln!("{c:?}");
+    assert!(c.found && c.answer.contains("31337"), "{c:?}");
+    assert!(c.prompt_tokens > 300 && c.prompt_tokens < 400, "{c:?}");
 }
