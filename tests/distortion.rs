@@ -62,7 +62,10 @@ fn prod_quantizer_is_unbiased() {
                 let r = run(spec, d, SAMPLES, seed ^ (d as u64 * 16 + b as u64)).unwrap();
                 let ctx = format!("orth={orthogonal} d={d} b={b}: {r:?}");
                 assert!(r.ip_bias.abs() < 4.0 * r.ip_bias_se, "biased: {ctx}");
-                assert!((r.ip_scale - 1.0).abs() < 0.02, "scale: {ctx}");
+                // One draw of a Gaussian S moves the fitted scale by about (1/m)·Σ‖s_l‖/√d − 1
+                // (≈ 0.013 rms at m = d = 64: 1/√(2dm)); orthogonal rows have fixed length.
+                let tol = if orthogonal { 0.02 } else { 0.06 };
+                assert!((r.ip_scale - 1.0).abs() < tol, "scale: {ctx}");
                 // Orthogonal rows have fixed length, so one draw of S already gives the derived
                 // value; Gaussian S varies from draw to draw (see the test below).
                 if orthogonal {
