@@ -2,10 +2,10 @@
 //! by step as kernels/quantize_append.cu does, writes the same records as
 //! `VectorQuantizer::quantize` (codes may differ at exact boundary ties, counted and bounded).
 mod common;
-use common::{fresh_seed, gaussian_vec};
+use common::{fresh_seed, gaussian_vec, layer_heads};
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
-use tqkv::{NormRule, OutlierRule, QuantSpec, VectorQuantizer};
+use tqkv::{QuantSpec, VectorQuantizer};
 
 #[test]
 fn tables_reproduce_the_quantizer_records() {
@@ -20,26 +20,8 @@ fn tables_reproduce_the_quantizer_records() {
         ("3.5", "mse-projected", "hadamard", 64),
         ("2", "prod-projected", "dense", 64),
     ] {
-        let (mode, rule) = match mode.strip_suffix("-projected") {
-            Some(m) => (m, NormRule::Projected),
-            None => (mode, NormRule::Exact),
-        };
-        let mut spec = QuantSpec::mse(bits.parse().unwrap())
-            .with_rotation(rot.parse().unwrap())
-            .with_outliers(OutlierRule::Magnitude)
-            .with_norm_rule(rule);
-        spec.mode = mode.parse().unwrap();
-        let seed = rng.next_u64();
         // Three heads with different outlier channels, one layer seed.
-        let heads: Vec<VectorQuantizer> = (0..3)
-            .map(|_| {
-                let scales: Vec<f32> = (0..d).map(|_| 0.5 + rng.uniform() as f32 * 3.0).collect();
-                let calib: Vec<f32> = (0..8)
-                    .flat_map(|_| gaussian_vec(&mut rng, &scales))
-                    .collect();
-                VectorQuantizer::calibrate(spec, d, &calib, seed).unwrap()
-            })
-            .collect();
+        let heads = layer_heads(&mut rng, (bits, mode, rot), d, 3, 0.5);
         let t = LayerTables::new(&heads).unwrap();
         assert_eq!(t.channels.len(), 3 * d);
         assert_eq!(t.record_bytes, heads[0].record_bytes());

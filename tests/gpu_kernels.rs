@@ -8,7 +8,7 @@
 //! * decode attention: relative error ≤ 1e-3 against `attend_packed` on the same packed cache.
 #![cfg(feature = "cuda")]
 mod common;
-use common::{fresh_seed, gaussian_vec};
+use common::{fresh_seed, gaussian_vec, layer_heads};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use tqkv::cuda::{
 };
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
-use tqkv::{NormRule, OutlierRule, QuantSpec, VectorQuantizer};
+use tqkv::{QuantSpec, VectorQuantizer};
 
 fn gpu() -> Option<Arc<CudaStream>> {
     if !tqkv::cuda::driver_present() {
@@ -43,24 +43,7 @@ fn heads(
     d: usize,
     h: usize,
 ) -> Vec<VectorQuantizer> {
-    // `<mode>-projected`: NormRule::Projected.
-    let (mode, rule) = match mode.strip_suffix("-projected") {
-        Some(m) => (m, NormRule::Projected),
-        None => (mode, NormRule::Exact),
-    };
-    let mut spec = QuantSpec::mse(bits.parse().unwrap())
-        .with_rotation(rot.parse().unwrap())
-        .with_outliers(OutlierRule::Magnitude)
-        .with_norm_rule(rule);
-    spec.mode = mode.parse().unwrap();
-    let seed = rng.next_u64();
-    (0..h)
-        .map(|_| {
-            let scales: Vec<f32> = (0..d).map(|_| 0.3 + rng.uniform() as f32 * 3.0).collect();
-            let calib: Vec<f32> = (0..8).flat_map(|_| gaussian_vec(rng, &scales)).collect();
-            VectorQuantizer::calibrate(spec, d, &calib, seed).unwrap()
-        })
-        .collect()
+    layer_heads(rng, (bits, mode, rot), d, h, 0.3)
 }
 
 const CONFIGS: [(&str, &str, &str, usize); 10] = [
@@ -315,34 +298,47 @@ fn dequantize_matches_the_cpu_quantizer() {
                 "{bits} {mode} {rot} d={d} {what}: max error {err} (scale {scale})"
             );
         };
-        let mut o32 = stream.alloc_zeros::<f32>(b * h * n * d).unwrap();
-        dequantize(&stream, &dev, &cache, shape, n, &mut o32).unwrap();
-        check(stream.clone_dtoh(&o32).unwrap(), 1e-5, "f32");
-        let mut o16 = stream.alloc_zeros::<f16>(b * h * n * d).unwrap();
-        dequantize(&stream, &dev, &cache, shape, n, &mut o16).unwrap();
+        let len = b * h * n * d;
         check(
-            stream
-                .clone_dtoh(&o16)
-                .unwrap()
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
+            dequantized::<f32>(&stream, &dev, &cache, shape, n, len),
+            1e-5,
+            "f32",
+        );
+        check(
+            dequantized::<f16>(&stream, &dev, &cache, shape, n, len),
             1e-3,
             "f16",
         );
-        let mut ob = stream.alloc_zeros::<bf16>(b * h * n * d).unwrap();
-        dequantize(&stream, &dev, &cache, shape, n, &mut ob).unwrap();
         check(
-            stream
-                .clone_dtoh(&ob)
-                .unwrap()
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
+            dequantized::<bf16>(&stream, &dev, &cache, shape, n, len),
             8e-3,
             "bf16",
         );
     }
+}
+
+/// Dequantizes `n` slots of every (sequence, head) into `len` elements of `T` on the device
+/// and returns them as f32 on the host.
+fn dequantized<T>(
+    stream: &Arc<CudaStream>,
+    dev: &DeviceTables,
+    cache: &CudaSlice<u8>,
+    shape: AppendShape,
+    n: usize,
+    len: usize,
+) -> Vec<f32>
+where
+    T: tqkv::cuda::KernelFloat + cudarc::driver::ValidAsZeroBits + Copy,
+    f32: From<T>,
+{
+    let mut out = stream.alloc_zeros::<T>(len).unwrap();
+    dequantize(stream, dev, cache, shape, n, &mut out).unwrap();
+    stream
+        .clone_dtoh(&out)
+        .unwrap()
+        .into_iter()
+        .map(f32::from)
+        .collect()
 }
 
 /// One attention case: packed caches written by the CPU, queries in `dtype`, compared with

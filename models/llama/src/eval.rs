@@ -222,6 +222,52 @@ pub fn haystack(
     Ok(format!("{}{} {}", &text[..cut], needle, &text[cut..]))
 }
 
+/// The token ids of `content` as one user turn in the model's chat template, ready for the
+/// assistant's answer.
+pub fn user_prompt_ids(m: &crate::Loaded, content: &str) -> Result<Vec<u32>> {
+    let prompt = m
+        .template
+        .render(
+            &[crate::template::Message {
+                role: "user".into(),
+                content: content.into(),
+            }],
+            true,
+        )
+        .map_err(|e| Error::Template(e.to_string()))?;
+    Ok(m.tokenizer
+        .encode(prompt.as_str(), false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Greedy decoding: runs `ids` through the model in prefill chunks of `chunk` tokens (appending
+/// to what its caches hold), then takes the most likely token at each step until an EOS token
+/// or `max_new` tokens; returns the generated ids.
+pub fn greedy(
+    m: &mut crate::Loaded,
+    ids: &[u32],
+    chunk: usize,
+    max_new: usize,
+) -> Result<Vec<u32>> {
+    let mut logits = None;
+    for piece in ids.chunks(chunk.max(1)) {
+        logits = Some(m.model.forward(piece, false)?);
+    }
+    let mut logits = logits.ok_or_else(|| Error::Input("empty prompt".into()))?;
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        if m.eos_ids.contains(&next) {
+            break;
+        }
+        out.push(next);
+        logits = m.model.forward(&[next], false)?;
+    }
+    Ok(out)
+}
+
 /// One needle-retrieval trial.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NeedleCase {
@@ -260,37 +306,9 @@ pub fn needle_case(
     let content = format!(
         "{hay}\n\nWhat is the secret number mentioned in the text above? Answer with the number only."
     );
-    let prompt = m
-        .template
-        .render(
-            &[crate::template::Message {
-                role: "user".into(),
-                content,
-            }],
-            true,
-        )
-        .map_err(|e| Error::Template(e.to_string()))?;
-    let ids = m
-        .tokenizer
-        .encode(prompt.as_str(), false)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?
-        .get_ids()
-        .to_vec();
+    let ids = user_prompt_ids(m, &content)?;
     m.model.reset();
-    let mut logits = None;
-    for piece in ids.chunks(chunk.max(1)) {
-        logits = Some(m.model.forward(piece, false)?);
-    }
-    let mut out = Vec::new();
-    let mut logits = logits.ok_or_else(|| Error::Input("empty prompt".into()))?;
-    for _ in 0..max_new {
-        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        if m.eos_ids.contains(&next) {
-            break;
-        }
-        out.push(next);
-        logits = m.model.forward(&[next], false)?;
-    }
+    let out = greedy(m, &ids, chunk, max_new)?;
     let answer = m
         .tokenizer
         .decode(&out, true)

@@ -7,6 +7,7 @@
 mod common;
 use candle_core::{Device, D};
 use std::path::PathBuf;
+use tqkv_llama::eval::{greedy, user_prompt_ids};
 use tqkv_llama::load;
 
 fn setup() -> Option<(Device, PathBuf)> {
@@ -43,7 +44,7 @@ fn the_default_model_runs_on_cuda() {
     let mut o = common::options(&path, "f16", None);
     o.device = dev.clone();
     let mut gpu = load(&o).unwrap();
-    let ids = common::prompt_ids(&cpu, q);
+    let ids = user_prompt_ids(&cpu, q).unwrap();
     let a = cpu.model.forward(&ids, false).unwrap();
     let b = gpu
         .model
@@ -65,9 +66,9 @@ fn the_default_model_runs_on_cuda() {
         let mut o = common::options(&path, kv, None);
         o.device = dev.clone();
         let mut m = load(&o).unwrap();
-        let ids = common::prompt_ids(&m, q);
+        let ids = user_prompt_ids(&m, q).unwrap();
         let t0 = std::time::Instant::now();
-        let out = common::greedy(&mut m, &ids, 16);
+        let out = greedy(&mut m, &ids, ids.len(), 16).unwrap();
         let text = m.tokenizer.decode(&out, true).unwrap();
         eprintln!(
             "cuda {kv}: {q} → {text:?} ({} tokens in {:.2?})",

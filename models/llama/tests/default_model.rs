@@ -4,6 +4,7 @@ mod common;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use std::path::PathBuf;
+use tqkv_llama::eval::{greedy, user_prompt_ids};
 use tqkv_llama::{load, Error, LoadOptions};
 
 fn gguf() -> PathBuf {
@@ -43,8 +44,8 @@ fn tokenizer_round_trips_and_knows_its_special_tokens() {
 
 fn greedy_answer(kv: &str, question: &str) -> String {
     let mut m = load(&opts(kv)).unwrap();
-    let ids = common::prompt_ids(&m, question);
-    let out = common::greedy(&mut m, &ids, 24);
+    let ids = user_prompt_ids(&m, question).unwrap();
+    let out = greedy(&mut m, &ids, ids.len(), 24).unwrap();
     m.tokenizer.decode(&out, true).unwrap()
 }
 
