@@ -12,6 +12,10 @@
 //! accumulated in the rotated domain, Σ_i p_i n_i c[idx_i] (+ Sᵀ Σ_i p_i γ_i/(mκ) z_i in prod
 //! mode), and un-rotated once per query. The records are unpacked once per call and shared by
 //! all queries of the group.
+//!
+//! Mixed attention ([`attend_mixed`]): the same, with some positions read from full-precision
+//! rows ([`ExactRows`]: attention sinks and a per-query sliding window of recent tokens) and one
+//! softmax over all positions.
 
 use crate::error::{check_len, Error, Result};
 use crate::packing::unpack_codes_unchecked;
@@ -148,6 +152,73 @@ fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
         .collect()
 }
 
+/// The full-precision rows of one KV head that a cache with attention sinks or an exact window
+/// keeps beside its packed records ([`crate::KvSpec::sinks`], [`crate::KvSpec::window`]).
+///
+/// A query that sees positions `0..vis` reads positions `0..min(sinks, vis)` from `sink_k` /
+/// `sink_v`, positions `max(min(sinks, vis), vis − window) .. vis` from `win_k` / `win_v`, and
+/// the positions in between from the packed records.
+///
+/// Layouts (row-major f32): `sink_k`, `sink_v` [rows, d] for positions 0..rows (at least the
+/// sinks any query sees); `win_k`, `win_v` [rows, d] for positions `win_start..win_start + rows`
+/// (at least the window of every query).
+#[derive(Debug, Clone, Copy)]
+pub struct ExactRows<'a> {
+    /// Sink tokens S.
+    pub sinks: usize,
+    /// Window W.
+    pub window: usize,
+    /// Keys of the sink positions.
+    pub sink_k: &'a [f32],
+    /// Values of the sink positions.
+    pub sink_v: &'a [f32],
+    /// Position of the first window row.
+    pub win_start: usize,
+    /// Keys of the window rows.
+    pub win_k: &'a [f32],
+    /// Values of the window rows.
+    pub win_v: &'a [f32],
+}
+
+impl ExactRows<'_> {
+    /// (sinks read exactly, end of the packed range) for a query seeing `vis` positions: sinks
+    /// `0..s`, packed `s..p`, window `p..vis`.
+    pub fn split(&self, vis: usize) -> (usize, usize) {
+        let s = self.sinks.min(vis);
+        (s, s.max(vis.saturating_sub(self.window)))
+    }
+
+    fn check(&self, d: usize, visible: &[usize]) -> Result<()> {
+        let rows = |x: &[f32]| x.len() / d.max(1);
+        if self.sink_k.len() != self.sink_v.len()
+            || self.win_k.len() != self.win_v.len()
+            || self.sink_k.len() % d.max(1) != 0
+            || self.win_k.len() % d.max(1) != 0
+        {
+            return Err(Error::Config(format!(
+                "exact rows: keys and values must be whole rows of {d} of the same count"
+            )));
+        }
+        for &vis in visible {
+            let (s, p) = self.split(vis);
+            if s > rows(self.sink_k) {
+                return Err(Error::Config(format!(
+                    "a query reads {s} sink rows, {} are given",
+                    rows(self.sink_k)
+                )));
+            }
+            if p < vis && (p < self.win_start || vis > self.win_start + rows(self.win_k)) {
+                return Err(Error::Config(format!(
+                    "a query reads window positions {p}..{vis}, the rows given cover {}..{}",
+                    self.win_start,
+                    self.win_start + rows(self.win_k)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Attention of `nq` queries over `n` packed keys and values of one KV head, computed from the
 /// codes (see the module docs). `kq`/`vq` are the quantizers that wrote the records.
 ///
@@ -160,6 +231,25 @@ pub fn attend_packed(
     q: &[f32],
     k_records: &[u8],
     v_records: &[u8],
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    attend_mixed(kq, vq, q, k_records, v_records, None, visible, scale, out)
+}
+
+/// [`attend_packed`] where some positions are read from full-precision rows instead of their
+/// records ([`ExactRows`]: attention sinks and a sliding window of recent tokens); one softmax
+/// over all positions. Record `i` is position `i` (records of exactly-read positions are
+/// ignored).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_mixed(
+    kq: &VectorQuantizer,
+    vq: &VectorQuantizer,
+    q: &[f32],
+    k_records: &[u8],
+    v_records: &[u8],
+    exact: Option<&ExactRows>,
     visible: &[usize],
     scale: f32,
     out: &mut [f32],
@@ -178,92 +268,133 @@ pub fn attend_packed(
     check_len("value records", v_records.len(), n * vq.record_bytes())?;
     check_len("output", out.len(), nq * d)?;
     check_visible(visible, n)?;
+    let none = ExactRows {
+        sinks: 0,
+        window: 0,
+        sink_k: &[],
+        sink_v: &[],
+        win_start: 0,
+        win_k: &[],
+        win_v: &[],
+    };
+    let ex = exact.unwrap_or(&none);
+    ex.check(d, visible)?;
     let ku = unpack_all(kq, k_records, n);
     let vu = unpack_all(vq, v_records, n);
     let mut p = vec![0.0f32; n];
+    // Full-precision row of position `pos` (a sink or a window position).
+    // (Window positions are ≥ the sinks: `split` gives s = S whenever a window exists.)
+    let row = |pos: usize, s: usize| -> std::ops::Range<usize> {
+        if pos < s {
+            pos * d..(pos + 1) * d
+        } else {
+            (pos - ex.win_start) * d..(pos - ex.win_start + 1) * d
+        }
+    };
     for (i, &vis) in visible.iter().enumerate() {
         let o = &mut out[i * d..(i + 1) * d];
         o.iter_mut().for_each(|x| *x = 0.0);
         if vis == 0 {
             continue;
         }
+        let qi = &q[i * d..(i + 1) * d];
+        // Sinks 0..s and window w..vis exact, records s..w.
+        let (s, w) = ex.split(vis);
+        for (pos, pt) in p[..s].iter_mut().enumerate() {
+            *pt = dot(qi, &ex.sink_k[row(pos, s)]);
+        }
+        for pos in w..vis {
+            p[pos] = dot(qi, &ex.win_k[row(pos, s)]);
+        }
         // Scores from codes.
-        let prep = kq.prepare_query(&q[i * d..(i + 1) * d])?;
-        p[..vis].iter_mut().for_each(|x| *x = 0.0);
-        for (g, u) in ku.iter().enumerate() {
-            if u.mse_bits > 0 {
-                let c = kq.group_mse(g).expect("group has an MSE stage").codebook();
-                let levels = 1usize << u.mse_bits;
-                let qr = prep.rotated(g);
-                let mut lut = vec![0.0f32; u.dim * levels];
-                for (j, &qj) in qr.iter().enumerate() {
-                    for (l, &cv) in c.centroids().iter().enumerate() {
-                        lut[j * levels + l] = qj * cv;
+        if s < w {
+            let prep = kq.prepare_query(qi)?;
+            p[s..w].iter_mut().for_each(|x| *x = 0.0);
+            for (g, u) in ku.iter().enumerate() {
+                if u.mse_bits > 0 {
+                    let c = kq.group_mse(g).expect("group has an MSE stage").codebook();
+                    let levels = 1usize << u.mse_bits;
+                    let qr = prep.rotated(g);
+                    let mut lut = vec![0.0f32; u.dim * levels];
+                    for (j, &qj) in qr.iter().enumerate() {
+                        for (l, &cv) in c.centroids().iter().enumerate() {
+                            lut[j * levels + l] = qj * cv;
+                        }
+                    }
+                    for (t, pt) in p.iter_mut().enumerate().take(w).skip(s) {
+                        let codes = &u.codes[t * u.dim..(t + 1) * u.dim];
+                        let mut acc = 0.0f32;
+                        for (j, &cj) in codes.iter().enumerate() {
+                            acc += lut[j * levels + cj as usize];
+                        }
+                        *pt += u.norms[t] * acc;
                     }
                 }
-                for (t, pt) in p[..vis].iter_mut().enumerate() {
-                    let codes = &u.codes[t * u.dim..(t + 1) * u.dim];
-                    let mut acc = 0.0f32;
-                    for (j, &cj) in codes.iter().enumerate() {
-                        acc += lut[j * levels + cj as usize];
+                if u.m > 0 {
+                    let qjl = kq.group_qjl(g).expect("group has a sketch");
+                    let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
+                    let sq = prep.projected(g);
+                    for (t, pt) in p.iter_mut().enumerate().take(w).skip(s) {
+                        *pt += a * u.gammas[t] * dot(sq, &u.signs[t * u.m..(t + 1) * u.m]);
                     }
-                    *pt += u.norms[t] * acc;
-                }
-            }
-            if u.m > 0 {
-                let qjl = kq.group_qjl(g).expect("group has a sketch");
-                let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
-                let sq = prep.projected(g);
-                for (t, pt) in p[..vis].iter_mut().enumerate() {
-                    *pt += a * u.gammas[t] * dot(sq, &u.signs[t * u.m..(t + 1) * u.m]);
                 }
             }
         }
         p[..vis].iter_mut().for_each(|x| *x *= scale);
         softmax_in_place(&mut p[..vis]);
-        // Values accumulated in the rotated domain, un-rotated once.
-        for (g, u) in vu.iter().enumerate() {
-            let mut acc = vec![0.0f32; u.dim];
-            if u.mse_bits > 0 {
-                let c = vq
-                    .group_mse(g)
-                    .expect("group has an MSE stage")
-                    .codebook()
-                    .centroids();
-                for (t, &pt) in p[..vis].iter().enumerate() {
-                    let w = pt * u.norms[t];
-                    for (x, &cj) in acc.iter_mut().zip(&u.codes[t * u.dim..(t + 1) * u.dim]) {
-                        *x += w * c[cj as usize];
+        // Values of the packed range accumulated in the rotated domain, un-rotated once.
+        if s < w {
+            for (g, u) in vu.iter().enumerate() {
+                let mut acc = vec![0.0f32; u.dim];
+                if u.mse_bits > 0 {
+                    let c = vq
+                        .group_mse(g)
+                        .expect("group has an MSE stage")
+                        .codebook()
+                        .centroids();
+                    for (t, &pt) in p.iter().enumerate().take(w).skip(s) {
+                        let wt = pt * u.norms[t];
+                        for (x, &cj) in acc.iter_mut().zip(&u.codes[t * u.dim..(t + 1) * u.dim]) {
+                            *x += wt * c[cj as usize];
+                        }
                     }
+                }
+                if u.m > 0 {
+                    let qjl = vq.group_qjl(g).expect("group has a sketch");
+                    let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
+                    let mut accz = vec![0.0f32; u.m];
+                    for (t, &pt) in p.iter().enumerate().take(w).skip(s) {
+                        let wt = pt * a * u.gammas[t];
+                        for (x, &z) in accz.iter_mut().zip(&u.signs[t * u.m..(t + 1) * u.m]) {
+                            *x += wt * z;
+                        }
+                    }
+                    let sm = qjl.matrix();
+                    for (l, &z) in accz.iter().enumerate() {
+                        for (x, &sv) in acc.iter_mut().zip(&sm[l * u.dim..(l + 1) * u.dim]) {
+                            *x += z * sv;
+                        }
+                    }
+                }
+                let xg = match vq.group_mse(g) {
+                    Some(mse) => {
+                        let mut x = vec![0.0f32; u.dim];
+                        mse.rotation().apply_inverse_unchecked(&acc, &mut x);
+                        x
+                    }
+                    None => acc,
+                };
+                for (&c, xv) in vq.group_channels(g).iter().zip(xg) {
+                    o[c] = xv;
                 }
             }
-            if u.m > 0 {
-                let qjl = vq.group_qjl(g).expect("group has a sketch");
-                let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
-                let mut accz = vec![0.0f32; u.m];
-                for (t, &pt) in p[..vis].iter().enumerate() {
-                    let w = pt * a * u.gammas[t];
-                    for (x, &z) in accz.iter_mut().zip(&u.signs[t * u.m..(t + 1) * u.m]) {
-                        *x += w * z;
-                    }
-                }
-                let s = qjl.matrix();
-                for (l, &z) in accz.iter().enumerate() {
-                    for (x, &sv) in acc.iter_mut().zip(&s[l * u.dim..(l + 1) * u.dim]) {
-                        *x += z * sv;
-                    }
-                }
-            }
-            let xg = match vq.group_mse(g) {
-                Some(mse) => {
-                    let mut x = vec![0.0f32; u.dim];
-                    mse.rotation().apply_inverse_unchecked(&acc, &mut x);
-                    x
-                }
-                None => acc,
-            };
-            for (&c, xv) in vq.group_channels(g).iter().zip(xg) {
-                o[c] = xv;
+        }
+        // Exact values.
+        for pos in (0..s).chain(w..vis) {
+            let v = if pos < s { ex.sink_v } else { ex.win_v };
+            let pt = p[pos];
+            for (x, &vv) in o.iter_mut().zip(&v[row(pos, s)]) {
+                *x += pt * vv;
             }
         }
     }

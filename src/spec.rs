@@ -364,15 +364,31 @@ pub struct KvSpec {
     /// quantizing keys. Every score of a query moves by the same q·μ, which softmax ignores, so
     /// attention is unchanged while the quantizer sees smaller, centred vectors.
     pub center_keys: bool,
+    /// Attention sinks: the first `sinks` tokens of every sequence are also kept in full
+    /// precision (f16), and every query reads them from there.
+    pub sinks: usize,
+    /// A sliding window of exact tokens: a query at position p reads the keys and values of
+    /// positions p − window + 1 ..= p from a full-precision (f16) copy of the most recent tokens
+    /// (KIVI's residual, per query: a prefill chunk sees what token-by-token decoding would).
+    /// Older positions are read from their packed records.
+    pub window: usize,
 }
 
 impl KvSpec {
-    /// Keys and values both at `bits`, MSE mode, dense rotation, f16 norms, magnitude split.
+    /// Keys and values both at `bits`, MSE mode, dense rotation, f16 norms, magnitude split,
+    /// no exact tokens.
     pub fn mse(bits: BitsSpec) -> Self {
         KvSpec {
             key: QuantSpec::mse(bits),
             value: QuantSpec::mse(bits),
             center_keys: false,
+            sinks: 0,
+            window: 0,
         }
+    }
+
+    /// Whether some tokens are kept in full precision (sinks or a window).
+    pub fn has_exact(&self) -> bool {
+        self.sinks > 0 || self.window > 0
     }
 }

@@ -32,7 +32,9 @@ impl std::str::FromStr for CacheKind {
     /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
     /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation),
     /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]),
-    /// `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]).
+    /// `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]), `tq<bits>-s<N>` (the
+    /// first N tokens kept in f16, [`KvSpec::sinks`]), `tq<bits>-w<N>` (each query reads its N
+    /// most recent tokens from an f16 copy, [`KvSpec::window`]).
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "f32" => CacheKind::Full(DType::F32),
@@ -61,7 +63,16 @@ impl std::str::FromStr for CacheKind {
                 let mut key = QuantSpec::mse(kb);
                 let mut value = QuantSpec::mse(vb);
                 let mut center_keys = false;
+                let (mut sinks, mut window) = (0usize, 0usize);
                 for p in parts {
+                    if let Some(n) = count_suffix(p, 's') {
+                        sinks = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
+                        continue;
+                    }
+                    if let Some(n) = count_suffix(p, 'w') {
+                        window = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
+                        continue;
+                    }
                     match p {
                         "qjl" => {
                             key = QuantSpec {
@@ -91,7 +102,8 @@ impl std::str::FromStr for CacheKind {
                             value = value.with_norm_rule(NormRule::Projected);
                         }
                         _ => candle_core::bail!(
-                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c, -pn"
+                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c, \
+                             -pn, -s<N> (sink tokens), -w<N> (exact window)"
                         ),
                     }
                 }
@@ -99,10 +111,30 @@ impl std::str::FromStr for CacheKind {
                     key,
                     value,
                     center_keys,
+                    sinks,
+                    window,
                 })
             }
         })
     }
+}
+
+/// The largest number of sink or window tokens a kind may name.
+pub const MAX_EXACT_TOKENS: usize = 1 << 20;
+
+/// `Some(count)` when `p` is `<letter><digits>` (e.g. `s4`, `w128`), checked against
+/// [`MAX_EXACT_TOKENS`]; `None` when it is another suffix.
+fn count_suffix(p: &str, letter: char) -> Option<std::result::Result<usize, String>> {
+    let digits = p.strip_prefix(letter)?;
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(match digits.parse::<usize>() {
+        Ok(n) if n <= MAX_EXACT_TOKENS => Ok(n),
+        _ => Err(format!(
+            "-{letter}{digits}: at most {MAX_EXACT_TOKENS} tokens"
+        )),
+    })
 }
 
 /// Cache kinds per layer, and the capacity limit.

@@ -116,6 +116,37 @@ impl InplaceOp2 for TqAppend {
     }
 }
 
+/// The full-precision part of a cache with attention sinks or an exact window
+/// ([`tqkv::KvSpec::sinks`], [`tqkv::KvSpec::window`]).
+///
+/// `k`, `v`: f16 `[batch, kv_heads, sinks + ring, head_dim]`, contiguous; position p < sinks
+/// at slot p, position p ≥ sinks at slot `sinks + p % ring`. Query row t of sequence b reads
+/// positions `0..min(sinks, vis)` and `max(min(sinks, vis), vis − window)..vis` from here
+/// (vis = `visible(b, t)`), the rest from the records.
+#[derive(Debug, Clone)]
+pub struct ExactStore {
+    /// Keys (centred like the records when the spec centres keys).
+    pub k: candle_core::Tensor,
+    /// Values.
+    pub v: candle_core::Tensor,
+    /// Sink tokens.
+    pub sinks: usize,
+    /// Window of exact recent tokens per query.
+    pub window: usize,
+    /// Ring slots after the sinks.
+    pub ring: usize,
+}
+
+impl ExactStore {
+    /// Host f32 copies of keys and values `[batch·kv_heads·(sinks + ring)·head_dim]`.
+    fn host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let f = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        Ok((f(&self.k)?, f(&self.v)?))
+    }
+}
+
 /// Attention over the packed caches: see the module docs for layouts.
 pub struct TqAttend {
     /// Sequence lengths and the last append.
@@ -130,6 +161,8 @@ pub struct TqAttend {
     pub scale: f32,
     /// The layer's tables on the GPU (CUDA caches only).
     pub gpu: Option<Arc<GpuTables>>,
+    /// Sinks and window in full precision, if the spec keeps any.
+    pub exact: Option<ExactStore>,
 }
 
 impl candle_core::CustomOp3 for TqAttend {
@@ -154,17 +187,61 @@ impl candle_core::CustomOp3 for TqAttend {
         let (hq, t) = (dims[1], dims[2]);
         let (rbk, rbv) = (self.kq[0].record_bytes(), self.vq[0].record_bytes());
         let h = self.state.kv_heads;
+        let d = self.kq[0].dim();
+        let exact = match &self.exact {
+            Some(e) => Some((e, e.host()?)),
+            None => None,
+        };
         let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {
             let idx = b * h + head;
             let n = self.state.lens[b];
             let kr = &k[idx * self.capacity * rbk..][..n * rbk];
             let vr = &v[idx * self.capacity * rbv..][..n * rbv];
-            tqkv::attention::attend_packed(
+            // The exact rows this group of queries reads: the sinks, and the window positions
+            // from the first query's window start (rows of the ring, in position order).
+            let rows = exact.as_ref().map(|(e, (ek, ev))| {
+                let slots = e.sinks + e.ring;
+                let base = idx * slots * d;
+                let ns = e.sinks.min(n);
+                let lo = e
+                    .sinks
+                    .max((self.state.start(b) + 1).saturating_sub(e.window))
+                    .min(n);
+                let (mut wk, mut wv) = (Vec::new(), Vec::new());
+                if e.window > 0 {
+                    for p in lo..n {
+                        let at = base + (e.sinks + p % e.ring) * d;
+                        wk.extend_from_slice(&ek[at..at + d]);
+                        wv.extend_from_slice(&ev[at..at + d]);
+                    }
+                }
+                (
+                    e,
+                    ek[base..base + ns * d].to_vec(),
+                    ev[base..base + ns * d].to_vec(),
+                    lo,
+                    wk,
+                    wv,
+                )
+            });
+            let ex = rows
+                .as_ref()
+                .map(|(e, sk, sv, lo, wk, wv)| tqkv::attention::ExactRows {
+                    sinks: e.sinks,
+                    window: e.window,
+                    sink_k: sk,
+                    sink_v: sv,
+                    win_start: *lo,
+                    win_k: wk,
+                    win_v: wv,
+                });
+            tqkv::attention::attend_mixed(
                 &self.kq[head],
                 &self.vq[head],
                 qq,
                 kr,
                 vr,
+                ex.as_ref(),
                 vis,
                 self.scale,
                 o,

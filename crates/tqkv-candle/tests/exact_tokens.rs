@@ -1,0 +1,291 @@
+//! TurboQuant caches with attention sinks (`-s<N>`) and an exact window (`-w<N>`) against an
+//! independent f64 reference: per query, the sink and window positions use the f16-rounded keys
+//! and values, every other position the record the cache's own quantizer writes (dequantized
+//! with `VectorQuantizer::dequantize`), one softmax over all.
+use candle_core::{DType, Device, Tensor};
+use tqkv::rng::Rng;
+use tqkv_candle::{Attention, CacheConfig, CacheKind, KvCache, TurboCache};
+
+mod common;
+use common::{kv_like, seed};
+
+fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn f16_round(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn spec_of(kind: &str) -> tqkv::KvSpec {
+    match kind.parse::<CacheKind>().unwrap() {
+        CacheKind::Turbo(s) => s,
+        _ => panic!("{kind} is not a TurboQuant kind"),
+    }
+}
+
+/// Feeds q, k, v `[b, h, n, d]` (sequence i has `lens[i]` real tokens) in steps of `chunks`
+/// (then one token at a time) through `cache`; returns the outputs of all positions.
+fn run(
+    cache: &mut dyn KvCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+    chunks: &[usize],
+    scale: f64,
+) -> Tensor {
+    let n = q.dim(2).unwrap();
+    let mut outs = Vec::new();
+    let mut off = 0;
+    let mut steps = chunks.iter().copied().chain(std::iter::repeat(1));
+    while off < n {
+        let c = steps.next().unwrap().min(n - off);
+        let l: Vec<usize> = lens.iter().map(|&x| x.saturating_sub(off).min(c)).collect();
+        cache
+            .append(
+                &k.narrow(2, off, c).unwrap(),
+                &v.narrow(2, off, c).unwrap(),
+                Some(&l),
+            )
+            .unwrap();
+        outs.push(cache.attend(&q.narrow(2, off, c).unwrap(), scale).unwrap());
+        off += c;
+    }
+    Tensor::cat(&outs, 2).unwrap()
+}
+
+/// The reference: query p of sequence b reads position j from the f16-rounded k, v when
+/// j < sinks or j > p − window, else from the dequantized record of the cache's quantizer.
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    cache: &TurboCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+    (sinks, window): (usize, usize),
+    scale: f64,
+) -> Vec<f64> {
+    let (b, hq, n, d) = q.dims4().unwrap();
+    let hk = k.dim(1).unwrap();
+    let (kq, vq) = cache.quantizers().unwrap();
+    let (qf, kf, vf) = (flat(q), flat(k), flat(v));
+    let (k16, v16) = (flat(&f16_round(k)), flat(&f16_round(v)));
+    let deq = |x: &[f64], qz: &tqkv::VectorQuantizer| -> Vec<f64> {
+        let x32: Vec<f32> = x.iter().map(|&a| a as f32).collect();
+        let mut rec = vec![0u8; qz.record_bytes()];
+        qz.quantize(&x32, &mut rec).unwrap();
+        let mut out = vec![0f32; d];
+        qz.dequantize(&rec, &mut out).unwrap();
+        out.into_iter().map(f64::from).collect()
+    };
+    let mut out = vec![0.0; b * hq * n * d];
+    for bi in 0..b {
+        for h in 0..hk {
+            let row = |j: usize| ((bi * hk + h) * n + j) * d;
+            let kd: Vec<Vec<f64>> = (0..lens[bi])
+                .map(|j| deq(&kf[row(j)..row(j) + d], &kq[h]))
+                .collect();
+            let vd: Vec<Vec<f64>> = (0..lens[bi])
+                .map(|j| deq(&vf[row(j)..row(j) + d], &vq[h]))
+                .collect();
+            for g in 0..hq / hk {
+                let qh = h * (hq / hk) + g;
+                for p in 0..lens[bi] {
+                    let exact = |j: usize| j < sinks || j + window > p;
+                    let key = |j: usize| -> &[f64] {
+                        if exact(j) {
+                            &k16[row(j)..row(j) + d]
+                        } else {
+                            &kd[j]
+                        }
+                    };
+                    let val = |j: usize| -> &[f64] {
+                        if exact(j) {
+                            &v16[row(j)..row(j) + d]
+                        } else {
+                            &vd[j]
+                        }
+                    };
+                    let qi = &qf[((bi * hq + qh) * n + p) * d..][..d];
+                    let s: Vec<f64> = (0..=p)
+                        .map(|j| scale * qi.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>())
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    let o = &mut out[((bi * hq + qh) * n + p) * d..][..d];
+                    for (j, sj) in s.iter().enumerate() {
+                        let w = (sj - m).exp() / z;
+                        for (x, &vv) in o.iter_mut().zip(val(j)) {
+                            *x += w * vv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Sinks and windows of awkward sizes, over chunked prefills and decode steps that make the
+/// ring grow, in a batch of two sequences of different lengths.
+#[test]
+fn sinks_and_window_match_the_reference() {
+    let mut rng = Rng::new(seed("sinks_and_window"));
+    let (b, hq, hk, n, d) = (2usize, 6usize, 2usize, 99usize, 64usize);
+    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
+    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let lens = [n, 57];
+    let scale = 1.0 / (d as f64).sqrt();
+    for (kind, chunks) in [
+        ("tq3.5-s1", &[7usize, 1, 33][..]),
+        ("tq3.5-w7", &[7, 1, 33]),
+        ("tq3-s3-w7", &[40, 1, 1, 50]),
+        ("tqk4v2-pn-s4-w24", &[5, 1, 1, 60]),
+        ("tq2.5-w1", &[99]),
+        ("tq3.5-s200", &[13, 1]),
+        ("tq4-qjl-s2-w9", &[20, 30]),
+    ] {
+        let spec = spec_of(kind);
+        let mut cache = TurboCache::new(spec, hk, d, &Device::Cpu, 7, None).unwrap();
+        let got = flat(&run(&mut cache, &q, &k, &v, &lens, chunks, scale));
+        let want = reference(&cache, &q, &k, &v, &lens, (spec.sinks, spec.window), scale);
+        // Padding rows of the shorter sequence: zeros in both.
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("{kind:>18} chunks {chunks:?}: max |diff| {diff:.2e}");
+        assert!(diff < 1e-4, "{kind}: differs from the reference by {diff}");
+    }
+}
+
+/// With a window (or sinks) covering every token, the cache is exact attention over the
+/// f16-rounded keys and values.
+#[test]
+fn a_window_of_all_tokens_is_exact_f16_attention() {
+    let mut rng = Rng::new(seed("window_of_all"));
+    let (b, hq, hk, n, d) = (1usize, 3usize, 1usize, 77usize, 64usize);
+    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
+    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let scale = 1.0 / (d as f64).sqrt();
+    let f32_cache = |kk: &Tensor, vv: &Tensor| {
+        let mut c = CacheConfig::new("f32".parse().unwrap())
+            .build(0, hk, d, &Device::Cpu)
+            .unwrap();
+        flat(&run(c.as_mut(), &q, kk, vv, &[n], &[20, 1, 9], scale))
+    };
+    let want = f32_cache(&f16_round(&k), &f16_round(&v));
+    for kind in ["tq2.5-w77", "tq3.5-w500", "tq3-s77", "tq3.5-s10-w67"] {
+        let mut cache = CacheConfig::new(kind.parse().unwrap())
+            .build(0, hk, d, &Device::Cpu)
+            .unwrap();
+        let got = flat(&run(cache.as_mut(), &q, &k, &v, &[n], &[20, 1, 9], scale));
+        let diff = max_abs_diff(&got, &want);
+        eprintln!("{kind:>14}: max |diff| vs f32 attention over f16 K/V {diff:.2e}");
+        assert!(diff < 1e-5, "{kind}: {diff}");
+    }
+}
+
+/// A query reads the window it would read when decoding, so a chunked prefill gives what
+/// token-by-token decoding gives (after the same first chunk, which calibrates).
+#[test]
+fn chunked_prefill_equals_token_by_token_decoding() {
+    let mut rng = Rng::new(seed("chunked_equals_decode"));
+    let (b, hq, hk, n, d) = (1usize, 4usize, 2usize, 71usize, 64usize);
+    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
+    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    for kind in ["tq3.5-pn-c-s4-w24", "tqk3v2-s2-w5"] {
+        let cfg = CacheConfig::new(kind.parse().unwrap());
+        let build = || Attention::new(cfg.build(0, hk, d, &Device::Cpu).unwrap(), hq, hk, d);
+        let mut whole = build().unwrap();
+        let mut steps = build().unwrap();
+        let a = flat(&run_layer(&mut whole, &q, &k, &v, &[10, 61]));
+        let c = flat(&run_layer(&mut steps, &q, &k, &v, &[10]));
+        let diff = max_abs_diff(&a, &c);
+        eprintln!("{kind}: chunked vs decode max |diff| {diff:.2e}");
+        assert!(diff < 1e-5, "{kind}: {diff}");
+        // The layer's own chunking of a long prefill gives the same again.
+        let mut auto = build().unwrap().with_chunk(10);
+        let o = flat(&auto.forward(&q, &k, &v).unwrap());
+        let diff = max_abs_diff(&o, &c);
+        assert!(diff < 1e-5, "{kind}: layer chunking differs by {diff}");
+    }
+}
+
+fn run_layer(a: &mut Attention, q: &Tensor, k: &Tensor, v: &Tensor, chunks: &[usize]) -> Tensor {
+    let n = q.dim(2).unwrap();
+    let mut outs = Vec::new();
+    let mut off = 0;
+    let mut steps = chunks.iter().copied().chain(std::iter::repeat(1));
+    while off < n {
+        let c = steps.next().unwrap().min(n - off);
+        let sl = |t: &Tensor| t.narrow(2, off, c).unwrap();
+        outs.push(a.forward(&sl(q), &sl(k), &sl(v)).unwrap());
+        off += c;
+    }
+    Tensor::cat(&outs, 2).unwrap()
+}
+
+/// Bytes: every token's records, plus an f16 key and value per sink and window token held.
+#[test]
+fn exact_tokens_are_counted_in_the_memory() {
+    let dev = Device::Cpu;
+    let x = Tensor::ones((2, 3, 100, 64), DType::F32, &dev).unwrap();
+    let bytes = |kind: &str, t: usize| {
+        let mut c = CacheConfig::new(kind.parse().unwrap())
+            .build(0, 3, 64, &dev)
+            .unwrap();
+        let xs = x.narrow(2, 0, t).unwrap();
+        c.append(&xs, &xs, None).unwrap();
+        let m = c.memory();
+        assert!(m.allocated >= m.logical, "{kind}");
+        m.logical
+    };
+    let rec = bytes("tq3.5", 100) / (2 * 3 * 100);
+    let exact = 2 * 64 * 2;
+    for (kind, t, held) in [
+        ("tq3.5-s4", 100, 4),
+        ("tq3.5-w24", 100, 24),
+        ("tq3.5-s4-w24", 100, 28),
+        ("tq3.5-s4-w24", 10, 10),
+        ("tq3.5-s4-w24", 3, 3),
+        ("tq3.5-s8-w500", 100, 100),
+    ] {
+        assert_eq!(
+            bytes(kind, t),
+            2 * 3 * (t * rec + held * exact),
+            "{kind} after {t} tokens"
+        );
+    }
+}
+
+#[test]
+fn exact_token_suffixes_parse_and_name_the_cache() {
+    let s = spec_of("tqk3.5v2-pn-c-s4-w24");
+    assert_eq!((s.sinks, s.window), (4, 24));
+    assert!(s.center_keys);
+    let c = CacheConfig::new("tqk3.5v2-pn-c-s4-w24".parse().unwrap())
+        .build(0, 1, 64, &Device::Cpu)
+        .unwrap();
+    assert_eq!(c.kind_name(), "tqk3.5v2-c-pn-s4-w24");
+    for bad in ["tq3.5-s", "tq3.5-w-1", "tq3.5-w99999999999", "tq3.5-sx"] {
+        assert!(bad.parse::<CacheKind>().is_err(), "{bad}");
+    }
+}
