@@ -155,19 +155,19 @@ fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
 /// The full-precision rows of one KV head that a cache with attention sinks or an exact window
 /// keeps beside its packed records ([`crate::KvSpec::sinks`], [`crate::KvSpec::window`]).
 ///
-/// A query that sees positions `0..vis` reads positions `0..min(sinks, vis)` from `sink_k` /
-/// `sink_v`, positions `max(min(sinks, vis), vis − window) .. vis` from `win_k` / `win_v`, and
-/// the positions in between from the packed records.
+/// Query i, which sees positions `0..vis`, reads positions `0..min(sinks, vis)` from `sink_k` /
+/// `sink_v`, positions `packed_end[i]..vis` from `win_k` / `win_v`, and the positions in
+/// between from the packed records.
 ///
 /// Layouts (row-major f32): `sink_k`, `sink_v` [rows, d] for positions 0..rows (at least the
 /// sinks any query sees); `win_k`, `win_v` [rows, d] for positions `win_start..win_start + rows`
-/// (at least the window of every query).
+/// (at least the window of every query); `packed_end` [nq], each in `min(sinks, vis)..=vis`.
 #[derive(Debug, Clone, Copy)]
 pub struct ExactRows<'a> {
     /// Sink tokens S.
     pub sinks: usize,
-    /// Window W.
-    pub window: usize,
+    /// Per query: the end of the range read from records (the start of its window).
+    pub packed_end: &'a [usize],
     /// Keys of the sink positions.
     pub sink_k: &'a [f32],
     /// Values of the sink positions.
@@ -181,11 +181,14 @@ pub struct ExactRows<'a> {
 }
 
 impl ExactRows<'_> {
-    /// (sinks read exactly, end of the packed range) for a query seeing `vis` positions: sinks
-    /// `0..s`, packed `s..p`, window `p..vis`.
-    pub fn split(&self, vis: usize) -> (usize, usize) {
+    /// (sinks read exactly, end of the packed range) of query i, which sees `vis` positions:
+    /// sinks `0..s`, records `s..p`, window `p..vis`.
+    fn split(&self, i: usize, vis: usize) -> (usize, usize) {
         let s = self.sinks.min(vis);
-        (s, s.max(vis.saturating_sub(self.window)))
+        (
+            s,
+            self.packed_end.get(i).copied().unwrap_or(vis).clamp(s, vis),
+        )
     }
 
     fn check(&self, d: usize, visible: &[usize]) -> Result<()> {
@@ -199,8 +202,21 @@ impl ExactRows<'_> {
                 "exact rows: keys and values must be whole rows of {d} of the same count"
             )));
         }
-        for &vis in visible {
-            let (s, p) = self.split(vis);
+        if !self.packed_end.is_empty() && self.packed_end.len() != visible.len() {
+            return Err(Error::Config(format!(
+                "exact rows: {} packed ends for {} queries",
+                self.packed_end.len(),
+                visible.len()
+            )));
+        }
+        for (i, &vis) in visible.iter().enumerate() {
+            let pe = self.packed_end.get(i).copied().unwrap_or(vis);
+            let (s, p) = self.split(i, vis);
+            if pe != p {
+                return Err(Error::Config(format!(
+                    "query {i}: packed end {pe} is outside {s}..={vis}"
+                )));
+            }
             if s > rows(self.sink_k) {
                 return Err(Error::Config(format!(
                     "a query reads {s} sink rows, {} are given",
@@ -241,7 +257,7 @@ pub fn attend_packed(
 /// [`attend_packed`] where some positions are read from full-precision rows instead of their
 /// records ([`ExactRows`]: attention sinks and a sliding window of recent tokens); one softmax
 /// over all positions. Record `i` is position `i` (records of exactly-read positions are
-/// ignored).
+/// not read and need not exist: a slot of zeros will do).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_mixed(
     kq: &VectorQuantizer,
@@ -270,7 +286,7 @@ pub fn attend_mixed(
     check_visible(visible, n)?;
     let none = ExactRows {
         sinks: 0,
-        window: 0,
+        packed_end: &[],
         sink_k: &[],
         sink_v: &[],
         win_start: 0,
@@ -299,7 +315,7 @@ pub fn attend_mixed(
         }
         let qi = &q[i * d..(i + 1) * d];
         // Sinks 0..s and window w..vis exact, records s..w.
-        let (s, w) = ex.split(vis);
+        let (s, w) = ex.split(i, vis);
         for (pos, pt) in p[..s].iter_mut().enumerate() {
             *pt = dot(qi, &ex.sink_k[row(pos, s)]);
         }

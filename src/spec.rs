@@ -353,6 +353,10 @@ impl QuantSpec {
     }
 }
 
+/// The length from which a window budget holds ([`KvSpec::budget_bits`]); shorter sequences keep
+/// the window of one this long, so that short contexts do not lose their exact tokens.
+pub const BUDGET_FROM: usize = 512;
+
 /// Independent specs for keys and values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KvSpec {
@@ -364,6 +368,10 @@ pub struct KvSpec {
     /// quantizing keys. Every score of a query moves by the same q·μ, which softmax ignores, so
     /// attention is unchanged while the quantizer sees smaller, centred vectors.
     pub center_keys: bool,
+    /// Subtract a per-(head, channel) value mean, measured once on the first chunk, before
+    /// quantizing values, and add it back to every attention output (the weights sum to 1, so
+    /// the output is unchanged while the quantizer sees smaller, centred vectors).
+    pub center_values: bool,
     /// Attention sinks: the first `sinks` tokens of every sequence are also kept in full
     /// precision (f16), and every query reads them from there.
     pub sinks: usize,
@@ -372,6 +380,13 @@ pub struct KvSpec {
     /// (KIVI's residual, per query: a prefill chunk sees what token-by-token decoding would).
     /// Older positions are read from their packed records.
     pub window: usize,
+    /// Sizes the window from a byte budget: at every length n ≥ [`BUDGET_FROM`] the window
+    /// holds the most recent tokens that keep the whole cache (records, exact tokens, per-layer
+    /// tables) within `budget_bits` bits per channel, i.e. `16 / budget_bits` times smaller than
+    /// f16; a shorter sequence keeps the window of a [`BUDGET_FROM`]-token one (its bytes are
+    /// then below that one's). Capped by `window` when that is non-zero. (Exact tokens have no
+    /// record: a token is quantized when it leaves the window.)
+    pub budget_bits: Option<f32>,
 }
 
 impl KvSpec {
@@ -382,13 +397,71 @@ impl KvSpec {
             key: QuantSpec::mse(bits),
             value: QuantSpec::mse(bits),
             center_keys: false,
+            center_values: false,
             sinks: 0,
             window: 0,
+            budget_bits: None,
         }
     }
 
     /// Whether some tokens are kept in full precision (sinks or a window).
     pub fn has_exact(&self) -> bool {
-        self.sinks > 0 || self.window > 0
+        self.sinks > 0 || self.has_window()
+    }
+
+    /// Whether a window of recent tokens is kept in full precision (fixed or from a budget).
+    pub fn has_window(&self) -> bool {
+        self.window > 0 || self.budget_bits.is_some()
+    }
+
+    /// Exact window tokens of a sequence holding `n` tokens (also: of a query that sees `n`
+    /// positions), given the bytes per token and KV head of a record pair (key + value), of an
+    /// exact token (key + value) and the table bytes per KV head. Never more than the tokens
+    /// after the sinks.
+    pub fn window_tokens(
+        &self,
+        n: usize,
+        record_bytes: usize,
+        exact_bytes: usize,
+        table_bytes: usize,
+        head_dim: usize,
+    ) -> usize {
+        let s = self.sinks.min(n);
+        let w = match self.budget_bits {
+            None => self.window,
+            Some(bits) => {
+                // The largest W with (n − s − W)·rb + (s + W)·eb + tables ≤ n·2·d·bits/8, at
+                // n ≥ BUDGET_FROM.
+                let n = n.max(BUDGET_FROM);
+                let s = self.sinks.min(n);
+                let (rb, eb) = (record_bytes as f64, exact_bytes as f64);
+                let budget = n as f64 * 2.0 * head_dim as f64 * bits as f64 / 8.0;
+                let free = budget - table_bytes as f64 - n as f64 * rb - s as f64 * (eb - rb);
+                let fit = if eb > rb && free > 0.0 {
+                    (free / (eb - rb)).floor() as usize
+                } else {
+                    0
+                };
+                if self.window > 0 {
+                    fit.min(self.window)
+                } else {
+                    fit
+                }
+            }
+        };
+        w.min(n - s)
+    }
+
+    /// First position read from a record by a query that sees `n` positions: the positions
+    /// `0..min(sinks, n)` are sinks, `packed_end(n)..n` the window (see [`Self::window_tokens`]).
+    pub fn packed_end(
+        &self,
+        n: usize,
+        record_bytes: usize,
+        exact_bytes: usize,
+        table_bytes: usize,
+        head_dim: usize,
+    ) -> usize {
+        n - self.window_tokens(n, record_bytes, exact_bytes, table_bytes, head_dim)
     }
 }

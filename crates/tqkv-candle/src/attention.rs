@@ -108,6 +108,11 @@ impl Attention {
         Tensor::cat(&outs, 2)
     }
 
+    /// Replaces the cache (e.g. by one of another kind); returns the old one.
+    pub fn set_cache(&mut self, cache: Box<dyn KvCache>) -> Box<dyn KvCache> {
+        std::mem::replace(&mut self.cache, cache)
+    }
+
     /// The cache.
     pub fn cache(&self) -> &dyn KvCache {
         self.cache.as_ref()

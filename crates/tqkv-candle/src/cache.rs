@@ -13,6 +13,10 @@ pub struct MemoryUsage {
     pub logical: usize,
     /// Bytes allocated (capacity included).
     pub allocated: usize,
+    /// Bytes of per-layer tables the stored tokens need beside themselves (calibration,
+    /// rotations, sketches), held once however many tokens and sequences there are; not part of
+    /// `logical` or `allocated`.
+    pub tables: usize,
 }
 
 impl std::ops::Add for MemoryUsage {
@@ -21,6 +25,7 @@ impl std::ops::Add for MemoryUsage {
         MemoryUsage {
             logical: self.logical + o.logical,
             allocated: self.allocated + o.allocated,
+            tables: self.tables + o.tables,
         }
     }
 }

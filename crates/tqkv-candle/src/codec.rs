@@ -24,6 +24,11 @@ pub trait Codec: Send + Sync + std::fmt::Debug {
     fn decode(&self, rec: &[u8], out: &mut [f32]);
     /// Name, e.g. `q8`.
     fn name(&self) -> String;
+    /// Bytes of the codec's own tables for vectors of `dim` (e.g. rotation signs).
+    fn table_bytes(&self, dim: usize) -> usize {
+        let _ = dim;
+        0
+    }
 }
 
 /// q8_0: per block of 32, scale = amax/127 (f16), q = round(x/scale) as i8.
@@ -83,6 +88,9 @@ impl Q4Hadamard {
 impl Codec for Q4Hadamard {
     fn record_bytes(&self, dim: usize) -> usize {
         dim.div_ceil(BLOCK) * 2 + dim.div_ceil(2)
+    }
+    fn table_bytes(&self, dim: usize) -> usize {
+        dim.div_ceil(8)
     }
     fn encode(&self, x: &[f32], out: &mut [u8]) {
         let mut y = vec![0.0f32; x.len()];
@@ -246,7 +254,11 @@ impl<C: Codec> KvCache for CodecCache<C> {
     fn memory(&self) -> MemoryUsage {
         let logical = self.state.lens.iter().sum::<usize>() * self.state.kv_heads * 2 * self.rb;
         let allocated = self.k.iter().chain(&self.v).map(|r| r.capacity()).sum();
-        MemoryUsage { logical, allocated }
+        MemoryUsage {
+            logical,
+            allocated,
+            tables: self.codec.table_bytes(self.state.head_dim),
+        }
     }
 
     fn kind_name(&self) -> String {

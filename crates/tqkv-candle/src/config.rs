@@ -19,8 +19,13 @@ pub enum CacheKind {
     Q8,
     /// Hadamard rotation + q4_0 blocks of 32 (llama.cpp's default).
     Q4Hadamard,
-    /// KIVI at 2 or 4 bits.
-    Kivi(u8),
+    /// KIVI at 2 or 4 bits with a window of `residual` recent tokens in f16.
+    Kivi {
+        /// 2 or 4.
+        bits: u8,
+        /// Recent tokens in f16 (KIVI's R; 128 by default).
+        residual: usize,
+    },
     /// TurboQuant with independent key and value specs.
     Turbo(KvSpec),
 }
@@ -32,9 +37,14 @@ impl std::str::FromStr for CacheKind {
     /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
     /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation),
     /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]),
-    /// `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]), `tq<bits>-s<N>` (the
+    /// `tq<bits>-cv` (values centred, the mean added back to the output,
+    /// [`KvSpec::center_values`]),
+    /// `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]; `-pnk` / `-pnv` for keys
+    /// or values only), `tq<bits>-s<N>` (the
     /// first N tokens kept in f16, [`KvSpec::sinks`]), `tq<bits>-w<N>` (each query reads its N
-    /// most recent tokens from an f16 copy, [`KvSpec::window`]).
+    /// most recent tokens from an f16 copy, [`KvSpec::window`]), `tq<bits>-b<B>` (a window
+    /// sized so the whole cache stays within B bits per channel, [`KvSpec::budget_bits`];
+    /// capped by `-w<N>` when both are given).
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "f32" => CacheKind::Full(DType::F32),
@@ -42,13 +52,34 @@ impl std::str::FromStr for CacheKind {
             "bf16" => CacheKind::Full(DType::BF16),
             "q8" => CacheKind::Q8,
             "q4h" => CacheKind::Q4Hadamard,
-            "kivi2" => CacheKind::Kivi(2),
-            "kivi4" => CacheKind::Kivi(4),
+            _ if s.starts_with("kivi") => {
+                let (b, r) = match s[4..].split_once("-r") {
+                    Some((b, r)) => (b, Some(r)),
+                    None => (&s[4..], None),
+                };
+                let bits = match b {
+                    "2" => 2,
+                    "4" => 4,
+                    _ => {
+                        candle_core::bail!("unknown KV cache kind {s:?}: KIVI has kivi2 and kivi4")
+                    }
+                };
+                let residual = match r {
+                    None => crate::kivi::RESIDUAL,
+                    Some(r) => match count_suffix(&format!("r{r}"), 'r') {
+                        Some(Ok(n)) => n,
+                        _ => candle_core::bail!(
+                            "{s:?}: -r<N> takes a number of recent tokens (at most {MAX_EXACT_TOKENS})"
+                        ),
+                    },
+                };
+                CacheKind::Kivi { bits, residual }
+            }
             _ => {
                 let Some(rest) = s.strip_prefix("tq") else {
                     candle_core::bail!(
                         "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, \
-                         kivi2, kivi4, tq<bits>[-qjl][-had][-c][-pn] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
+                         kivi2, kivi4[-r<N>], tq<bits>[-qjl][-had][-c][-pn] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
                     );
                 };
                 let mut parts = rest.split('-');
@@ -62,9 +93,21 @@ impl std::str::FromStr for CacheKind {
                 let vb: BitsSpec = vb.parse().map_err(candle_core::Error::wrap)?;
                 let mut key = QuantSpec::mse(kb);
                 let mut value = QuantSpec::mse(vb);
-                let mut center_keys = false;
+                let (mut center_keys, mut center_values) = (false, false);
                 let (mut sinks, mut window) = (0usize, 0usize);
+                let mut budget_bits = None;
                 for p in parts {
+                    if let Some(b) = p.strip_prefix('b').filter(|b| {
+                        !b.is_empty() && b.bytes().all(|c| c.is_ascii_digit() || c == b'.')
+                    }) {
+                        match b.parse::<f32>() {
+                            Ok(x) if x > 0.0 && x <= 16.0 => budget_bits = Some(x),
+                            _ => candle_core::bail!(
+                                "{s:?}: -b{b} needs a budget of bits per channel in (0, 16]"
+                            ),
+                        }
+                        continue;
+                    }
                     if let Some(n) = count_suffix(p, 's') {
                         sinks = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
                         continue;
@@ -97,13 +140,17 @@ impl std::str::FromStr for CacheKind {
                             value = value.with_rotation(RotationKind::Hadamard);
                         }
                         "c" => center_keys = true,
+                        "cv" => center_values = true,
                         "pn" => {
                             key = key.with_norm_rule(NormRule::Projected);
                             value = value.with_norm_rule(NormRule::Projected);
                         }
+                        "pnk" => key = key.with_norm_rule(NormRule::Projected),
+                        "pnv" => value = value.with_norm_rule(NormRule::Projected),
                         _ => candle_core::bail!(
                             "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c, \
-                             -pn, -s<N> (sink tokens), -w<N> (exact window)"
+                             -cv, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
+                             sized to a budget of bits per channel)"
                         ),
                     }
                 }
@@ -111,8 +158,10 @@ impl std::str::FromStr for CacheKind {
                     key,
                     value,
                     center_keys,
+                    center_values,
                     sinks,
                     window,
+                    budget_bits,
                 })
             }
         })
@@ -151,6 +200,43 @@ pub struct CacheConfig {
     /// (first, last, kind): the first and last layers of the model at another kind, resolved
     /// when the model's layer count is known ([`Self::build_in`]).
     pub outer: Option<(usize, usize, CacheKind)>,
+}
+
+/// The largest layer index a per-layer override may name.
+pub const MAX_LAYER: usize = 4095;
+
+impl std::str::FromStr for CacheConfig {
+    type Err = candle_core::Error;
+    /// A kind for every layer, then per-layer overrides: `<kind>[@<layers>=<kind>]…` where
+    /// `<layers>` is a layer index or a range `a-b` (inclusive), e.g. `tq3.5@0-1=q8@29=f16`.
+    /// Later overrides win; layers the model does not have are ignored.
+    fn from_str(s: &str) -> Result<Self> {
+        let mut parts = s.split('@');
+        let mut cfg = CacheConfig::new(parts.next().unwrap_or("").parse()?);
+        for p in parts {
+            let Some((layers, kind)) = p.split_once('=') else {
+                candle_core::bail!("{s:?}: a layer override is @<layers>=<kind>, got @{p}");
+            };
+            let kind: CacheKind = kind.parse()?;
+            let num = |x: &str| -> Result<usize> {
+                match x.trim().parse::<usize>() {
+                    Ok(n) if n <= MAX_LAYER => Ok(n),
+                    _ => {
+                        candle_core::bail!("{s:?}: layer {x:?} is not an index in 0..={MAX_LAYER}")
+                    }
+                }
+            };
+            let (a, b) = match layers.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => (num(layers)?, num(layers)?),
+            };
+            if a > b {
+                candle_core::bail!("{s:?}: empty layer range {a}-{b}");
+            }
+            cfg.overrides.extend((a..=b).map(|l| (l, kind)));
+        }
+        Ok(cfg)
+    }
 }
 
 impl CacheConfig {
@@ -266,7 +352,9 @@ impl CacheConfig {
                 head_dim,
                 max,
             )),
-            CacheKind::Kivi(b) => Box::new(KiviCache::new(b, kv_heads, head_dim, max)?),
+            CacheKind::Kivi { bits, residual } => {
+                Box::new(KiviCache::new(bits, residual, kv_heads, head_dim, max)?)
+            }
             CacheKind::Turbo(spec) => Box::new(TurboCache::new(
                 spec,
                 kv_heads,

@@ -174,6 +174,7 @@ impl KvCache for FullCache {
         MemoryUsage {
             logical: self.state.lens.iter().sum::<usize>() * per_token,
             allocated: self.state.lens.len() * self.capacity * per_token,
+            tables: 0,
         }
     }
 

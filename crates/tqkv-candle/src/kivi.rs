@@ -3,9 +3,11 @@
 //! groups of G channels, both asymmetric (min + scale, f16) at 2 or 4 bits, and a window of the
 //! most recent tokens kept in f16. CPU reference; attention dequantizes and runs exact attention.
 //!
-//! Window rule (a streaming variant of KIVI's residual): at least R = 128 recent keys stay in
-//! f16; whenever R + G keys are waiting, the oldest G are quantized as one group. Values: the
-//! most recent R stay in f16, older ones are quantized token by token. G = 32.
+//! Window rule (a streaming variant of KIVI's residual): at least R recent keys stay in f16
+//! (R = 128 by default, `kivi4-r<R>` for another); whenever R + G keys are waiting, the oldest G
+//! are quantized as one group. Values: the most recent R stay in f16, older ones are quantized
+//! token by token. G = 32. With R = 0 only the incomplete last key group is in f16 (KIVI's
+//! grouping over tokens needs whole groups).
 
 use crate::cache::{grouped_attention, host_f32, KvCache, MemoryUsage, SeqState};
 use candle_core::{Result, Tensor};
@@ -14,7 +16,7 @@ use tqkv::packing::{pack_codes, packed_len, unpack_codes};
 
 /// Group size (tokens for keys, channels for values).
 pub const GROUP: usize = 32;
-/// Recent tokens kept in f16.
+/// Recent tokens kept in f16 by default.
 pub const RESIDUAL: usize = 128;
 
 #[derive(Debug, Clone, Default)]
@@ -73,13 +75,16 @@ fn asym_bytes(n: usize, bits: u8) -> usize {
 pub struct KiviCache {
     state: SeqState,
     bits: u8,
+    residual: usize,
     heads: Vec<Head>,
 }
 
 impl KiviCache {
-    /// A cache of `bits` (2 or 4) for `kv_heads` heads of `head_dim`.
+    /// A cache of `bits` (2 or 4) with `residual` recent tokens in f16, for `kv_heads` heads of
+    /// `head_dim`.
     pub fn new(
         bits: u8,
+        residual: usize,
         kv_heads: usize,
         head_dim: usize,
         max_tokens: Option<usize>,
@@ -90,6 +95,7 @@ impl KiviCache {
         Ok(KiviCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
             bits,
+            residual,
             heads: Vec::new(),
         })
     }
@@ -106,7 +112,7 @@ impl KiviCache {
         let d = self.state.head_dim;
         head.k_window.extend(k.iter().map(|&x| f16::from_f32(x)));
         head.v_window.extend(v.iter().map(|&x| f16::from_f32(x)));
-        while head.k_window.len() / d >= RESIDUAL + GROUP {
+        while head.k_window.len() / d >= self.residual + GROUP {
             // Quantize the oldest GROUP keys channel by channel.
             let block: Vec<f32> = head.k_window[..GROUP * d]
                 .iter()
@@ -119,7 +125,7 @@ impl KiviCache {
             head.k_groups_n += 1;
             head.k_window.drain(..GROUP * d);
         }
-        while head.v_window.len() / d > RESIDUAL {
+        while head.v_window.len() / d > self.residual {
             let tok: Vec<f32> = head.v_window[..d].iter().map(|x| x.to_f32()).collect();
             for blk in tok.chunks(GROUP) {
                 quant_asym(blk, self.bits, &mut head.v_quant);
@@ -237,10 +243,18 @@ impl KvCache for KiviCache {
                     + 2 * h.v_window.capacity()
             })
             .sum();
-        MemoryUsage { logical, allocated }
+        MemoryUsage {
+            logical,
+            allocated,
+            tables: 0,
+        }
     }
 
     fn kind_name(&self) -> String {
-        format!("kivi{}", self.bits)
+        if self.residual == RESIDUAL {
+            format!("kivi{}", self.bits)
+        } else {
+            format!("kivi{}-r{}", self.bits, self.residual)
+        }
     }
 }

@@ -35,6 +35,7 @@ pub mod config;
 #[cfg_attr(feature = "cuda", path = "cuda_ops.rs")]
 #[cfg_attr(not(feature = "cuda"), path = "cuda_stub.rs")]
 pub mod cuda_ops;
+pub mod exact;
 pub mod full;
 pub mod kivi;
 pub mod ops;

@@ -19,6 +19,7 @@
 
 use crate::cache::{grouped_attention, SeqState};
 use crate::cuda_ops::GpuTables;
+use crate::exact::ExactStore;
 use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp2, Layout, Result, Shape};
 use std::sync::Arc;
 use tqkv::VectorQuantizer;
@@ -116,35 +117,16 @@ impl InplaceOp2 for TqAppend {
     }
 }
 
-/// The full-precision part of a cache with attention sinks or an exact window
-/// ([`tqkv::KvSpec::sinks`], [`tqkv::KvSpec::window`]).
-///
-/// `k`, `v`: f16 `[batch, kv_heads, sinks + ring, head_dim]`, contiguous; position p < sinks
-/// at slot p, position p ≥ sinks at slot `sinks + p % ring`. Query row t of sequence b reads
-/// positions `0..min(sinks, vis)` and `max(min(sinks, vis), vis − window)..vis` from here
-/// (vis = `visible(b, t)`), the rest from the records.
+/// The full-precision part of an attend: the store, and per query token where its packed range
+/// ends (its window starts).
 #[derive(Debug, Clone)]
-pub struct ExactStore {
-    /// Keys (centred like the records when the spec centres keys).
-    pub k: candle_core::Tensor,
-    /// Values.
-    pub v: candle_core::Tensor,
-    /// Sink tokens.
-    pub sinks: usize,
-    /// Window of exact recent tokens per query.
-    pub window: usize,
-    /// Ring slots after the sinks.
-    pub ring: usize,
-}
-
-impl ExactStore {
-    /// Host f32 copies of keys and values `[batch·kv_heads·(sinks + ring)·head_dim]`.
-    fn host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        let f = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
-            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-        };
-        Ok((f(&self.k)?, f(&self.v)?))
-    }
+pub struct ExactAttend {
+    /// Sinks and recent tokens in f16 ([`crate::exact`]).
+    pub store: ExactStore,
+    /// `[batch, tokens]`: query token t of sequence b reads positions `0..min(sinks, vis)` and
+    /// `packed_end[b·tokens + t]..vis` from the store, the rest from records
+    /// (vis = `visible(b, t)`; 0 for padding rows).
+    pub packed_end: Vec<usize>,
 }
 
 /// Attention over the packed caches: see the module docs for layouts.
@@ -162,7 +144,7 @@ pub struct TqAttend {
     /// The layer's tables on the GPU (CUDA caches only).
     pub gpu: Option<Arc<GpuTables>>,
     /// Sinks and window in full precision, if the spec keeps any.
-    pub exact: Option<ExactStore>,
+    pub exact: Option<ExactAttend>,
 }
 
 impl candle_core::CustomOp3 for TqAttend {
@@ -188,8 +170,11 @@ impl candle_core::CustomOp3 for TqAttend {
         let (rbk, rbv) = (self.kq[0].record_bytes(), self.vq[0].record_bytes());
         let h = self.state.kv_heads;
         let d = self.kq[0].dim();
+        let host = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
         let exact = match &self.exact {
-            Some(e) => Some((e, e.host()?)),
+            Some(e) => Some((e, host(&e.store.k)?, host(&e.store.v)?)),
             None => None,
         };
         let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {
@@ -197,44 +182,45 @@ impl candle_core::CustomOp3 for TqAttend {
             let n = self.state.lens[b];
             let kr = &k[idx * self.capacity * rbk..][..n * rbk];
             let vr = &v[idx * self.capacity * rbv..][..n * rbv];
-            // The exact rows this group of queries reads: the sinks, and the window positions
-            // from the first query's window start (rows of the ring, in position order).
-            let rows = exact.as_ref().map(|(e, (ek, ev))| {
-                let slots = e.sinks + e.ring;
+            // The exact rows these queries read: the sinks, and the positions from the
+            // earliest window start of the append on (rows gathered in position order).
+            let rows = exact.as_ref().map(|(e, ek, ev)| {
+                let st = &e.store;
+                let slots = st.sinks + st.ring;
                 let base = idx * slots * d;
-                let ns = e.sinks.min(n);
-                let lo = e
-                    .sinks
-                    .max((self.state.start(b) + 1).saturating_sub(e.window))
-                    .min(n);
+                let ns = st.sinks.min(n);
+                let ends: Vec<usize> = (0..vis.len())
+                    .map(|i| e.packed_end[b * t + i % t])
+                    .collect();
+                let lo = ends
+                    .iter()
+                    .zip(vis)
+                    .filter(|(&pe, &v)| pe < v)
+                    .map(|(&pe, _)| pe)
+                    .min()
+                    .unwrap_or(n);
                 let (mut wk, mut wv) = (Vec::new(), Vec::new());
-                if e.window > 0 {
-                    for p in lo..n {
-                        let at = base + (e.sinks + p % e.ring) * d;
-                        wk.extend_from_slice(&ek[at..at + d]);
-                        wv.extend_from_slice(&ev[at..at + d]);
-                    }
+                for p in lo..n {
+                    let at = base + st.slot(p) * d;
+                    wk.extend_from_slice(&ek[at..at + d]);
+                    wv.extend_from_slice(&ev[at..at + d]);
                 }
-                (
-                    e,
-                    ek[base..base + ns * d].to_vec(),
-                    ev[base..base + ns * d].to_vec(),
-                    lo,
-                    wk,
-                    wv,
-                )
+                let sink_k = ek[base..base + ns * d].to_vec();
+                let sink_v = ev[base..base + ns * d].to_vec();
+                (st.sinks, ends, sink_k, sink_v, lo, wk, wv)
             });
-            let ex = rows
-                .as_ref()
-                .map(|(e, sk, sv, lo, wk, wv)| tqkv::attention::ExactRows {
-                    sinks: e.sinks,
-                    window: e.window,
-                    sink_k: sk,
-                    sink_v: sv,
-                    win_start: *lo,
-                    win_k: wk,
-                    win_v: wv,
-                });
+            let ex =
+                rows.as_ref().map(
+                    |(sinks, ends, sk, sv, lo, wk, wv)| tqkv::attention::ExactRows {
+                        sinks: *sinks,
+                        packed_end: ends,
+                        sink_k: sk,
+                        sink_v: sv,
+                        win_start: *lo,
+                        win_k: wk,
+                        win_v: wv,
+                    },
+                );
             tqkv::attention::attend_mixed(
                 &self.kq[head],
                 &self.vq[head],

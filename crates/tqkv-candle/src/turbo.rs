@@ -15,7 +15,8 @@
 
 use crate::cache::{KvCache, MemoryUsage, SeqState};
 use crate::cuda_ops::GpuTables;
-use crate::ops::{TqAppend, TqAttend, TqDequantize};
+use crate::exact::ExactStore;
+use crate::ops::{ExactAttend, TqAppend, TqAttend, TqDequantize};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 use tqkv::{KvSpec, QuantSpec, VectorQuantizer};
@@ -54,8 +55,8 @@ fn calibration_start(sinks: usize, new: &[usize]) -> usize {
 
 /// The per-(head, channel) mean of the real tokens `from..` of `x` `[b, h, t, d]`: `[1, h, 1, d]`
 /// f32.
-/// Errors when it is not finite (NaN/Inf among the keys).
-fn key_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
+/// Errors when it is not finite (NaN/Inf among the vectors).
+fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
     let (b, h, t, d) = crate::cache::dims4("keys", x)?;
     let n = new
         .iter()
@@ -90,55 +91,13 @@ pub struct TurboCache {
     /// `[1, kv_heads, 1, head_dim]` f32: the key mean subtracted before quantizing
     /// ([`KvSpec::center_keys`]), measured with the calibration.
     kmean: Option<Tensor>,
-    /// Full-precision copies of keys and values (after centring) for the sinks and the window,
-    /// f16 `[batch, kv_heads, sinks + ring, head_dim]`: position p < sinks at slot p, position
-    /// p ≥ sinks at slot `sinks + p % ring` (a ring holding at least the last `window − 1`
-    /// positions before the last append, and that append).
-    exact_k: Option<Tensor>,
-    exact_v: Option<Tensor>,
-    ring: usize,
-}
-
-/// Copies the rows of positions `p0..p0 + n` (all ≥ `sinks`) of `src` `[1, h, ≥ n, d]` (row i =
-/// position p0 + i) into the ring of capacity `ring` of sequence `b` of `dst`.
-fn write_ring(
-    dst: &Tensor,
-    b: usize,
-    src: &Tensor,
-    (p0, n): (usize, usize),
-    sinks: usize,
-    ring: usize,
-) -> Result<()> {
-    let dst = dst.narrow(0, b, 1)?;
-    let mut done = 0;
-    while done < n {
-        let slot = (p0 + done) % ring;
-        let len = (ring - slot).min(n - done);
-        dst.slice_set(&src.narrow(2, done, len)?.contiguous()?, 2, sinks + slot)?;
-        done += len;
-    }
-    Ok(())
-}
-
-/// The rows of positions `p0..p0 + n` (all ≥ `sinks`) of sequence `b` from a ring of capacity
-/// `ring`: `[1, h, n, d]`.
-fn read_ring(
-    src: &Tensor,
-    b: usize,
-    (p0, n): (usize, usize),
-    sinks: usize,
-    ring: usize,
-) -> Result<Tensor> {
-    let src = src.narrow(0, b, 1)?;
-    let mut parts = Vec::new();
-    let mut done = 0;
-    while done < n {
-        let slot = (p0 + done) % ring;
-        let len = (ring - slot).min(n - done);
-        parts.push(src.narrow(2, sinks + slot, len)?);
-        done += len;
-    }
-    Tensor::cat(&parts, 2)
+    /// `[1, kv_heads, 1, head_dim]` f32: the value mean subtracted before quantizing and added
+    /// to the outputs ([`KvSpec::center_values`]).
+    vmean: Option<Tensor>,
+    /// Sinks and the window in f16 ([`crate::exact`]), for specs that keep exact tokens.
+    exact: Option<ExactStore>,
+    /// Bytes of a key record + a value record.
+    record_bytes: usize,
 }
 
 impl TurboCache {
@@ -153,9 +112,17 @@ impl TurboCache {
         max_tokens: Option<usize>,
     ) -> Result<Self> {
         // Validate now (bits, dims, rotation) with the fixed rule; calibration comes later.
+        let mut record_bytes = 0;
         for s in [spec.key, spec.value] {
-            VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
-                .map_err(candle_core::Error::wrap)?;
+            record_bytes +=
+                VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
+                    .map_err(candle_core::Error::wrap)?
+                    .record_bytes();
+        }
+        if let Some(b) = spec.budget_bits {
+            if !(b.is_finite() && b > 0.0 && b <= 16.0) {
+                candle_core::bail!("a window budget of {b} bits per channel is not in (0, 16]");
+            }
         }
         Ok(TurboCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
@@ -170,9 +137,9 @@ impl TurboCache {
             gpu: None,
             prefill: PrefillPath::default(),
             kmean: None,
-            exact_k: None,
-            exact_v: None,
-            ring: 0,
+            vmean: None,
+            exact: None,
+            record_bytes,
         })
     }
 
@@ -234,83 +201,7 @@ impl TurboCache {
         Ok(out)
     }
 
-    /// The exact store after an append of `t` tokens (padding included) whose real tokens are
-    /// `new[b]` after `have[b]`: the ring grown if it cannot hold the last `window − 1`
-    /// positions and the append, then the append's sink and window positions written (`k`, `v`
-    /// `[b, h, t, d]`, keys centred). `None` without sinks and window.
-    #[allow(clippy::type_complexity)]
-    fn store_exact(
-        &self,
-        k: &Tensor,
-        v: &Tensor,
-        have: &[usize],
-        new: &[usize],
-        t: usize,
-    ) -> Result<Option<(Tensor, Tensor, usize)>> {
-        let (sk, w) = (self.spec.sinks, self.spec.window);
-        if sk == 0 && w == 0 {
-            return Ok(None);
-        }
-        let (h, d) = (self.state.kv_heads, self.state.head_dim);
-        let need = if w > 0 { w - 1 + t } else { 0 };
-        let (ek, ev, ring) = match (&self.exact_k, &self.exact_v) {
-            (Some(ek), Some(ev)) if self.ring >= need => (ek.clone(), ev.clone(), self.ring),
-            _ => {
-                let ring = need.max(2 * self.ring);
-                let shape = (have.len(), h, sk + ring, d);
-                let nk = Tensor::zeros(shape, DType::F16, &self.device)?;
-                let nv = Tensor::zeros(shape, DType::F16, &self.device)?;
-                if let (Some(ok), Some(ov)) = (&self.exact_k, &self.exact_v) {
-                    for (old, fresh) in [(ok, &nk), (ov, &nv)] {
-                        if sk > 0 {
-                            fresh.slice_set(&old.narrow(2, 0, sk)?.contiguous()?, 2, 0)?;
-                        }
-                        if self.ring == 0 {
-                            continue;
-                        }
-                        for (i, &len) in have.iter().enumerate() {
-                            let lo = sk.max(len.saturating_sub(w.saturating_sub(1)));
-                            if lo < len {
-                                let rows = read_ring(old, i, (lo, len - lo), sk, self.ring)?;
-                                write_ring(fresh, i, &rows, (lo, len - lo), sk, ring)?;
-                            }
-                        }
-                    }
-                }
-                (nk, nv, ring)
-            }
-        };
-        let k16 = k.to_dtype(DType::F16)?;
-        let v16 = v.to_dtype(DType::F16)?;
-        for (i, (&hv, &n)) in have.iter().zip(new).enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let sink_end = sk.min(hv + n);
-            for (dst, src) in [(&ek, &k16), (&ev, &v16)] {
-                let src = src.narrow(0, i, 1)?;
-                if hv < sink_end {
-                    dst.narrow(0, i, 1)?.slice_set(
-                        &src.narrow(2, 0, sink_end - hv)?.contiguous()?,
-                        2,
-                        hv,
-                    )?;
-                }
-                let p0 = hv.max(sk);
-                if ring > 0 && p0 < hv + n {
-                    let rows = src.narrow(2, p0 - hv, hv + n - p0)?;
-                    write_ring(dst, i, &rows, (p0, hv + n - p0), sk, ring)?;
-                }
-            }
-        }
-        Ok(Some((ek, ev, ring)))
-    }
-
-    fn grow(&mut self, batch: usize, needed: usize) -> Result<()> {
-        let widths = match (&self.kq, &self.vq) {
-            (Some(k), Some(v)) => (k[0].record_bytes(), v[0].record_bytes()),
-            _ => candle_core::bail!("the cache is not calibrated yet"),
-        };
+    fn grow(&mut self, batch: usize, needed: usize, widths: (usize, usize)) -> Result<()> {
         self.capacity = crate::cache::grow_pair(
             &mut self.k,
             &mut self.v,
@@ -324,6 +215,82 @@ impl TurboCache {
         )?;
         Ok(())
     }
+
+    /// Bytes of one exact token of one KV head: its key and value in f16.
+    fn exact_bytes(&self) -> usize {
+        2 * 2 * self.state.head_dim
+    }
+
+    /// Bytes of the per-layer tables the records need beside themselves (0 before the first
+    /// append): the key and value means of centred specs (f32), the high-precision channels of each split
+    /// (a bit mask per head), and per channel group the rotation (a dense Π in f32, or the ±1
+    /// signs of a Hadamard rotation as bits) and the QJL sketch (f32), held once per layer since
+    /// the heads of a layer share them. The Lloyd–Max codebooks depend only on (dim, bits) and
+    /// are not counted.
+    pub fn table_bytes(&self) -> usize {
+        let (Some(kq), Some(vq)) = (&self.kq, &self.vq) else {
+            return 0;
+        };
+        let (h, d) = (self.state.kv_heads, self.state.head_dim);
+        let means = usize::from(self.kmean.is_some()) + usize::from(self.vmean.is_some());
+        let mut bytes = means * 4 * h * d;
+        for q in [&kq[0], &vq[0]] {
+            if q.num_groups() > 1 {
+                bytes += h * d.div_ceil(8);
+            }
+            for g in 0..q.num_groups() {
+                let dim = q.group_channels(g).len();
+                if let Some(m) = q.group_mse(g) {
+                    bytes += match m.rotation().kind() {
+                        tqkv::RotationKind::Dense => 4 * dim * dim,
+                        tqkv::RotationKind::Hadamard => dim.div_ceil(8),
+                    };
+                }
+                if let Some(s) = q.group_qjl(g) {
+                    bytes += 4 * s.sketch_dim() * dim;
+                }
+            }
+        }
+        bytes
+    }
+
+    /// `out` `[b, hq, t, d]` f32 plus the value mean of each query head's KV head on the rows
+    /// that see something (padding rows stay zeros).
+    fn add_value_mean(&self, out: Tensor, mean: &Tensor, hq: usize) -> Result<Tensor> {
+        let (b, _, t, d) = out.dims4()?;
+        let h = self.state.kv_heads;
+        let per_q = mean
+            .reshape((1, h, 1, d))?
+            .broadcast_as((1, h, hq / h, d))?
+            .reshape((1, hq, 1, d))?;
+        let rows: Vec<f32> = (0..b)
+            .flat_map(|i| (0..t).map(move |r| (i, r)))
+            .map(|(i, r)| f32::from(self.state.visible(i, r) > 0))
+            .collect();
+        let rows = Tensor::from_vec(rows, (b, 1, t, 1), out.device())?;
+        out.broadcast_add(&per_q.broadcast_mul(&rows)?)
+    }
+
+    /// The first position a query that sees `n` positions reads from a record (the start of its
+    /// window; `n` without a window).
+    fn packed_end(&self, n: usize) -> usize {
+        if !self.spec.has_window() {
+            return n;
+        }
+        let per_head = self.table_bytes() / self.state.kv_heads.max(1);
+        self.spec.packed_end(
+            n,
+            self.record_bytes,
+            self.exact_bytes(),
+            per_head,
+            self.state.head_dim,
+        )
+    }
+
+    /// Positions of a sequence of `n` tokens that have records: `min(sinks, n)..packed_end(n)`.
+    fn records(&self, n: usize) -> std::ops::Range<usize> {
+        self.spec.sinks.min(n)..self.packed_end(n)
+    }
 }
 
 impl KvCache for TurboCache {
@@ -336,89 +303,78 @@ impl KvCache for TurboCache {
                 self.device.location()
             );
         }
+        let has_exact = self.spec.has_exact();
+        if has_exact {
+            // Exact tokens are copied, not quantized: check them here.
+            crate::full::check_finite_tensor("keys", k)?;
+            crate::full::check_finite_tensor("values", v)?;
+        }
+        // Calibration of a fresh cache, committed only once the append succeeds.
         let fresh = self.kq.is_none();
         let from = calibration_start(self.spec.sinks, &new);
-        if fresh && self.spec.center_keys {
-            self.kmean = Some(key_mean(k, &new, from)?);
-        }
-        let centred;
-        let k = match &self.kmean {
+        let kmean = if fresh && self.spec.center_keys {
+            Some(channel_mean(k, &new, from)?)
+        } else {
+            self.kmean.clone()
+        };
+        let vmean = if fresh && self.spec.center_values {
+            Some(channel_mean(v, &new, from)?)
+        } else {
+            self.vmean.clone()
+        };
+        let (centred_k, centred_v);
+        let k = match &kmean {
             Some(m) => {
-                centred = k.to_dtype(DType::F32)?.broadcast_sub(m)?;
-                &centred
+                centred_k = k.to_dtype(DType::F32)?.broadcast_sub(m)?;
+                &centred_k
             }
             None => k,
         };
-        if fresh {
+        let v = match &vmean {
+            Some(m) => {
+                centred_v = v.to_dtype(DType::F32)?.broadcast_sub(m)?;
+                &centred_v
+            }
+            None => v,
+        };
+        let (kq, vq, gpu) = if fresh {
             let ks = tqkv::rng::derive_seed(self.seed, 1);
             let vs = tqkv::rng::derive_seed(self.seed, 2);
-            self.kq = Some(Arc::new(self.calibrate(
-                self.spec.key,
-                k,
-                &new,
-                from,
-                ks,
-            )?));
-            self.vq = Some(Arc::new(self.calibrate(
-                self.spec.value,
-                v,
-                &new,
-                from,
-                vs,
-            )?));
-            if self.device.is_cuda() {
-                let (kq, vq) = (self.kq.as_ref().unwrap(), self.vq.as_ref().unwrap());
-                self.gpu = Some(Arc::new(GpuTables::new(kq, vq, &self.device)?));
-            }
-        }
-        let have: Vec<usize> = (0..b)
-            .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
-            .collect();
-        let needed = have.iter().zip(&new).map(|(h, n)| h + n).max().unwrap_or(0);
-        self.grow(b, needed)?;
-        let k = k.contiguous()?;
-        let v = v.contiguous()?;
-        for (cache, x, q, what) in [
+            let kq = Arc::new(self.calibrate(self.spec.key, k, &new, from, ks)?);
+            let vq = Arc::new(self.calibrate(self.spec.value, v, &new, from, vs)?);
+            let gpu = if self.device.is_cuda() {
+                Some(Arc::new(GpuTables::new(&kq, &vq, &self.device)?))
+            } else {
+                None
+            };
+            (kq, vq, gpu)
+        } else {
             (
-                self.k.as_ref().unwrap(),
-                &k,
-                self.kq.as_ref().unwrap(),
-                "keys",
-            ),
-            (
-                self.v.as_ref().unwrap(),
-                &v,
-                self.vq.as_ref().unwrap(),
-                "values",
-            ),
-        ] {
-            cache.inplace_op2(
-                x,
-                &TqAppend {
-                    quantizers: q.clone(),
-                    start: have.clone(),
-                    new: new.clone(),
-                    capacity: self.capacity,
-                    what,
-                    gpu: self.gpu.clone(),
-                },
-            )?;
+                self.kq.clone().unwrap(),
+                self.vq.clone().unwrap(),
+                self.gpu.clone(),
+            )
+        };
+        if fresh {
+            // The window size depends on the tables (and so on the calibration).
+            self.kq = Some(kq.clone());
+            self.vq = Some(vq.clone());
+            self.kmean = kmean.clone();
+            self.vmean = vmean.clone();
         }
-        if t > 1 {
-            if let Some(g) = &self.gpu {
-                // A prefill chunk: one status read is cheap next to the chunk. The bad token's
-                // records were not written and nothing is committed, so the cache is intact.
-                if let Err(e) = g.check(&self.device) {
-                    g.clear(&self.device)?;
-                    return Err(e);
+        let result = self.append_calibrated(k, v, b, t, &new, (&kq, &vq, &gpu));
+        if fresh {
+            match &result {
+                Ok(()) => self.gpu = gpu,
+                Err(_) => {
+                    self.kq = None;
+                    self.vq = None;
+                    self.kmean = None;
+                    self.vmean = None;
                 }
             }
         }
-        if let Some((ek, ev, ring)) = self.store_exact(&k, &v, &have, &new, t)? {
-            self.exact_k = Some(ek);
-            self.exact_v = Some(ev);
-            self.ring = ring;
-        }
+        result?;
         self.state.commit(b, t, new);
         Ok(())
     }
@@ -447,16 +403,17 @@ impl KvCache for TurboCache {
             let v = deq(self.v.as_ref().unwrap(), self.vq.as_ref().unwrap(), true)?;
             return crate::full::dense_attention(&self.state, &k, &v, q, scale, dtype);
         }
-        let exact = match (&self.exact_k, &self.exact_v) {
-            (Some(k), Some(v)) => Some(crate::ops::ExactStore {
-                k: k.clone(),
-                v: v.clone(),
-                sinks: self.spec.sinks,
-                window: self.spec.window,
-                ring: self.ring,
-            }),
-            _ => None,
-        };
+        let exact = self.exact.as_ref().map(|store| ExactAttend {
+            store: store.clone(),
+            packed_end: (0..b)
+                .flat_map(|i| {
+                    (0..t).map(move |r| {
+                        let vis = self.state.visible(i, r);
+                        self.packed_end(vis)
+                    })
+                })
+                .collect(),
+        });
         let op = TqAttend {
             state: self.state.clone(),
             kq: self.kq.clone().unwrap(),
@@ -467,8 +424,12 @@ impl KvCache for TurboCache {
             exact,
         };
         let q = q.contiguous()?;
-        q.apply_op3_no_bwd(self.k.as_ref().unwrap(), self.v.as_ref().unwrap(), &op)?
-            .to_dtype(q.dtype())
+        let out = q.apply_op3_no_bwd(self.k.as_ref().unwrap(), self.v.as_ref().unwrap(), &op)?;
+        let out = match &self.vmean {
+            Some(m) => self.add_value_mean(out, m, q.dim(1)?)?,
+            None => out,
+        };
+        out.to_dtype(q.dtype())
     }
 
     fn seq_lens(&self) -> &[usize] {
@@ -480,9 +441,7 @@ impl KvCache for TurboCache {
         self.k = None;
         self.v = None;
         self.capacity = 0;
-        self.exact_k = None;
-        self.exact_v = None;
-        self.ring = 0;
+        self.exact = None;
         if let Some(g) = &self.gpu {
             // Best effort: a failing device shows up again at the next append.
             let _ = g.clear(&self.device);
@@ -490,28 +449,19 @@ impl KvCache for TurboCache {
     }
 
     fn memory(&self) -> MemoryUsage {
-        let rb = match (&self.kq, &self.vq) {
-            (Some(k), Some(v)) => k[0].record_bytes() + v[0].record_bytes(),
-            _ => 0,
-        };
-        let (h, d) = (self.state.kv_heads, self.state.head_dim);
-        let (sk, w) = (self.spec.sinks, self.spec.window);
-        // An exact token: f16 key and value.
-        let eb = 2 * 2 * d;
-        let exact: usize = self
-            .state
-            .lens
-            .iter()
-            .map(|&n| sk.min(n) + w.min(n - sk.min(n)))
-            .sum();
-        let slots = if self.exact_k.is_some() {
-            sk + self.ring
-        } else {
-            0
-        };
+        let h = self.state.kv_heads;
+        let (rb, eb) = (self.record_bytes, self.exact_bytes());
+        let (mut records, mut exact) = (0, 0);
+        for &n in &self.state.lens {
+            let r = self.records(n);
+            records += r.len();
+            exact += n - r.len();
+        }
+        let slots = self.exact.as_ref().map_or(0, |e| e.sinks + e.ring);
         MemoryUsage {
-            logical: h * (self.state.lens.iter().sum::<usize>() * rb + exact * eb),
+            logical: h * (records * rb + exact * eb),
             allocated: self.state.lens.len() * h * (self.capacity * rb + slots * eb),
+            tables: self.table_bytes(),
         }
     }
 
@@ -524,8 +474,14 @@ impl KvCache for TurboCache {
         if let tqkv::Mode::Prod { .. } = k.mode {
             s.push_str("-qjl");
         }
+        if k.rotation == tqkv::RotationKind::Hadamard {
+            s.push_str("-had");
+        }
         if self.spec.center_keys {
             s.push_str("-c");
+        }
+        if self.spec.center_values {
+            s.push_str("-cv");
         }
         if k.norm_rule == tqkv::NormRule::Projected {
             s.push_str("-pn");
@@ -536,6 +492,178 @@ impl KvCache for TurboCache {
         if self.spec.window > 0 {
             s.push_str(&format!("-w{}", self.spec.window));
         }
+        if let Some(b) = self.spec.budget_bits {
+            s.push_str(&format!("-b{b}"));
+        }
         s
+    }
+}
+
+impl TurboCache {
+    /// The append once the quantizers exist: records for the positions that leave the window
+    /// (from the ring) or never enter it (from `k`, `v`), then the exact copies. Changes nothing
+    /// visible on error (a grown capacity aside).
+    fn append_calibrated(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        t: usize,
+        new: &[usize],
+        (kq, vq, gpu): (
+            &Arc<Vec<VectorQuantizer>>,
+            &Arc<Vec<VectorQuantizer>>,
+            &Option<Arc<GpuTables>>,
+        ),
+    ) -> Result<()> {
+        let (h, d) = (self.state.kv_heads, self.state.head_dim);
+        let sinks = self.spec.sinks;
+        let have: Vec<usize> = (0..b)
+            .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
+            .collect();
+        let total: Vec<usize> = have.iter().zip(new).map(|(h, n)| h + n).collect();
+        let needed = total.iter().copied().max().unwrap_or(0);
+        // Records to write per sequence: from where the old records end to where the new end.
+        let rec: Vec<std::ops::Range<usize>> = have
+            .iter()
+            .zip(&total)
+            .map(|(&hv, &n)| {
+                let (old, now) = (self.records(hv), self.records(n));
+                old.end.max(now.start)..now.end
+            })
+            .collect();
+        // The ring must hold every position from the oldest not yet quantized on.
+        let store = if self.spec.has_exact() {
+            let ring_from = |i: usize| sinks.max(self.records(have[i]).end);
+            let need = if self.spec.has_window() {
+                (0..b)
+                    .map(|i| total[i].saturating_sub(ring_from(i)))
+                    .max()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            Some(match &self.exact {
+                Some(e) if e.ring >= need => e.clone(),
+                old => {
+                    let ring = if need == 0 {
+                        0
+                    } else {
+                        need.max(2 * old.as_ref().map_or(0, |e| e.ring))
+                    };
+                    let keep: Vec<_> = (0..b).map(|i| ring_from(i)..have[i]).collect();
+                    ExactStore::with_ring(
+                        old.as_ref(),
+                        (b, h, d),
+                        sinks,
+                        ring,
+                        &keep,
+                        &self.device,
+                    )?
+                }
+            })
+        } else {
+            None
+        };
+        // The source rows of the records, `[b, h, rows, d]`, sequence i's from rec[i].start on:
+        // without exact tokens the append itself; else f16-rounded rows (the same whether they
+        // come from the ring or the append, so chunking changes nothing).
+        let (ks, vs, start, count) = match &store {
+            None => (k.contiguous()?, v.contiguous()?, have.clone(), new.to_vec()),
+            Some(st) => {
+                let rows = rec.iter().map(|r| r.len()).max().unwrap_or(0);
+                let (mut kp, mut vp) = (Vec::new(), Vec::new());
+                for i in 0..b {
+                    let r = &rec[i];
+                    let mut kparts = Vec::new();
+                    let mut vparts = Vec::new();
+                    let from_ring = r.start..r.end.min(have[i]);
+                    if !from_ring.is_empty() {
+                        let (rk, rv) = st.read(i, from_ring)?;
+                        kparts.push(rk);
+                        vparts.push(rv);
+                    }
+                    let lo = r.start.max(have[i]);
+                    if lo < r.end {
+                        for (x, parts) in [(k, &mut kparts), (v, &mut vparts)] {
+                            parts.push(
+                                x.narrow(0, i, 1)?
+                                    .narrow(2, lo - have[i], r.end - lo)?
+                                    .to_dtype(DType::F16)?,
+                            );
+                        }
+                    }
+                    if r.len() < rows {
+                        let pad =
+                            Tensor::zeros((1, h, rows - r.len(), d), DType::F16, &self.device)?;
+                        kparts.push(pad.clone());
+                        vparts.push(pad);
+                    }
+                    if rows > 0 {
+                        kp.push(Tensor::cat(&kparts, 2)?);
+                        vp.push(Tensor::cat(&vparts, 2)?);
+                    }
+                }
+                if rows == 0 {
+                    (k.contiguous()?, v.contiguous()?, vec![0; b], vec![0; b])
+                } else {
+                    (
+                        Tensor::cat(&kp, 0)?.contiguous()?,
+                        Tensor::cat(&vp, 0)?.contiguous()?,
+                        rec.iter().map(|r| r.start).collect(),
+                        rec.iter().map(|r| r.len()).collect(),
+                    )
+                }
+            }
+        };
+        self.grow(b, needed, (kq[0].record_bytes(), vq[0].record_bytes()))?;
+        if count.iter().any(|&c| c > 0) {
+            for (cache, x, q, what) in [
+                (self.k.as_ref().unwrap(), &ks, kq, "keys"),
+                (self.v.as_ref().unwrap(), &vs, vq, "values"),
+            ] {
+                cache.inplace_op2(
+                    x,
+                    &TqAppend {
+                        quantizers: q.clone(),
+                        start: start.clone(),
+                        new: count.clone(),
+                        capacity: self.capacity,
+                        what,
+                        gpu: gpu.clone(),
+                    },
+                )?;
+            }
+        }
+        if t > 1 {
+            if let Some(g) = gpu {
+                // A prefill chunk: one status read is cheap next to the chunk. The bad token's
+                // records were not written and nothing is committed, so the cache is intact.
+                if let Err(e) = g.check(&self.device) {
+                    g.clear(&self.device)?;
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(st) = &store {
+            // The append's sinks and ring positions, in f16.
+            for i in 0..b {
+                let (hv, n) = (have[i], total[i]);
+                let sink_end = sinks.min(n);
+                let spans = [
+                    hv.min(sink_end)..sink_end,
+                    if st.ring > 0 { hv.max(sinks)..n } else { n..n },
+                ];
+                for r in spans {
+                    if r.is_empty() {
+                        continue;
+                    }
+                    let sl = |x: &Tensor| x.narrow(0, i, 1)?.narrow(2, r.start - hv, r.len());
+                    st.write(i, r.start, &sl(k)?, &sl(v)?)?;
+                }
+            }
+        }
+        self.exact = store;
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use tqkv_llama::sampling::{Sampler, SamplingParams};
 use tqkv_llama::template::Message;
 use tqkv_llama::{LoadOptions, Loaded};
 
-/// Options shared by `chat` and `generate`.
+/// Model and cache options shared by `chat`, `generate` and `eval`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// Hugging Face repo id, local model directory or .gguf file (default: SmolLM2-135M-Instruct,
@@ -30,7 +30,8 @@ pub struct ModelArgs {
     /// Activations of safetensors models: f32, f16, bf16 (GGUF runs in f32).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// KV cache: f32, f16, bf16, q8, q4h, kivi2, kivi4, tq2.5, tq3, tq3.5, tq4, tq3.5-qjl, tqk4v3 …
+    /// KV cache: f32, f16, bf16, q8, q4h, kivi2, kivi4, tq2.5, tq3, tq3.5, tq4, tq3.5-qjl, tqk4v3 …;
+    /// per-layer overrides with @<layers>=<kind> (e.g. tq3.5@0-1=q8)
     #[arg(long, default_value = "tq3.5")]
     pub kv: String,
     /// Override the TurboQuant key bits (e.g. 4, 3.5).
@@ -45,9 +46,26 @@ pub struct ModelArgs {
     /// TurboQuant rotation: dense or hadamard.
     #[arg(long)]
     pub rotation: Option<String>,
+    /// Seed of the caches' rotations and sketches (each layer derives its own).
+    #[arg(long, default_value_t = 0)]
+    pub kv_seed: u64,
     /// Keep the first and last N layers' caches in f16.
     #[arg(long, default_value_t = 0)]
     pub keep_layers: usize,
+    /// Largest context (tokens in the KV cache).
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// GGUF weights as dense f32 (default for files up to 1 GiB: faster prefill, exact products).
+    #[arg(long, overrides_with = "no_dequantize")]
+    pub dequantize: bool,
+    /// Keep GGUF weights quantized (candle's quantized matmuls).
+    #[arg(long)]
+    pub no_dequantize: bool,
+}
+
+/// Sampling options of `chat` and `generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SampleArgs {
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
@@ -69,15 +87,6 @@ pub struct ModelArgs {
     /// Largest number of tokens generated per reply.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
-    /// Largest context (tokens in the KV cache).
-    #[arg(long)]
-    pub max_context: Option<usize>,
-    /// GGUF weights as dense f32 (default for files up to 1 GiB: faster prefill, exact products).
-    #[arg(long, overrides_with = "no_dequantize")]
-    pub dequantize: bool,
-    /// Keep GGUF weights quantized (candle's quantized matmuls).
-    #[arg(long)]
-    pub no_dequantize: bool,
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
@@ -95,7 +104,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 /// The cache configuration of the options.
 pub fn cache_config(a: &ModelArgs) -> Result<CacheConfig> {
-    let mut kind: CacheKind = a.kv.parse()?;
+    let parsed: CacheConfig = a.kv.parse()?;
+    let mut kind = parsed.default;
     if a.key_bits.is_some() || a.value_bits.is_some() || a.qjl || a.rotation.is_some() {
         let CacheKind::Turbo(mut spec) = kind else {
             bail!("--key-bits, --value-bits, --qjl and --rotation apply to TurboQuant caches (--kv tq…), not {}", a.kv);
@@ -119,7 +129,11 @@ pub fn cache_config(a: &ModelArgs) -> Result<CacheConfig> {
         }
         kind = CacheKind::Turbo(spec);
     }
-    let mut cfg = CacheConfig::new(kind);
+    let mut cfg = CacheConfig {
+        default: kind,
+        seed: a.kv_seed,
+        ..parsed
+    };
     if let Some(m) = a.max_context {
         cfg = cfg.with_max_tokens(m);
     }
@@ -208,7 +222,7 @@ impl Stats {
     }
 }
 
-fn sampler(a: &ModelArgs) -> Result<Sampler> {
+fn sampler(a: &SampleArgs) -> Result<Sampler> {
     Ok(Sampler::new(SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -280,9 +294,9 @@ fn encode(m: &Loaded, text: &str) -> Result<Vec<u32>> {
 }
 
 /// `tqkv generate`: raw completion of a prompt.
-pub fn run_generate(a: ModelArgs, prompt: String) -> Result<()> {
+pub fn run_generate(a: ModelArgs, sa: SampleArgs, prompt: String) -> Result<()> {
     let mut m = load(&a)?;
-    let mut s = sampler(&a)?;
+    let mut s = sampler(&sa)?;
     let mut stats = Stats::default();
     let ids = encode(&m, &prompt)?;
     print!("{prompt}");
@@ -290,7 +304,7 @@ pub fn run_generate(a: ModelArgs, prompt: String) -> Result<()> {
         &mut m,
         &mut s,
         &ids,
-        a.max_tokens,
+        sa.max_tokens,
         &mut stats,
         &mut std::io::stdout(),
     )?;
@@ -312,7 +326,7 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(m: Loaded, a: &ModelArgs, system: Option<String>) -> Result<Self> {
+    fn new(m: Loaded, a: &SampleArgs, system: Option<String>) -> Result<Self> {
         let messages = system
             .map(|s| {
                 vec![Message {
@@ -387,9 +401,14 @@ impl Session {
 }
 
 /// `tqkv chat`.
-pub fn run_chat(a: ModelArgs, prompt: Option<String>, system: Option<String>) -> Result<()> {
+pub fn run_chat(
+    a: ModelArgs,
+    sa: SampleArgs,
+    prompt: Option<String>,
+    system: Option<String>,
+) -> Result<()> {
     let m = load(&a)?;
-    let mut session = Session::new(m, &a, system)?;
+    let mut session = Session::new(m, &sa, system)?;
     let mut stdout = std::io::stdout();
     if let Some(p) = prompt {
         session.turn(&p, &mut stdout)?;

@@ -49,8 +49,35 @@ struct Row {
     ppl: f64,
     ppl_ref: f64,
     top1: f64,
+    /// All-in bytes at the end of the last window: stored tokens + per-layer tables.
     kv_bytes: usize,
+    /// Of which per-layer tables.
+    table_bytes: usize,
     f16_bytes: usize,
+    /// Tokens held at that point (the window minus its last token).
+    context: usize,
+    /// All-in bits per channel (per key or value coordinate).
+    bits_per_channel: f64,
+    /// All-in bytes per token over all layers.
+    bytes_per_token: f64,
+}
+
+/// Memory of the model's caches now, all-in: (bytes incl. tables, table bytes, f16 bytes,
+/// context, bits per channel, bytes per token).
+fn sizes(model: &tqkv_llama::Llama) -> (usize, usize, usize, usize, f64, f64) {
+    let m = model.kv_memory();
+    let cfg = model.config();
+    let n = model.position().max(1);
+    let all = m.logical + m.tables;
+    let channels = n * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim;
+    (
+        all,
+        m.tables,
+        model.kv_f16_bytes(),
+        model.position(),
+        8.0 * all as f64 / channels as f64,
+        all as f64 / n as f64,
+    )
 }
 
 fn read_text(path: &str) -> Result<String> {
@@ -97,9 +124,10 @@ fn bar(len: usize) -> Result<ProgressBar> {
 pub fn run(args: Args) -> Result<()> {
     let text = read_text(&args.text)?;
     let kinds = kinds_of(&args.model, &[&args.reference])?;
-    let with_kind = |kind: &str| with_kind(&args.model, kind);
-    // Reference logits of every window first (kept on the host), then each kind in turn.
-    let mut m = chat::load(&with_kind(&args.reference))?;
+    let config = |kind: &str| chat::cache_config(&with_kind(&args.model, kind));
+    // The model once; the reference logits of every window first (kept on the host), then
+    // each kind in turn over the same model with fresh caches.
+    let mut m = chat::load(&with_kind(&args.model, &args.reference))?;
     let ids = m
         .tokenizer
         .encode(text.as_str(), false)
@@ -124,17 +152,19 @@ pub fn run(args: Args) -> Result<()> {
         refs.push(scored_logits(&mut m.model, w, args.chunk)?);
         bar.inc(1);
     }
-    drop(m);
     let mut rows = Vec::new();
     for kind in &kinds {
         bar.set_message(kind.clone());
-        let mut m = chat::load(&with_kind(kind)).with_context(|| format!("--kv {kind}"))?;
+        m.model
+            .set_cache_config(&config(kind)?)
+            .with_context(|| format!("--kv {kind}"))?;
         let mut st = LogitStats::default();
         for (w, r) in wins.iter().zip(&refs) {
             let got = scored_logits(&mut m.model, w, args.chunk)?;
             score_window(&mut st, r, &got, w)?;
             bar.inc(1);
         }
+        let (kv_bytes, table_bytes, f16_bytes, context, bits, per_token) = sizes(&m.model);
         rows.push(Row {
             kind: kind.clone(),
             tokens: st.tokens,
@@ -143,26 +173,31 @@ pub fn run(args: Args) -> Result<()> {
             ppl: st.ppl(),
             ppl_ref: st.ppl_ref(),
             top1: st.top1(),
-            kv_bytes: m.model.kv_memory().logical,
-            f16_bytes: m.model.kv_f16_bytes(),
+            kv_bytes,
+            table_bytes,
+            f16_bytes,
+            context,
+            bits_per_channel: bits,
+            bytes_per_token: per_token,
         });
     }
     bar.finish_and_clear();
     eprintln!("done in {:.1?}", t0.elapsed());
     println!(
-        "reference {}; {} scored tokens of {}\n",
+        "reference {}; {} scored tokens of {}; sizes all-in at {} tokens (tables included)\n",
         args.reference,
         rows.first().map_or(0, |r| r.tokens),
-        args.text
+        args.text,
+        rows.first().map_or(0, |r| r.context),
     );
     println!(
-        "| kv | mean KLD | max KLD | PPL | PPL ({}) | Δ PPL | top-1 same | KV bytes vs f16 |",
+        "| kv | mean KLD | max KLD | PPL | PPL ({}) | Δ PPL | top-1 same | bits/channel | bytes/token | KV bytes vs f16 |",
         args.reference
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.5} | {:.3} | {:.3} | {:.3} | {:+.2}% | {:.1}% | {:.2}× smaller |",
+            "| {} | {:.5} | {:.3} | {:.3} | {:.3} | {:+.2}% | {:.1}% | {:.3} | {:.0} | {:.2}× smaller |",
             r.kind,
             r.mean_kld,
             r.max_kld,
@@ -170,6 +205,8 @@ pub fn run(args: Args) -> Result<()> {
             r.ppl_ref,
             100.0 * (r.ppl / r.ppl_ref - 1.0),
             100.0 * r.top1,
+            r.bits_per_channel,
+            r.bytes_per_token,
             r.f16_bytes as f64 / r.kv_bytes.max(1) as f64
         );
     }
@@ -205,6 +242,9 @@ pub struct NeedleArgs {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 128)]
     chunk: usize,
+    /// Seed of the secret numbers.
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
     /// Also write every trial as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -216,7 +256,7 @@ pub fn run_needle(args: NeedleArgs) -> Result<()> {
     if args.lengths.is_empty() || args.depths.is_empty() {
         bail!("--lengths and --depths need at least one value each");
     }
-    let mut rng = tqkv::rng::Rng::new(args.model.seed);
+    let mut rng = tqkv::rng::Rng::new(args.seed);
     let cases: Vec<(usize, f64, u32)> = args
         .lengths
         .iter()
@@ -225,10 +265,12 @@ pub fn run_needle(args: NeedleArgs) -> Result<()> {
         .collect();
     let bar = bar(cases.len() * kinds.len())?;
     let mut results = Vec::new();
+    let mut m = chat::load(&with_kind(&args.model, &kinds[0]))?;
     for kind in &kinds {
         bar.set_message(kind.clone());
-        let mut m =
-            chat::load(&with_kind(&args.model, kind)).with_context(|| format!("--kv {kind}"))?;
+        m.model
+            .set_cache_config(&chat::cache_config(&with_kind(&args.model, kind))?)
+            .with_context(|| format!("--kv {kind}"))?;
         for &(len, depth, secret) in &cases {
             let c = needle_case(&mut m, &filler, len, depth, secret, args.chunk, 32)?;
             results.push((kind.clone(), len, c));

@@ -32,6 +32,8 @@ enum Command {
     Chat {
         #[command(flatten)]
         model: chat::ModelArgs,
+        #[command(flatten)]
+        sample: chat::SampleArgs,
         /// One message, answered without the interactive loop.
         #[arg(long)]
         prompt: Option<String>,
@@ -43,6 +45,8 @@ enum Command {
     Generate {
         #[command(flatten)]
         model: chat::ModelArgs,
+        #[command(flatten)]
+        sample: chat::SampleArgs,
         /// The text to continue.
         #[arg(long)]
         prompt: String,
@@ -75,10 +79,15 @@ fn main() -> anyhow::Result<()> {
         Command::Distortion(args) => distortion::run(args),
         Command::Chat {
             model,
+            sample,
             prompt,
             system,
-        } => chat::run_chat(model, prompt, system),
-        Command::Generate { model, prompt } => chat::run_generate(model, prompt),
+        } => chat::run_chat(model, sample, prompt, system),
+        Command::Generate {
+            model,
+            sample,
+            prompt,
+        } => chat::run_generate(model, sample, prompt),
         Command::Bench(BenchCommand::Attention(args)) => bench::run(args),
         Command::Eval(EvalCommand::Kld(args)) => eval::run(args),
         Command::Eval(EvalCommand::Needle(args)) => eval::run_needle(args),

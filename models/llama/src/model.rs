@@ -390,6 +390,24 @@ impl Llama {
         self.pos = 0;
     }
 
+    /// Replaces every layer's cache by a fresh one of `cache` (the position goes back to 0). All
+    /// caches are built before any is replaced: on error the model keeps its caches.
+    pub fn set_cache_config(&mut self, cache: &CacheConfig) -> Result<()> {
+        let (n, nkv, d) = (
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+        );
+        let fresh = (0..n)
+            .map(|i| cache.build_in(i, n, nkv, d, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        for (b, c) in self.blocks.iter_mut().zip(fresh) {
+            b.attn.set_cache(c);
+        }
+        self.pos = 0;
+        Ok(())
+    }
+
     /// KV-cache bytes over all layers.
     pub fn kv_memory(&self) -> MemoryUsage {
         self.blocks
