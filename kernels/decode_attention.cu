@@ -8,14 +8,18 @@
 //   q        [B, Hq, T, head_dim]  f32 / f16 / bf16 (q_dtype 0 / 1 / 2); Hq = G · Hkv (GQA)
 //   kcache   [B, Hkv, cap, ks.record_bytes] u8;  vcache [B, Hkv, cap, vs.record_bytes] u8
 //   visible  [B, T] int  query (b, t) sees slots 0..visible[b·T + t] of its sequence
+//   exact    optional (null: none): sinks and windows in f16 (exact_attention.cuh); query (b, t)
+//            then reads records only for slots sinks..packed_end[b·T + t]
 //   kch, vch [Hkv, head_dim] int  per-head channel order of keys / values
 //   status   [1] int  the cache's status word: non-zero (bad input was appended) → NaN output
 //   out      [B, Hq, T, head_dim] f32
 //   ws       workspace: [B, Hkv, tiles, splits, R, Dv + 2] f32 (Dv = rotated value coordinates)
 // A block of the split kernel handles R query rows (row = t·G + g of one KV head) and one
-// chunk of `chunk` slots; grid (splits, Hkv · tiles, B). The merge kernel has grid
-// (Hkv · tiles, B). Query rows that see nothing produce zeros.
+// chunk of `chunk` slots; grid (splits, Hkv · tiles, B). With an exact part, the exact kernel
+// writes `exact->splits` more splits of the same workspace. The merge kernel has grid
+// (Hkv · tiles · R, B) and merges all splits. Query rows that see nothing produce zeros.
 #include "tqkv_common.cuh"
+#include "exact_attention.cuh"
 #include <cuda_pipeline.h>
 
 // Records of a tile of slots are staged in shared memory by asynchronous 4-byte copies of the
@@ -94,10 +98,11 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
     tq_attn_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
                          const int* __restrict__ visible, const int* __restrict__ kch, const int* __restrict__ vch,
                          TqSpec ks, TqSpec vs, int Hq, int Hkv, int T_, int cap, int chunk, int tiles, float scale,
-                         float* __restrict__ ws) {
+                         int lo, int splits, float* __restrict__ ws) {
+  // Row r reads the records of slots lo..visible[r] (lo = the sink count with an exact part).
   const int split = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / tiles, tile = blockIdx.y % tiles;
-  const int G = Hq / Hkv, d = ks.head_dim, splits = gridDim.x;
+  const int G = Hq / Hkv, d = ks.head_dim;
   constexpr int TILE = TqAttTile<R>::slots, REC = TqAttTile<R>::bytes;
   __shared__ __align__(16) float qr[2 * TQ_MAX_DIM * R];  // [coordinate][R] rotated/projected queries
   __shared__ __align__(16) uint32_t recs[2][REC / 4 + 4];
@@ -110,7 +115,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
   int kmo[2], kso[2], vmo[2], vso[2];
   tq_coord_offsets(ks, kmo, kso);
   const int Dv = tq_coord_offsets(vs, vmo, vso);
-  const int s0 = split * chunk;
+  const int s0 = split * chunk, first = max(s0, lo);
   const int rbk = ks.record_bytes, rbv = vs.record_bytes;
 
   for (int g = 0; g < ks.num_groups; ++g)
@@ -130,7 +135,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
 
   // 1. Query rows: Π_g q_g per key group and (S_g Π_g q_g)/(mκ) per sketch, as qr[coord][r].
   for (int r = 0; r < R; ++r) {
-    if (vis[r] <= s0) continue;  // uniform across the block
+    if (vis[r] <= first) continue;  // uniform across the block
     const int gr = tile * R + r, t = gr / G, qh = h * G + gr % G;
     const long qoff = (((long)b * Hq + qh) * T_ + t) * d;
     const int* ch = kch + (long)h * d;
@@ -176,10 +181,10 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
     tq_stage(dst, kbase + (long)t0 * rbk, n * rbk);
     tq_stage(dst + n * rbk, vbase + (long)t0 * rbv, n * rbv);
   };
-  if (s0 < hi) stage(0, s0);
+  if (first < hi) stage(0, first);
   __pipeline_commit();
   int cur = 0;
-  for (int t0 = s0; t0 < hi; t0 += tt, cur ^= 1) {
+  for (int t0 = first; t0 < hi; t0 += tt, cur ^= 1) {
     const int n = min(tt, hi - t0);
     if (t0 + tt < hi) stage(cur ^ 1, t0 + tt);
     __pipeline_commit();
@@ -402,14 +407,23 @@ __global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __
 template <typename T, int R>
 static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
                           const int* vch, const TqSpec* ks, const TqSpec* vs, int B, int Hq, int Hkv, int T_, int cap,
-                          float scale, int splits, int chunk, float* ws, const int* status, float* out,
-                          cudaStream_t stream) {
+                          float scale, int splits, int chunk, const TqExact* exact, float* ws, const int* status,
+                          float* out, cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
+  const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
+  // With an exact part, the records end at each row's packed_end and start after the sinks.
   tq_attn_split_kernel<T, R><<<dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
-      (const T*)q, kc, vc, visible, kch, vch, *ks, *vs, Hq, Hkv, T_, cap, chunk, tiles, scale, ws);
+      (const T*)q, kc, vc, exact ? exact->packed_end : visible, kch, vch, *ks, *vs, Hq, Hkv, T_, cap, chunk, tiles,
+      scale, exact ? exact->sinks : 0, total, ws);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
-  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, *vs, Hq, Hkv, T_, tiles, splits,
+  if (exact) {
+    tq_attn_exact_kernel<T, R><<<dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
+        (const T*)q, visible, *exact, vch, *vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return (int)e;
+  }
+  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, *vs, Hq, Hkv, T_, tiles, total,
                                                                            status, out);
   return (int)cudaGetLastError();
 }
@@ -425,7 +439,8 @@ extern "C" int tqkv_decode_attention_max_chunk(int rows) {
   return 1 << 30;
 }
 
-// The workspace in floats: B · Hkv · tiles · splits · R · (Dv + 2).
+// The workspace in floats: B · Hkv · tiles · splits · R · (Dv + 2) (splits: all of them, those
+// of the exact part included).
 extern "C" long tqkv_decode_attention_workspace(const TqSpec* vs, int B, int Hq, int Hkv, int T, int splits) {
   int Dv = 0;
   for (int g = 0; g < vs->num_groups; ++g) Dv += (vs->groups[g].mse_bits > 0 ? vs->groups[g].dim : 0) + vs->groups[g].m;
@@ -437,8 +452,8 @@ extern "C" long tqkv_decode_attention_workspace(const TqSpec* vs, int B, int Hq,
 extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* kcache, const uint8_t* vcache,
                                      const int* visible, const int* kch, const int* vch, const TqSpec* ks,
                                      const TqSpec* vs, int B, int Hq, int Hkv, int T, int cap, float scale,
-                                     int splits, int chunk, float* workspace, const int* status, float* out,
-                                     cudaStream_t stream) {
+                                     int splits, int chunk, const TqExact* exact, float* workspace,
+                                     const int* status, float* out, cudaStream_t stream) {
   if (ks->head_dim != vs->head_dim || ks->head_dim > TQ_MAX_DIM || Hkv <= 0 || Hq % Hkv != 0)
     return (int)cudaErrorInvalidValue;
   const TqSpec* both[2] = {ks, vs};
@@ -454,12 +469,20 @@ extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* 
   }
   const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
   if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
+  if (exact) {
+    // The exact part's values enter the merge through the MSE coordinates of each value group.
+    if (!exact->k || !exact->v || !exact->packed_end || exact->sinks < 0 || exact->ring < 0 ||
+        exact->splits < 1 || splits + exact->splits > 1024)
+      return (int)cudaErrorInvalidValue;
+    for (int g = 0; g < vs->num_groups; ++g)
+      if (vs->groups[g].mse_bits == 0) return (int)cudaErrorInvalidValue;
+  }
   // Staged records: one slot of keys + values must fit the tile buffer.
   if (ks->record_bytes + vs->record_bytes > TQ_ATT_REC_BYTES_MIN) return (int)cudaErrorInvalidValue;
   if (B == 0 || T == 0) return 0;
 #define TQ_ATT_CASE(TY, RR)                                                                                       \
   return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, ks, vs, B, Hq, Hkv, T, cap, scale, splits, \
-                                chunk, workspace, status, out, stream)
+                                chunk, exact, workspace, status, out, stream)
 #define TQ_ATT_ROWS(TY)      \
   switch (R) {               \
     case 1: TQ_ATT_CASE(TY, 1); \

@@ -7,11 +7,11 @@
 //! per-sequence lengths are the caller's `visible[i]`: query i sees cache positions
 //! 0..visible[i]), and write softmax(scale · q·Kᵀ)·V. A query that sees nothing gets zeros.
 //!
-//! Packed attention: each query is rotated (and projected by S) once; a per-group lookup table
-//! LUT[j][c] = (Π q)_j · centroid[c] turns every key into d table reads and adds; values are
-//! accumulated in the rotated domain, Σ_i p_i n_i c[idx_i] (+ Sᵀ Σ_i p_i γ_i/(mκ) z_i in prod
-//! mode), and un-rotated once per query. The records are unpacked once per call and shared by
-//! all queries of the group.
+//! Packed attention: each query is rotated (and projected by S) once; the records are decoded
+//! once per call into their rotated-domain reconstructions n·c[idx] (shared by all queries of
+//! the group), so a score is one dot product ⟨Π q, n·c[idx]⟩ in the rotated domain; values are
+//! accumulated there too, Σ_i p_i n_i c[idx_i] (+ Sᵀ Σ_i p_i γ_i/(mκ) z_i in prod mode), and
+//! un-rotated once per query.
 //!
 //! Mixed attention ([`attend_mixed`]): the same, with some positions read from full-precision
 //! rows ([`ExactRows`]: attention sinks and a per-query sliding window of recent tokens) and one
@@ -85,13 +85,13 @@ pub fn softmax_in_place(p: &mut [f32]) {
     p.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// One group's records unpacked: codes as bytes, norms as f32, signs as ±1.
+/// One group's records unpacked: rotated-domain reconstructions, signs as ±1, γ as f32.
 struct Unpacked {
     dim: usize,
     mse_bits: u8,
     m: usize,
-    codes: Vec<u8>,
-    norms: Vec<f32>,
+    /// Rotated-domain reconstructions n·c[idx], row-major [n, dim] (MSE groups).
+    rot: Vec<f32>,
     signs: Vec<f32>,
     gammas: Vec<f32>,
 }
@@ -109,27 +109,32 @@ fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
     q.layout()
         .groups
         .iter()
-        .map(|gl| {
+        .enumerate()
+        .map(|(g, gl)| {
             let mut u = Unpacked {
                 dim: gl.dim,
                 mse_bits: gl.mse_bits,
                 m: gl.sketch_dim,
-                codes: vec![0u8; if gl.mse_bits > 0 { n * gl.dim } else { 0 }],
-                norms: vec![0.0; n],
+                rot: vec![0.0; if gl.mse_bits > 0 { n * gl.dim } else { 0 }],
                 signs: vec![0.0; n * gl.sketch_dim],
                 gammas: vec![0.0; n],
             };
             let mut bits = vec![0u8; gl.sketch_dim];
+            let mut codes = vec![0u8; gl.dim];
+            let cent = q.group_mse(g).map(|m| m.codebook().centroids());
             for i in 0..n {
                 let rec = &records[i * rb..(i + 1) * rb];
-                if gl.mse_bits > 0 {
+                if let (true, Some(c)) = (gl.mse_bits > 0, cent) {
                     let len = crate::packing::packed_len(gl.dim, gl.mse_bits);
                     unpack_codes_unchecked(
                         &rec[gl.codes_offset..gl.codes_offset + len],
                         gl.mse_bits,
-                        &mut u.codes[i * gl.dim..(i + 1) * gl.dim],
+                        &mut codes,
                     );
-                    u.norms[i] = read_norm(rec, gl.norm_offset, fmt);
+                    let nrm = read_norm(rec, gl.norm_offset, fmt);
+                    for (r, &k) in u.rot[i * gl.dim..(i + 1) * gl.dim].iter_mut().zip(&codes) {
+                        *r = nrm * c[k as usize];
+                    }
                 }
                 if gl.sketch_dim > 0 {
                     let len = gl.sketch_dim.div_ceil(8);
@@ -328,22 +333,9 @@ pub fn attend_mixed(
             p[s..w].iter_mut().for_each(|x| *x = 0.0);
             for (g, u) in ku.iter().enumerate() {
                 if u.mse_bits > 0 {
-                    let c = kq.group_mse(g).expect("group has an MSE stage").codebook();
-                    let levels = 1usize << u.mse_bits;
                     let qr = prep.rotated(g);
-                    let mut lut = vec![0.0f32; u.dim * levels];
-                    for (j, &qj) in qr.iter().enumerate() {
-                        for (l, &cv) in c.centroids().iter().enumerate() {
-                            lut[j * levels + l] = qj * cv;
-                        }
-                    }
                     for (t, pt) in p.iter_mut().enumerate().take(w).skip(s) {
-                        let codes = &u.codes[t * u.dim..(t + 1) * u.dim];
-                        let mut acc = 0.0f32;
-                        for (j, &cj) in codes.iter().enumerate() {
-                            acc += lut[j * levels + cj as usize];
-                        }
-                        *pt += u.norms[t] * acc;
+                        *pt += dot(qr, &u.rot[t * u.dim..(t + 1) * u.dim]);
                     }
                 }
                 if u.m > 0 {
@@ -363,15 +355,9 @@ pub fn attend_mixed(
             for (g, u) in vu.iter().enumerate() {
                 let mut acc = vec![0.0f32; u.dim];
                 if u.mse_bits > 0 {
-                    let c = vq
-                        .group_mse(g)
-                        .expect("group has an MSE stage")
-                        .codebook()
-                        .centroids();
                     for (t, &pt) in p.iter().enumerate().take(w).skip(s) {
-                        let wt = pt * u.norms[t];
-                        for (x, &cj) in acc.iter_mut().zip(&u.codes[t * u.dim..(t + 1) * u.dim]) {
-                            *x += wt * c[cj as usize];
+                        for (x, &r) in acc.iter_mut().zip(&u.rot[t * u.dim..(t + 1) * u.dim]) {
+                            *x += pt * r;
                         }
                     }
                 }

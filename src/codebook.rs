@@ -116,6 +116,74 @@ impl Codebook {
         }
     }
 
+    /// A codebook of `bits` fitted to measured coordinates (Lloyd–Max on the samples: 1-D
+    /// k-means started from the theoretical codebook of `dim`, `iters` rounds), for vectors of
+    /// `dim` whose rotated unit coordinates the samples are. Errors on no samples or non-finite
+    /// ones. Its `coord_mse` is the fit's mean squared error over the samples.
+    pub fn fitted(dim: usize, bits: u8, samples: &[f32], iters: usize) -> Result<Codebook> {
+        let base = Self::get(dim, bits)?;
+        if samples.is_empty() {
+            return Err(Error::Config("a fitted codebook needs samples".into()));
+        }
+        crate::error::check_finite("codebook samples", samples)?;
+        let mut x: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
+        x.sort_by(f64::total_cmp);
+        let levels = 1usize << bits;
+        let mut c = base.centroids_f64.clone();
+        let mut bounds = vec![0.0f64; levels - 1];
+        for _ in 0..iters.max(1) {
+            for k in 1..levels {
+                bounds[k - 1] = 0.5 * (c[k - 1] + c[k]);
+            }
+            // Sorted samples: each cell is a contiguous run.
+            let mut start = 0;
+            let mut next = c.clone();
+            for (k, nk) in next.iter_mut().enumerate() {
+                let end = if k + 1 < levels {
+                    start + x[start..].partition_point(|&v| v <= bounds[k])
+                } else {
+                    x.len()
+                };
+                if end > start {
+                    *nk = x[start..end].iter().sum::<f64>() / (end - start) as f64;
+                }
+                start = end;
+            }
+            // Keep the levels strictly ascending (an empty cell keeps its old centroid).
+            for k in 1..levels {
+                if next[k] <= next[k - 1] {
+                    next[k] = next[k - 1] + 1e-9;
+                }
+            }
+            c = next;
+        }
+        for k in 1..levels {
+            bounds[k - 1] = 0.5 * (c[k - 1] + c[k]);
+        }
+        let mut mse = 0.0;
+        let mut start = 0;
+        for k in 0..levels {
+            let end = if k + 1 < levels {
+                start + x[start..].partition_point(|&v| v <= bounds[k])
+            } else {
+                x.len()
+            };
+            mse += x[start..end]
+                .iter()
+                .map(|&v| (v - c[k]).powi(2))
+                .sum::<f64>();
+            start = end;
+        }
+        Ok(Codebook {
+            dim,
+            bits,
+            centroids: c.iter().map(|&v| v as f32).collect(),
+            boundaries: bounds.iter().map(|&v| v as f32).collect(),
+            centroids_f64: c,
+            coord_mse: mse / x.len() as f64,
+        })
+    }
+
     /// Dimension of the vectors this codebook is made for.
     pub fn dim(&self) -> usize {
         self.dim

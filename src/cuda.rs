@@ -73,6 +73,24 @@ pub struct TqSpec {
     pub groups: [TqGroup; 2],
 }
 
+/// The full-precision part of an attention (mirrors `TqExact` in kernels/exact_attention.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct TqExact {
+    /// Device pointer: keys `[B, Hkv, sinks + ring, head_dim]` f16.
+    k: *const half::f16,
+    /// Device pointer: values, same layout.
+    v: *const half::f16,
+    /// Device pointer: `[B, T]` int, where each query's records end (its window starts).
+    packed_end: *const c_int,
+    /// Sink slots.
+    sinks: c_int,
+    /// Ring slots after the sinks.
+    ring: c_int,
+    /// Blocks along the exact positions.
+    splits: c_int,
+}
+
 extern "C" {
     fn tqkv_quantize_append(
         x: *const c_void,
@@ -132,6 +150,7 @@ extern "C" {
         scale: f32,
         splits: c_int,
         chunk: c_int,
+        exact: *const TqExact,
         workspace: *mut f32,
         status: *const c_int,
         out: *mut f32,
@@ -590,6 +609,47 @@ pub fn decode_attention<T: KernelFloat>(
     status: &StatusWord,
     out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    decode_attention_mixed(
+        stream, kt, vt, q, kcache, vcache, shape, visible, None, scale, status, out,
+    )
+}
+
+/// The full-precision part of an attention ([`decode_attention_mixed`]): sinks and windows of
+/// exact recent tokens in f16.
+pub struct ExactPart<'a> {
+    /// Keys `[batch, kv_heads, sinks + ring, head_dim]` f16: position p < sinks at slot p,
+    /// position p ≥ sinks at slot `sinks + p % ring`.
+    pub k: &'a CudaSlice<half::f16>,
+    /// Values, same layout.
+    pub v: &'a CudaSlice<half::f16>,
+    /// Sink slots.
+    pub sinks: usize,
+    /// Ring slots after the sinks (0: sinks only).
+    pub ring: usize,
+    /// `[batch, tokens]` on the host: query (b, t) reads the records of positions
+    /// `sinks..packed_end[b·tokens + t]`, and positions `0..min(sinks, vis)` and
+    /// `packed_end..vis` from `k`, `v` (each in `min(sinks, vis)..=vis`).
+    pub packed_end: &'a [usize],
+}
+
+/// [`decode_attention`] where some positions are read in full precision from an
+/// [`ExactPart`] (one softmax over all; the CPU reference is
+/// [`crate::attention::attend_mixed`]); `None` is [`decode_attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_mixed<T: KernelFloat>(
+    stream: &Arc<CudaStream>,
+    kt: &DeviceTables,
+    vt: &DeviceTables,
+    q: &impl DevicePtr<T>,
+    kcache: &impl DevicePtr<u8>,
+    vcache: &impl DevicePtr<u8>,
+    shape: AttentionShape,
+    visible: &[usize],
+    exact: Option<&ExactPart>,
+    scale: f32,
+    status: &StatusWord,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
     let AttentionShape {
         batch: b,
         q_heads: hq,
@@ -632,6 +692,57 @@ pub fn decode_attention<T: KernelFloat>(
     if b == 0 || t == 0 {
         return Ok(());
     }
+    // The exact part: where each query's records end, and how many blocks read the rest.
+    let mut xsplits = 0usize;
+    if let Some(e) = exact {
+        if e.packed_end.len() != b * t {
+            return Err(Error::Shape {
+                what: "packed ends",
+                expected: b * t,
+                got: e.packed_end.len(),
+            });
+        }
+        if let Some((i, _)) = e
+            .packed_end
+            .iter()
+            .zip(visible)
+            .enumerate()
+            .find(|(_, (&pe, &vis))| pe < e.sinks.min(vis) || pe > vis)
+        {
+            return Err(Error::Config(format!(
+                "query {i}: packed end {} is outside {}..={}",
+                e.packed_end[i],
+                e.sinks.min(visible[i]),
+                visible[i]
+            )));
+        }
+        let window = e
+            .packed_end
+            .iter()
+            .zip(visible)
+            .map(|(&pe, &vis)| vis - pe)
+            .max()
+            .unwrap_or(0);
+        if window > 0 && e.ring < window {
+            return Err(Error::Config(format!(
+                "a window of {window} positions does not fit a ring of {}",
+                e.ring
+            )));
+        }
+        need("exact keys", e.k, b * hkv * (e.sinks + e.ring) * d)?;
+        need("exact values", e.v, b * hkv * (e.sinks + e.ring) * d)?;
+        // Positions a block may read: its sinks, then window starts to visible ends.
+        let lo = e
+            .packed_end
+            .iter()
+            .zip(visible)
+            .filter(|(pe, vis)| pe < vis)
+            .map(|(&pe, _)| pe)
+            .min()
+            .unwrap_or(max_visible);
+        let positions = e.sinks.min(max_visible) + max_visible.saturating_sub(lo);
+        xsplits = positions.div_ceil(256).clamp(1, 64);
+    }
     let plan = plan_attention(shape, max_visible)?;
     let (bi, hqi, hkvi, ti) = (
         int("batch", b)?,
@@ -640,10 +751,15 @@ pub fn decode_attention<T: KernelFloat>(
         int("tokens", t)?,
     );
     let (si, ci) = (int("splits", plan.splits)?, int("chunk", plan.chunk)?);
+    let total = int("splits", plan.splits + xsplits)?;
     // SAFETY: pure function of its arguments; reads the host spec.
-    let ws_len = unsafe { tqkv_decode_attention_workspace(&vt.spec, bi, hqi, hkvi, ti, si) };
+    let ws_len = unsafe { tqkv_decode_attention_workspace(&vt.spec, bi, hqi, hkvi, ti, total) };
     let mut ws = unsafe { stream.alloc::<f32>(ws_len.max(1) as usize) }.map_err(driver)?;
     let vis_d = ints(stream, visible, "visible length")?;
+    let pe_d = match exact {
+        Some(e) => Some(ints(stream, e.packed_end, "packed end")?),
+        None => None,
+    };
     stream.context().bind_to_thread().map_err(driver)?;
     let (qp, _g1) = q.device_ptr(stream);
     let (kp, _g2) = kcache.device_ptr(stream);
@@ -654,8 +770,27 @@ pub fn decode_attention<T: KernelFloat>(
     let (wp, _g7) = ws.device_ptr_mut(stream);
     let (stp, _g8) = status.0.device_ptr(stream);
     let (op, _g9) = out.device_ptr_mut(stream);
-    // SAFETY: sizes checked above; the workspace is sized by the kernel's own formula; every
-    // slot a block writes is fully written before the merge reads it (same stream).
+    let mut guards = Vec::new();
+    let ex = match (exact, &pe_d) {
+        (Some(e), Some(pe)) => {
+            let (ekp, g1) = e.k.device_ptr(stream);
+            let (evp, g2) = e.v.device_ptr(stream);
+            let (pep, g3) = pe.device_ptr(stream);
+            guards.push((g1, g2, g3));
+            Some(TqExact {
+                k: raw(ekp),
+                v: raw(evp),
+                packed_end: raw(pep),
+                sinks: int("sinks", e.sinks)?,
+                ring: int("ring", e.ring)?,
+                splits: int("exact splits", xsplits)?,
+            })
+        }
+        _ => None,
+    };
+    // SAFETY: sizes checked above; the workspace is sized by the kernel's own formula for all
+    // splits; every slot a block writes is fully written before the merge reads it (same
+    // stream); the exact part's pointers outlive the launch (guards held).
     let code = unsafe {
         tqkv_decode_attention(
             raw::<c_void>(qp),
@@ -675,12 +810,15 @@ pub fn decode_attention<T: KernelFloat>(
             scale,
             si,
             ci,
+            ex.as_ref()
+                .map_or(std::ptr::null(), |x| x as *const TqExact),
             raw_mut(wp),
             raw(stp),
             raw_mut(op),
             stream.cu_stream() as *mut c_void,
         )
     };
+    drop(guards);
     launched("tqkv_decode_attention", code)
 }
 

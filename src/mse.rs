@@ -25,6 +25,24 @@ impl MseQuantizer {
         Ok(Self { rotation, codebook })
     }
 
+    /// The same rotation with another codebook of the same dimension and bits (e.g. one fitted
+    /// to measured coordinates, [`Codebook::fitted`]).
+    pub fn with_codebook(&self, codebook: Arc<Codebook>) -> Result<Self> {
+        if codebook.dim() != self.dim() || codebook.bits() != self.bits() {
+            return Err(crate::error::Error::Config(format!(
+                "a codebook for dim {} at {} bits cannot replace one for dim {} at {} bits",
+                codebook.dim(),
+                codebook.bits(),
+                self.dim(),
+                self.bits()
+            )));
+        }
+        Ok(Self {
+            rotation: self.rotation.clone(),
+            codebook,
+        })
+    }
+
     /// Dimension of the group.
     pub fn dim(&self) -> usize {
         self.codebook.dim()

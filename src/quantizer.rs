@@ -236,6 +236,45 @@ impl VectorQuantizer {
         self.dim
     }
 
+    /// Appends to `out[g]` the rotated unit coordinates Π_g x_g / ‖x_g‖ of each group g of `x`
+    /// that has an MSE stage (a zero x_g adds nothing): the samples a fitted codebook of that
+    /// group is made from. `out` has one entry per group.
+    pub fn unit_coordinates(&self, x: &[f32], out: &mut [Vec<f32>]) -> Result<()> {
+        check_len("vector", x.len(), self.dim)?;
+        check_len("coordinate lists", out.len(), self.groups.len())?;
+        check_finite("vector", x)?;
+        for (group, o) in self.groups.iter().zip(out.iter_mut()) {
+            let Some(mse) = &group.mse else { continue };
+            let xg: Vec<f32> = group.channels.iter().map(|&c| x[c]).collect();
+            let mut rot = vec![0.0f32; xg.len()];
+            mse.rotation().apply_unchecked(&xg, &mut rot);
+            let n = rot
+                .iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt();
+            if n > 0.0 {
+                o.extend(rot.iter().map(|&v| (v as f64 / n) as f32));
+            }
+        }
+        Ok(())
+    }
+
+    /// This quantizer with the MSE codebook of group g replaced by `codebooks[g]` where that is
+    /// `Some` (same dimension and bits as the group's own).
+    pub fn with_codebooks(
+        mut self,
+        codebooks: &[Option<std::sync::Arc<crate::codebook::Codebook>>],
+    ) -> Result<Self> {
+        check_len("codebooks", codebooks.len(), self.groups.len())?;
+        for (group, cb) in self.groups.iter_mut().zip(codebooks) {
+            if let (Some(mse), Some(cb)) = (&group.mse, cb) {
+                group.mse = Some(mse.with_codebook(cb.clone())?);
+            }
+        }
+        Ok(self)
+    }
+
     /// The spec.
     pub fn spec(&self) -> &QuantSpec {
         &self.spec

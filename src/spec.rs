@@ -372,6 +372,15 @@ pub struct KvSpec {
     /// quantizing values, and add it back to every attention output (the weights sum to 1, so
     /// the output is unchanged while the quantizer sees smaller, centred vectors).
     pub center_values: bool,
+    /// Per-channel key scales folded into the query: with exponent α, each (head, channel) of
+    /// the keys is divided by s_c = rms_c^α (rms over the first chunk's keys, after centring;
+    /// normalised to a geometric mean of 1) before quantizing, and the queries are multiplied by
+    /// s, so q·k = (q∘s)·(k/s) and the quantizer sees flatter keys. `None`: no scaling.
+    pub key_scale: Option<f32>,
+    /// Codebooks fitted per layer (shared by its KV heads) to the rotated unit coordinates of
+    /// the first chunk's keys and values (Lloyd–Max on those samples), instead of the
+    /// theoretical ones for uniformly random directions.
+    pub fit_codebooks: bool,
     /// Attention sinks: the first `sinks` tokens of every sequence are also kept in full
     /// precision (f16), and every query reads them from there.
     pub sinks: usize,
@@ -398,6 +407,8 @@ impl KvSpec {
             value: QuantSpec::mse(bits),
             center_keys: false,
             center_values: false,
+            key_scale: None,
+            fit_codebooks: false,
             sinks: 0,
             window: 0,
             budget_bits: None,

@@ -13,8 +13,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::sync::Arc;
 use tqkv::cuda::{
-    decode_attention, dequantize, quantize_append, AppendShape, AttentionShape, DeviceTables,
-    StatusWord,
+    decode_attention, decode_attention_mixed, dequantize, quantize_append, AppendShape,
+    AttentionShape, DeviceTables, ExactPart, StatusWord,
 };
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
@@ -356,6 +356,23 @@ fn attention_case(
     lens: &[usize],
     dtype: usize,
 ) {
+    mixed_attention_case(stream, rng, kcfg, vbits, (d, hkv, g, t), lens, dtype, None)
+}
+
+/// [`attention_case`] with an exact part when `exact` = (sinks, window): each query reads its
+/// sinks and its last `window` positions from an f16 store, the rest from records (the record
+/// slots no query reads hold random bytes), compared with `attend_mixed`.
+#[allow(clippy::too_many_arguments)]
+fn mixed_attention_case(
+    stream: &Arc<CudaStream>,
+    rng: &mut Rng,
+    kcfg: (&str, &str, &str),
+    vbits: &str,
+    (d, hkv, g, t): (usize, usize, usize, usize),
+    lens: &[usize],
+    dtype: usize,
+    exact: Option<(usize, usize)>,
+) {
     let b = lens.len();
     let hq = hkv * g;
     let cap = lens.iter().max().unwrap() + 9;
@@ -398,6 +415,47 @@ fn attention_case(
     let visible: Vec<usize> = (0..b)
         .flat_map(|bi| (0..t).map(move |ti| (lens[bi] + ti + 1).saturating_sub(t)))
         .collect();
+    // The exact part: sinks and each query's window in an f16 store, a ring of window + t.
+    let (sinks, window) = exact.unwrap_or((0, 0));
+    let ring = if exact.is_some() { window + t } else { 0 };
+    let slots = sinks + ring;
+    let slot = |p: usize| {
+        if p < sinks {
+            p
+        } else {
+            sinks + p % ring.max(1)
+        }
+    };
+    let packed_end: Vec<usize> = visible
+        .iter()
+        .map(|&vis| sinks.min(vis).max(vis.saturating_sub(window)))
+        .collect();
+    let mut ek = vec![half::f16::ZERO; (b * hkv * slots * d).max(1)];
+    let mut ev = ek.clone();
+    if exact.is_some() {
+        for (bi, &len) in lens.iter().enumerate() {
+            for h in 0..hkv {
+                for p in (0..sinks.min(len)).chain(sinks.max(len.saturating_sub(window + t))..len) {
+                    let o = ((bi * hkv + h) * slots + slot(p)) * d;
+                    for j in 0..d {
+                        ek[o + j] = half::f16::from_f64(rng.gaussian());
+                        ev[o + j] = half::f16::from_f64(rng.gaussian());
+                    }
+                }
+                // Records no query reads: garbage.
+                let last = packed_end[bi * t + t - 1];
+                for p in (0..sinks.min(len)).chain(last..len) {
+                    let i = (bi * hkv + h) * cap + p;
+                    for x in kc[i * rbk..(i + 1) * rbk].iter_mut() {
+                        *x = rng.next_u64() as u8;
+                    }
+                    for x in vc[i * rbv..(i + 1) * rbv].iter_mut() {
+                        *x = rng.next_u64() as u8;
+                    }
+                }
+            }
+        }
+    }
     let scale = 1.0 / (d as f32).sqrt();
     let (kcd, vcd) = (
         stream.clone_htod(&kc).unwrap(),
@@ -412,8 +470,20 @@ fn attention_case(
         tokens: t,
         capacity: cap,
     };
-    with_input_as!(stream, dtype, &q, |qd| decode_attention(
-        stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, scale, &status, &mut out,
+    let (ekd, evd) = (
+        stream.clone_htod(&ek).unwrap(),
+        stream.clone_htod(&ev).unwrap(),
+    );
+    let part = ExactPart {
+        k: &ekd,
+        v: &evd,
+        sinks,
+        ring,
+        packed_end: &packed_end,
+    };
+    let part = exact.map(|_| &part);
+    with_input_as!(stream, dtype, &q, |qd| decode_attention_mixed(
+        stream, &kd, &vd, &qd, &kcd, &vcd, shape, &visible, part, scale, &status, &mut out,
     ))
     .unwrap();
     let got = stream.clone_dtoh(&out).unwrap();
@@ -425,23 +495,62 @@ fn attention_case(
             // Rows of this KV head: (t, g) with query head h·G + g.
             let mut qq = Vec::new();
             let mut vis = Vec::new();
+            let mut ends = Vec::new();
             for ti in 0..t {
                 for gi in 0..g {
                     let o = ((bi * hq + h * g + gi) * t + ti) * d;
                     qq.extend_from_slice(&q[o..o + d]);
                     vis.push(visible[bi * t + ti]);
+                    ends.push(packed_end[bi * t + ti]);
                 }
             }
+            // The exact rows in position order: sinks, then the positions from the earliest
+            // window start on.
+            let row = |x: &[half::f16], p: usize| -> Vec<f32> {
+                let o = ((bi * hkv + h) * slots + slot(p)) * d;
+                x[o..o + d].iter().map(|v| v.to_f32()).collect()
+            };
+            let lo = ends
+                .iter()
+                .zip(&vis)
+                .filter(|(e, v)| e < v)
+                .map(|(&e, _)| e)
+                .min()
+                .unwrap_or(n);
+            let gather = |x: &[half::f16], r: std::ops::Range<usize>| -> Vec<f32> {
+                r.flat_map(|p| row(x, p)).collect()
+            };
+            let (sk, sv) = (gather(&ek, 0..sinks.min(n)), gather(&ev, 0..sinks.min(n)));
+            let (wk, wv) = (gather(&ek, lo..n), gather(&ev, lo..n));
+            let rows = tqkv::attention::ExactRows {
+                sinks,
+                packed_end: &ends,
+                sink_k: &sk,
+                sink_v: &sv,
+                win_start: lo,
+                win_k: &wk,
+                win_v: &wv,
+            };
             let mut want = vec![0f32; qq.len()];
-            tqkv::attention::attend_packed(&kq[h], &vq[h], &qq, kr, vr, &vis, scale, &mut want)
-                .unwrap();
+            tqkv::attention::attend_mixed(
+                &kq[h],
+                &vq[h],
+                &qq,
+                kr,
+                vr,
+                exact.map(|_| &rows),
+                &vis,
+                scale,
+                &mut want,
+            )
+            .unwrap();
             for ti in 0..t {
                 for gi in 0..g {
                     let o = ((bi * hq + h * g + gi) * t + ti) * d;
                     let row = &got[o..o + d];
                     let w = &want[(ti * g + gi) * d..][..d];
                     let ctx = format!(
-                        "{kcfg:?}/v{vbits} d={d} G={g} T={t} dtype {dtype} seq {bi} (len {n}) head {h} row ({ti},{gi}) sees {}",
+                        "{kcfg:?}/v{vbits} d={d} G={g} T={t} dtype {dtype} exact {exact:?} seq {bi} (len {n}) head {h} row ({ti},{gi}) sees {}",
                         vis[ti * g + gi]
                     );
                     if vis[ti * g + gi] == 0 {
@@ -564,6 +673,68 @@ fn decode_attention_matches_attend_packed() {
         &[2, 40],
         0,
     );
+}
+
+/// Sinks and windows read in full precision, merged with the packed part (the CPU reference
+/// is `attend_mixed`): decode and several query tokens, windows shorter and longer than a
+/// split, a sequence shorter than its sinks.
+#[test]
+fn mixed_attention_matches_attend_mixed() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = Rng::new(fresh_seed("gpu mixed attention"));
+    for (kcfg, vbits, dims, lens, dtype, exact) in [
+        (
+            ("4", "mse", "hadamard"),
+            "2",
+            (64, 3, 3, 1),
+            &[600usize, 3, 31][..],
+            0,
+            (1, 29),
+        ),
+        (
+            ("3.5", "mse", "dense"),
+            "2.5",
+            (128, 2, 4, 1),
+            &[3001, 7],
+            1,
+            (4, 300),
+        ),
+        (
+            ("4", "prod", "hadamard"),
+            "3",
+            (96, 1, 7, 5),
+            &[40, 900],
+            2,
+            (2, 9),
+        ),
+        (
+            ("2.5", "mse", "hadamard"),
+            "2",
+            (128, 2, 2, 16),
+            &[2000],
+            0,
+            (0, 600),
+        ),
+        (
+            ("3", "mse", "dense"),
+            "3",
+            (64, 2, 1, 1),
+            &[100, 2],
+            1,
+            (8, 0),
+        ),
+    ] {
+        mixed_attention_case(
+            &stream,
+            &mut rng,
+            kcfg,
+            vbits,
+            dims,
+            lens,
+            dtype,
+            Some(exact),
+        );
+    }
 }
 
 #[test]

@@ -39,7 +39,9 @@ impl std::str::FromStr for CacheKind {
     /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]),
     /// `tq<bits>-cv` (values centred, the mean added back to the output,
     /// [`KvSpec::center_values`]),
-    /// `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]; `-pnk` / `-pnv` for keys
+    /// `tq<bits>-fc` (codebooks fitted per layer to the first chunk, [`KvSpec::fit_codebooks`]),
+    /// `tq<bits>-ks<α>` (per-channel key scales rms^α folded into the query,
+    /// [`KvSpec::key_scale`]; `-ks` alone is α = 0.5), `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]; `-pnk` / `-pnv` for keys
     /// or values only), `tq<bits>-s<N>` (the
     /// first N tokens kept in f16, [`KvSpec::sinks`]), `tq<bits>-w<N>` (each query reads its N
     /// most recent tokens from an f16 copy, [`KvSpec::window`]), `tq<bits>-b<B>` (a window
@@ -96,7 +98,24 @@ impl std::str::FromStr for CacheKind {
                 let (mut center_keys, mut center_values) = (false, false);
                 let (mut sinks, mut window) = (0usize, 0usize);
                 let mut budget_bits = None;
+                let mut key_scale = None;
+                let mut fit_codebooks = false;
                 for p in parts {
+                    if let Some(a) = p.strip_prefix("ks") {
+                        match if a.is_empty() {
+                            Ok(0.5)
+                        } else {
+                            a.parse::<f32>()
+                        } {
+                            Ok(x) if x.is_finite() && (0.0..=2.0).contains(&x) => {
+                                key_scale = Some(x)
+                            }
+                            _ => candle_core::bail!(
+                                "{s:?}: -ks<α> needs an exponent in 0..=2 (-ks alone: 0.5)"
+                            ),
+                        }
+                        continue;
+                    }
                     if let Some(b) = p.strip_prefix('b').filter(|b| {
                         !b.is_empty() && b.bytes().all(|c| c.is_ascii_digit() || c == b'.')
                     }) {
@@ -141,6 +160,7 @@ impl std::str::FromStr for CacheKind {
                         }
                         "c" => center_keys = true,
                         "cv" => center_values = true,
+                        "fc" => fit_codebooks = true,
                         "pn" => {
                             key = key.with_norm_rule(NormRule::Projected);
                             value = value.with_norm_rule(NormRule::Projected);
@@ -149,7 +169,7 @@ impl std::str::FromStr for CacheKind {
                         "pnv" => value = value.with_norm_rule(NormRule::Projected),
                         _ => candle_core::bail!(
                             "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c, \
-                             -cv, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
+                             -cv, -ks[α], -fc, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
                              sized to a budget of bits per channel)"
                         ),
                     }
@@ -159,6 +179,8 @@ impl std::str::FromStr for CacheKind {
                     value,
                     center_keys,
                     center_values,
+                    key_scale,
+                    fit_codebooks,
                     sinks,
                     window,
                     budget_bits,

@@ -172,9 +172,31 @@ pub fn attend(
     let mut out = stream
         .alloc_zeros::<f32>(b * hq * t * d)
         .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))?;
+    // The exact part: the store's f16 tensors (fresh allocations: contiguous, offset 0).
+    let guards = match &op.exact {
+        Some(x) => Some((
+            x.store.k.storage_and_layout(),
+            x.store.v.storage_and_layout(),
+        )),
+        None => None,
+    };
+    let exact_slices = match &guards {
+        Some((gk, gv)) => Some((f16_slice(&gk.0, gk.1)?, f16_slice(&gv.0, gv.1)?)),
+        None => None,
+    };
+    let part = match (&op.exact, &exact_slices) {
+        (Some(x), Some((k16, v16))) => Some(tqkv::cuda::ExactPart {
+            k: k16,
+            v: v16,
+            sinks: x.store.sinks,
+            ring: x.store.ring,
+            packed_end: &x.packed_end,
+        }),
+        _ => None,
+    };
     let status = lock(&gpu.status)?;
     let r = with_float_slice!(&q.slice, "tqkv-attend: queries", |x| {
-        tqkv::cuda::decode_attention(
+        tqkv::cuda::decode_attention_mixed(
             &stream,
             &gpu.k,
             &gpu.v,
@@ -183,6 +205,7 @@ pub fn attend(
             vc,
             shape,
             &visible,
+            part.as_ref(),
             op.scale,
             &status,
             &mut out,
@@ -193,6 +216,19 @@ pub fn attend(
         CudaStorage::wrap_cuda_slice(out, q.device.clone()),
         Shape::from((b, hq, t, d)),
     ))
+}
+
+/// The f16 slice of a fresh (contiguous, offset 0) CUDA tensor's storage.
+fn f16_slice<'a>(
+    g: &'a std::sync::RwLockReadGuard<'_, candle_core::Storage>,
+    l: &Layout,
+) -> Result<&'a CudaSlice<half::f16>> {
+    match (&**g, l.contiguous_offsets()) {
+        (candle_core::Storage::Cuda(c), Some((0, _))) => c.as_cuda_slice::<half::f16>(),
+        _ => candle_core::bail!(
+            "tqkv-attend: the exact store must be contiguous f16 on the cache's device"
+        ),
+    }
 }
 
 /// Dequantize of the first `n` slots on the GPU.

@@ -75,6 +75,52 @@ fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
     mean.reshape((1, h, 1, d))
 }
 
+/// Per-(head, channel) scales rms^α of the real tokens `from..` of `x` `[b, h, t, d]` (after
+/// centring), normalised per head to a geometric mean of 1: `[1, h, 1, d]` f32. Channels with
+/// no energy get the head's smallest positive scale.
+fn channel_scales(x: &Tensor, new: &[usize], from: usize, alpha: f32) -> Result<Tensor> {
+    let (b, h, t, d) = crate::cache::dims4("keys", x)?;
+    let n = new
+        .iter()
+        .map(|&n| n.saturating_sub(from))
+        .sum::<usize>()
+        .max(1) as f64;
+    let mask = token_mask(b, t, new, from, x.device())?;
+    let ms = (x
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .broadcast_mul(&mask)?
+        .sum(2)?
+        .sum(0)?
+        / n)?
+        .to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(h * d);
+    for row in ms {
+        crate::cache::check_finite("keys", &row)?;
+        let floor = row
+            .iter()
+            .copied()
+            .filter(|&e| e > 0.0)
+            .fold(f32::INFINITY, f32::min);
+        let s: Vec<f64> = row
+            .iter()
+            .map(|&e| {
+                let e = if e > 0.0 {
+                    e
+                } else if floor.is_finite() {
+                    floor
+                } else {
+                    1.0
+                };
+                (e as f64).sqrt().powf(alpha as f64)
+            })
+            .collect();
+        let g = (s.iter().map(|x| x.ln()).sum::<f64>() / d as f64).exp();
+        out.extend(s.iter().map(|x| (x / g) as f32));
+    }
+    Tensor::from_vec(out, (1, h, 1, d), x.device())
+}
+
 /// Keys and values in TurboQuant's packed format.
 pub struct TurboCache {
     state: SeqState,
@@ -94,6 +140,9 @@ pub struct TurboCache {
     /// `[1, kv_heads, 1, head_dim]` f32: the value mean subtracted before quantizing and added
     /// to the outputs ([`KvSpec::center_values`]).
     vmean: Option<Tensor>,
+    /// `[1, kv_heads, 1, head_dim]` f32: the key scales s ([`KvSpec::key_scale`]): records and
+    /// exact copies hold k/s, queries are multiplied by s.
+    kscale: Option<Tensor>,
     /// Sinks and the window in f16 ([`crate::exact`]), for specs that keep exact tokens.
     exact: Option<ExactStore>,
     /// Bytes of a key record + a value record.
@@ -138,6 +187,7 @@ impl TurboCache {
             prefill: PrefillPath::default(),
             kmean: None,
             vmean: None,
+            kscale: None,
             exact: None,
             record_bytes,
         })
@@ -163,8 +213,50 @@ impl TurboCache {
         Some((self.kq.as_deref()?, self.vq.as_deref()?))
     }
 
-    /// Chooses each head's channels from the first append's real tokens.
+    /// The quantizers of each head calibrated on the first append's real tokens `from..`: the
+    /// channel split, then the fitted codebooks when the spec asks for them.
     fn calibrate(
+        &self,
+        spec: QuantSpec,
+        x: &Tensor,
+        new: &[usize],
+        from: usize,
+        seed: u64,
+    ) -> Result<Vec<VectorQuantizer>> {
+        let qs = self.calibrate_channels(spec, x, new, from, seed)?;
+        if !self.spec.fit_codebooks {
+            return Ok(qs);
+        }
+        let (b, h, t, d) = crate::cache::dims4("calibration", x)?;
+        let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let groups = qs[0].num_groups();
+        let mut samples = vec![Vec::new(); groups];
+        for (head, q) in qs.iter().enumerate() {
+            for (i, &n) in new.iter().enumerate().take(b) {
+                for tok in from.min(n)..n {
+                    let off = ((i * h + head) * t + tok) * d;
+                    q.unit_coordinates(&host[off..off + d], &mut samples)
+                        .map_err(candle_core::Error::wrap)?;
+                }
+            }
+        }
+        let mut books = Vec::with_capacity(groups);
+        for (g, smp) in samples.iter().enumerate() {
+            books.push(match (qs[0].group_mse(g), smp.is_empty()) {
+                (Some(m), false) => Some(Arc::new(
+                    tqkv::Codebook::fitted(m.dim(), m.bits(), smp, 50)
+                        .map_err(candle_core::Error::wrap)?,
+                )),
+                _ => None,
+            });
+        }
+        qs.into_iter()
+            .map(|q| q.with_codebooks(&books).map_err(candle_core::Error::wrap))
+            .collect()
+    }
+
+    /// Chooses each head's channels from the first append's real tokens.
+    fn calibrate_channels(
         &self,
         spec: QuantSpec,
         x: &Tensor,
@@ -222,17 +314,19 @@ impl TurboCache {
     }
 
     /// Bytes of the per-layer tables the records need beside themselves (0 before the first
-    /// append): the key and value means of centred specs (f32), the high-precision channels of each split
+    /// append): the key and value means of centred specs and the key scales (f32), the high-precision channels of each split
     /// (a bit mask per head), and per channel group the rotation (a dense Π in f32, or the ±1
-    /// signs of a Hadamard rotation as bits) and the QJL sketch (f32), held once per layer since
-    /// the heads of a layer share them. The Lloyd–Max codebooks depend only on (dim, bits) and
-    /// are not counted.
+    /// signs of a Hadamard rotation as bits), the QJL sketch (f32) and fitted codebooks (f32
+    /// centroids), held once per layer since the heads of a layer share them. The theoretical
+    /// Lloyd–Max codebooks depend only on (dim, bits) and are not counted.
     pub fn table_bytes(&self) -> usize {
         let (Some(kq), Some(vq)) = (&self.kq, &self.vq) else {
             return 0;
         };
         let (h, d) = (self.state.kv_heads, self.state.head_dim);
-        let means = usize::from(self.kmean.is_some()) + usize::from(self.vmean.is_some());
+        let means = usize::from(self.kmean.is_some())
+            + usize::from(self.vmean.is_some())
+            + usize::from(self.kscale.is_some());
         let mut bytes = means * 4 * h * d;
         for q in [&kq[0], &vq[0]] {
             if q.num_groups() > 1 {
@@ -245,6 +339,9 @@ impl TurboCache {
                         tqkv::RotationKind::Dense => 4 * dim * dim,
                         tqkv::RotationKind::Hadamard => dim.div_ceil(8),
                     };
+                    if self.spec.fit_codebooks {
+                        bytes += 4 << m.bits();
+                    }
                 }
                 if let Some(s) = q.group_qjl(g) {
                     bytes += 4 * s.sketch_dim() * dim;
@@ -254,15 +351,20 @@ impl TurboCache {
         bytes
     }
 
+    /// A `[1, kv_heads, 1, d]` table repeated for the query heads of each KV head:
+    /// `[1, hq, 1, d]`.
+    fn per_query_head(&self, x: &Tensor, hq: usize) -> Result<Tensor> {
+        let (h, d) = (self.state.kv_heads, self.state.head_dim);
+        x.reshape((1, h, 1, d))?
+            .broadcast_as((1, h, hq / h, d))?
+            .reshape((1, hq, 1, d))
+    }
+
     /// `out` `[b, hq, t, d]` f32 plus the value mean of each query head's KV head on the rows
     /// that see something (padding rows stay zeros).
     fn add_value_mean(&self, out: Tensor, mean: &Tensor, hq: usize) -> Result<Tensor> {
-        let (b, _, t, d) = out.dims4()?;
-        let h = self.state.kv_heads;
-        let per_q = mean
-            .reshape((1, h, 1, d))?
-            .broadcast_as((1, h, hq / h, d))?
-            .reshape((1, hq, 1, d))?;
+        let (b, _, t, _) = out.dims4()?;
+        let per_q = self.per_query_head(mean, hq)?;
         let rows: Vec<f32> = (0..b)
             .flat_map(|i| (0..t).map(move |r| (i, r)))
             .map(|(i, r)| f32::from(self.state.visible(i, r) > 0))
@@ -337,6 +439,18 @@ impl KvCache for TurboCache {
             }
             None => v,
         };
+        let kscale = match (fresh, self.spec.key_scale) {
+            (true, Some(alpha)) => Some(channel_scales(k, &new, from, alpha)?),
+            _ => self.kscale.clone(),
+        };
+        let scaled_k;
+        let k = match &kscale {
+            Some(sc) => {
+                scaled_k = k.to_dtype(DType::F32)?.broadcast_div(sc)?;
+                &scaled_k
+            }
+            None => k,
+        };
         let (kq, vq, gpu) = if fresh {
             let ks = tqkv::rng::derive_seed(self.seed, 1);
             let vs = tqkv::rng::derive_seed(self.seed, 2);
@@ -361,6 +475,7 @@ impl KvCache for TurboCache {
             self.vq = Some(vq.clone());
             self.kmean = kmean.clone();
             self.vmean = vmean.clone();
+            self.kscale = kscale.clone();
         }
         let result = self.append_calibrated(k, v, b, t, &new, (&kq, &vq, &gpu));
         if fresh {
@@ -371,6 +486,7 @@ impl KvCache for TurboCache {
                     self.vq = None;
                     self.kmean = None;
                     self.vmean = None;
+                    self.kscale = None;
                 }
             }
         }
@@ -423,13 +539,20 @@ impl KvCache for TurboCache {
             gpu: self.gpu.clone(),
             exact,
         };
+        let dtype = q.dtype();
+        let q = match &self.kscale {
+            Some(sc) => self
+                .per_query_head(sc, q.dim(1)?)?
+                .broadcast_mul(&q.to_dtype(DType::F32)?)?,
+            None => q.clone(),
+        };
         let q = q.contiguous()?;
         let out = q.apply_op3_no_bwd(self.k.as_ref().unwrap(), self.v.as_ref().unwrap(), &op)?;
         let out = match &self.vmean {
             Some(m) => self.add_value_mean(out, m, q.dim(1)?)?,
             None => out,
         };
-        out.to_dtype(q.dtype())
+        out.to_dtype(dtype)
     }
 
     fn seq_lens(&self) -> &[usize] {
@@ -482,6 +605,12 @@ impl KvCache for TurboCache {
         }
         if self.spec.center_values {
             s.push_str("-cv");
+        }
+        if let Some(a) = self.spec.key_scale {
+            s.push_str(&format!("-ks{a}"));
+        }
+        if self.spec.fit_codebooks {
+            s.push_str("-fc");
         }
         if k.norm_rule == tqkv::NormRule::Projected {
             s.push_str("-pn");

@@ -61,6 +61,9 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
         ("tqk4v3", 96),
         ("tq3.5-had", 128),
         ("tq3.5-pn-c", 64),
+        ("tqk4v2-had-pn-c-s1-b4", 64),
+        ("tqk3.5v2.5-pn-c-s4-w9", 128),
+        ("tq3-had-pnk-cv-s2", 96),
     ] {
         for (dtype, tol_decode, tol_prefill) in [
             (DType::F32, 2e-3, 2e-3),
@@ -75,8 +78,8 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
                 cud.set_prefill_path(path);
                 let lens = [t, 20];
                 let ctx = format!("{kind} d={d} {dtype:?} {path:?}");
-                // Prefill (ragged), then decode steps.
-                for step in 0..4 {
+                // Prefill (ragged), then decode steps (past a window of 9).
+                for step in 0..12 {
                     let tt = if step == 0 { t } else { 1 };
                     let k = kv_like(&mut rng, (b, hk, tt, d), 1.0)
                         .to_dtype(dtype)
@@ -115,7 +118,14 @@ fn full_cache_and_attention_layer_on_cuda_match_the_cpu() {
     let Some(gpu) = cuda() else { return };
     let mut rng = Rng::new(seed("full/layer cuda vs cpu"));
     let (b, hq, hk, d) = (1usize, 6usize, 2usize, 64usize);
-    for kind in ["f16", "bf16", "f32", "tq3.5", "tq2.5-qjl"] {
+    for kind in [
+        "f16",
+        "bf16",
+        "f32",
+        "tq3.5",
+        "tq2.5-qjl",
+        "tqk4v2-had-pn-c-s1-w20",
+    ] {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let mut cpu = Attention::new(cfg.build(3, hk, d, &Device::Cpu).unwrap(), hq, hk, d)
             .unwrap()

@@ -10,7 +10,10 @@ use crate::chat::{self, ModelArgs};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
-use tqkv_llama::eval::{needle_case, score_window, scored_logits, windows, LogitStats};
+use tqkv_llama::eval::{
+    answer_is_right, greedy_answer, needle_case, score_window, scored_logits, windows, LogitStats,
+    FACTUAL_QUESTIONS,
+};
 
 /// The text of the default measurement (present on Debian and Ubuntu machines).
 const DEFAULT_TEXT: &str = "/usr/share/common-licenses/GPL-3";
@@ -309,6 +312,111 @@ pub fn run_needle(args: NeedleArgs) -> Result<()> {
         let rows: Vec<_> = results
             .iter()
             .map(|(k, l, c)| serde_json::json!({"kv": k, "length": l, "case": c}))
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct QaArgs {
+    /// Model, device, dtype and cache options; `--kv` takes a comma-separated list of kinds.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The reference cache kind.
+    #[arg(long, default_value = "f16")]
+    reference: String,
+    /// Tokens generated per answer at most.
+    #[arg(long, default_value_t = 24)]
+    max_tokens: usize,
+    /// Also write every answer as JSON to this file.
+    #[arg(long)]
+    json: Option<String>,
+}
+
+/// `tqkv eval qa`: greedy answers to short factual questions per cache kind against the
+/// reference's.
+pub fn run_qa(args: QaArgs) -> Result<()> {
+    let kinds = kinds_of(&args.model, &[&args.reference])?;
+    let mut m = chat::load(&with_kind(&args.model, &args.reference))?;
+    let all: Vec<&String> = std::iter::once(&args.reference).chain(&kinds).collect();
+    let bar = bar(all.len() * FACTUAL_QUESTIONS.len())?;
+    let mut answers: Vec<Vec<String>> = Vec::new();
+    for kind in &all {
+        bar.set_message((*kind).clone());
+        m.model
+            .set_cache_config(&chat::cache_config(&with_kind(&args.model, kind))?)
+            .with_context(|| format!("--kv {kind}"))?;
+        let mut row = Vec::new();
+        for (q, _) in FACTUAL_QUESTIONS {
+            row.push(greedy_answer(&mut m, q, args.max_tokens)?);
+            bar.inc(1);
+        }
+        answers.push(row);
+    }
+    bar.finish_and_clear();
+    let right: Vec<Vec<bool>> = answers
+        .iter()
+        .map(|row| {
+            row.iter()
+                .zip(FACTUAL_QUESTIONS)
+                .map(|(a, (_, w))| answer_is_right(a, w))
+                .collect()
+        })
+        .collect();
+    let ref_right = right[0].iter().filter(|&&r| r).count();
+    println!(
+        "{} factual questions, greedy, {} tokens at most; {} answers {} right\n",
+        FACTUAL_QUESTIONS.len(),
+        args.max_tokens,
+        args.reference,
+        ref_right
+    );
+    println!(
+        "| kv | right | right where {r} is | same text as {r} | same text where {r} is right |",
+        r = args.reference
+    );
+    println!("|---|---|---|---|---|");
+    for (i, kind) in all.iter().enumerate().skip(1) {
+        let n = FACTUAL_QUESTIONS.len();
+        let both = (0..n).filter(|&j| right[0][j] && right[i][j]).count();
+        let same = (0..n).filter(|&j| answers[i][j] == answers[0][j]).count();
+        let same_right = (0..n)
+            .filter(|&j| right[0][j] && answers[i][j] == answers[0][j])
+            .count();
+        println!(
+            "| {kind} | {}/{n} | {both}/{ref_right} | {same}/{n} | {same_right}/{ref_right} |",
+            right[i].iter().filter(|&&r| r).count()
+        );
+    }
+    for (j, (q, _)) in FACTUAL_QUESTIONS.iter().enumerate() {
+        for (i, kind) in all.iter().enumerate() {
+            if i > 0 && right[0][j] && answers[i][j] != answers[0][j] {
+                eprintln!(
+                    "{kind}: {q} → {:?} ({} said {:?})",
+                    answers[i][j], args.reference, answers[0][j]
+                );
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        let rows: Vec<_> = FACTUAL_QUESTIONS
+            .iter()
+            .enumerate()
+            .map(|(j, (q, w))| {
+                let per: serde_json::Map<String, serde_json::Value> = all
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        (
+                            (*k).clone(),
+                            serde_json::json!({"answer": answers[i][j], "right": right[i][j]}),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({"question": q, "expected": w, "answers": per})
+            })
             .collect();
         std::fs::write(path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {path}"))?;

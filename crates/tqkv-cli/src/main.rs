@@ -65,6 +65,8 @@ enum EvalCommand {
     Kld(eval::Args),
     /// Needle retrieval: a secret number hidden in filler text, asked for, per cache kind.
     Needle(eval::NeedleArgs),
+    /// Greedy answers to short factual questions per cache kind, against f16's.
+    Qa(eval::QaArgs),
 }
 
 #[derive(Subcommand)]
@@ -91,5 +93,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Attention(args)) => bench::run(args),
         Command::Eval(EvalCommand::Kld(args)) => eval::run(args),
         Command::Eval(EvalCommand::Needle(args)) => eval::run_needle(args),
+        Command::Eval(EvalCommand::Qa(args)) => eval::run_qa(args),
     }
 }

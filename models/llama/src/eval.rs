@@ -268,6 +268,61 @@ pub fn greedy(
     Ok(out)
 }
 
+/// Short factual questions and the words a right answer contains (any of them, ignoring
+/// case), for `tqkv eval qa`: a cache should give the same greedy answer as f16 where f16 is
+/// right.
+pub const FACTUAL_QUESTIONS: &[(&str, &[&str])] = &[
+    (
+        "What is the capital of France? Answer in one word.",
+        &["Paris"],
+    ),
+    ("Who wrote Romeo and Juliet?", &["Shakespeare"]),
+    (
+        "What is the largest planet in our solar system?",
+        &["Jupiter"],
+    ),
+    ("What is the capital of Japan?", &["Tokyo"]),
+    ("How many days are there in a week?", &["7", "seven"]),
+    ("What color is the sky on a clear day?", &["blue"]),
+    ("Who painted the Mona Lisa?", &["Leonardo", "Vinci"]),
+    ("What is the capital of Italy?", &["Rome"]),
+    ("How many legs does a spider have?", &["8", "eight"]),
+    ("What is the largest ocean on Earth?", &["Pacific"]),
+    ("In which country are the pyramids of Giza?", &["Egypt"]),
+    ("What is the opposite of hot?", &["cold"]),
+    ("What is the capital of Germany?", &["Berlin"]),
+    ("Which planet is known as the Red Planet?", &["Mars"]),
+    ("What language is spoken in Spain?", &["Spanish"]),
+    (
+        "Who was the first president of the United States?",
+        &["Washington"],
+    ),
+    (
+        "What is the boiling point of water in degrees Celsius?",
+        &["100"],
+    ),
+    ("What is the chemical symbol for gold?", &["Au"]),
+    ("How many continents are there on Earth?", &["7", "seven"]),
+    ("What animal is known as the king of the jungle?", &["lion"]),
+];
+
+/// Whether `answer` contains one of `words` (ignoring case).
+pub fn answer_is_right(answer: &str, words: &[&str]) -> bool {
+    let a = answer.to_lowercase();
+    words.iter().any(|w| a.contains(&w.to_lowercase()))
+}
+
+/// The greedy answer to `question` asked as one user turn in the model's chat template, up to
+/// `max_new` tokens (the caches are reset first).
+pub fn greedy_answer(m: &mut crate::Loaded, question: &str, max_new: usize) -> Result<String> {
+    let ids = user_prompt_ids(m, question)?;
+    m.model.reset();
+    let out = greedy(m, &ids, ids.len(), max_new)?;
+    m.tokenizer
+        .decode(&out, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
 /// One needle-retrieval trial.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NeedleCase {

@@ -1,0 +1,211 @@
+// The full-precision part of the fused attention: attention sinks and each query's window of
+// exact recent tokens (tqkv::KvSpec::sinks / window / budget_bits), read from the cache's f16
+// store and merged with the packed part as extra splits of decode_attention.cu's split + merge.
+// The CPU reference is tqkv::attention::attend_mixed (src/attention.rs).
+//
+// Layouts (row-major, contiguous):
+//   k, v        [B, Hkv, sinks + ring, head_dim] f16; position p < sinks at slot p, position
+//               p ≥ sinks at slot sinks + p % ring
+//   visible     [B, T] int  query (b, t) sees positions 0..visible[b·T + t]
+//   packed_end  [B, T] int  ... of which it reads sinks 0..min(sinks, vis) and the window
+//               packed_end..vis from here, the positions between from the records
+//   ws          the split workspace of decode_attention.cu; this kernel writes split
+//               `first_split + blockIdx.x` of each (b, KV head, tile): the un-normalised value sum
+//               rotated into the value spec's coordinates (Π_g of each group's channels; sign
+//               coordinates 0), then the running max m and sum l of the scores.
+// Grid (exact splits, Hkv · tiles, B); R query rows (row = t·G + g) per block, as the split
+// kernel. The exact positions of a block (the sinks its rows see, then the window positions
+// from the earliest window start to the latest visible end) are cut into gridDim.x chunks.
+#pragma once
+#include "tqkv_common.cuh"
+
+// The full-precision part of an attention (mirrored by tqkv::cuda::TqExact).
+struct TqExact {
+  const __half* k;         // [B, Hkv, sinks + ring, head_dim]
+  const __half* v;         // same layout
+  const int* packed_end;   // [B, T]
+  int sinks;               // sink slots
+  int ring;                // ring slots after the sinks (0: sinks only)
+  int splits;              // blocks along the exact positions (≥ 1)
+};
+
+#define TQ_EX_TILE 32  // positions per tile: 4 threads per position (TQ_THREADS = 128)
+
+template <typename T, int R>
+__global__ void __launch_bounds__(TQ_THREADS)
+    tq_attn_exact_kernel(const T* __restrict__ q, const int* __restrict__ visible, TqExact ex,
+                         const int* __restrict__ vch, TqSpec vs, int Hq, int Hkv, int T_, int tiles,
+                         int first_split, int total_splits, float scale, float* __restrict__ ws) {
+  const int xs = blockIdx.x, b = blockIdx.z;
+  const int h = blockIdx.y / tiles, tile = blockIdx.y % tiles;
+  const int G = Hq / Hkv, d = vs.head_dim;
+  const int slots = ex.sinks + ex.ring;
+  __shared__ float qs[TQ_MAX_DIM * R];          // [coordinate][R]
+  __shared__ float sc[TQ_EX_TILE * R];          // [position][R] scores, then probabilities
+  __shared__ int pos_of[TQ_EX_TILE];
+  __shared__ int vis[R], pend[R];
+  __shared__ float run_m[R], run_l[R], alpha[R];
+  __shared__ int range[3];                      // sinks seen, window start, window end
+  __shared__ float xrow[TQ_MAX_DIM], xg[TQ_MAX_DIM], rot[TQ_MAX_DIM];
+  if (threadIdx.x < R) {
+    const int gr = tile * R + threadIdx.x;
+    const bool real = gr < G * T_;
+    vis[threadIdx.x] = real ? visible[b * T_ + gr / G] : 0;
+    pend[threadIdx.x] = real ? ex.packed_end[b * T_ + gr / G] : 0;
+    run_m[threadIdx.x] = -INFINITY;
+    run_l[threadIdx.x] = 0.f;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int s_max = 0, w_lo = 1 << 30, w_hi = 0;
+    for (int r = 0; r < R; ++r) {
+      s_max = max(s_max, min(ex.sinks, vis[r]));
+      if (pend[r] < vis[r]) {
+        w_lo = min(w_lo, pend[r]);
+        w_hi = max(w_hi, vis[r]);
+      }
+    }
+    range[0] = s_max;
+    range[1] = w_hi > 0 ? w_lo : 0;
+    range[2] = w_hi;
+  }
+  // Query rows in the original domain.
+  for (int i = threadIdx.x; i < d * R; i += blockDim.x) {
+    const int j = i / R, r = i % R, gr = tile * R + r;
+    float x = 0.f;
+    if (gr < G * T_) {
+      const int t = gr / G, qh = h * G + gr % G;
+      x = tq_load<T>(q, (((long)b * Hq + qh) * T_ + t) * d + j);
+    }
+    qs[j * R + r] = x;
+  }
+  __syncthreads();
+  const int n_sink = range[0], w_lo = range[1], w_hi = range[2];
+  const int total = n_sink + (w_hi - w_lo);
+  const int per = (total + gridDim.x - 1) / gridDim.x;
+  const int i0 = min(total, xs * per), i1 = min(total, i0 + per);
+  const long head = ((long)b * Hkv + h) * slots;
+  // Each thread owns up to 2 output coordinates (head_dim ≤ 2 · TQ_THREADS).
+  float acc[2][R];
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[k][r] = 0.f;
+
+  for (int t0 = i0; t0 < i1; t0 += TQ_EX_TILE) {
+    const int n = min(TQ_EX_TILE, i1 - t0);
+    if (threadIdx.x < n) {
+      const int i = t0 + threadIdx.x;
+      pos_of[threadIdx.x] = i < n_sink ? i : w_lo + (i - n_sink);
+    }
+    __syncthreads();
+    // Scores: four threads per position, each a quarter of the coordinates.
+    {
+      const int i = threadIdx.x >> 2, part = threadIdx.x & 3;
+      const bool valid = i < n;
+      const int p = valid ? pos_of[i] : 0;
+      const int slot = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
+      const __half* kr = ex.k + (head + slot) * d;
+      float dot[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) dot[r] = 0.f;
+      if (valid)
+        for (int j = part; j < d; j += 4) {
+          const float kj = __half2float(kr[j]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) dot[r] = fmaf(qs[j * R + r], kj, dot[r]);
+        }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+      }
+      if (valid && part == 0)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const bool seen = p < min(ex.sinks, vis[r]) || (p >= pend[r] && p < vis[r]);
+          sc[i * R + r] = seen ? dot[r] * scale : -INFINITY;
+        }
+    }
+    __syncthreads();
+    // Online softmax statistics, one warp per row.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int r = warp; r < R; r += nwarps) {
+      float m = -INFINITY;
+      for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[i * R + r]);
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      const float m_new = fmaxf(run_m[r], m);
+      float l = 0.f;
+      for (int i = lane; i < n; i += 32) {
+        const float s = sc[i * R + r];
+        const float pr = s == -INFINITY ? 0.f : expf(s - m_new);
+        sc[i * R + r] = pr;
+        l += pr;
+      }
+      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+      if (lane == 0) {
+        const float a = run_m[r] == -INFINITY ? 0.f : expf(run_m[r] - m_new);
+        alpha[r] = a;
+        run_l[r] = run_l[r] * a + l;
+        run_m[r] = m_new;
+      }
+    }
+    __syncthreads();
+    // Values in the original domain, each thread its coordinates.
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int c = threadIdx.x + k * TQ_THREADS;
+      if (c >= d) break;
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[k][r] *= alpha[r];
+      for (int i = 0; i < n; ++i) {
+        const int p = pos_of[i];
+        const int slot = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
+        const float x = __half2float(ex.v[(head + slot) * d + c]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[k][r] = fmaf(sc[i * R + r], x, acc[k][r]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // Into the value coordinates of the merge: per group, Π_g of its channels.
+  int vmo[2], vso[2];
+  int Dv = 0;
+  for (int g = 0; g < vs.num_groups; ++g) {
+    vmo[g] = Dv;
+    if (vs.groups[g].mse_bits > 0) Dv += vs.groups[g].dim;
+  }
+  for (int g = 0; g < vs.num_groups; ++g) {
+    vso[g] = Dv;
+    Dv += vs.groups[g].m;
+  }
+  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * total_splits + first_split + xs) * R * (Dv + 2);
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int c = threadIdx.x + k * TQ_THREADS;
+      if (c < d) xrow[c] = acc[k][r];
+    }
+    __syncthreads();
+    float* w = ws + wbase + (long)r * (Dv + 2);
+    int base = 0;
+    for (int g = 0; g < vs.num_groups; ++g) {
+      const TqGroup& vg = vs.groups[g];
+      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xg[j] = xrow[vch[(long)h * d + base + j]];
+      __syncthreads();
+      if (vg.mse_bits > 0) {
+        tq_rotate(vg, xg, rot);
+        for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) w[vmo[g] + j] = rot[j];
+      }
+      for (int l = threadIdx.x; l < vg.m; l += blockDim.x) w[vso[g] + l] = 0.f;
+      __syncthreads();
+      base += vg.dim;
+    }
+    if (threadIdx.x == 0) {
+      w[Dv] = run_m[r];
+      w[Dv + 1] = run_l[r];
+    }
+    __syncthreads();
+  }
+}
