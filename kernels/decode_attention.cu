@@ -13,7 +13,9 @@
 //   kch, vch [Hkv, head_dim] int  per-head channel order of keys / values
 //   status   [1] int  the cache's status word: non-zero (bad input was appended) → NaN output
 //   out      [B, Hq, T, head_dim] f32
-//   ws       workspace: [B, Hkv, tiles, splits, R, Dv + 2] f32 (Dv = rotated value coordinates)
+//   ks, vs   `cycle` specs each (TqSpecs): slot s was written with variant s % cycle
+//   ws       workspace: [B, Hkv, tiles, splits, R, cycle·Dv + 2] f32 (Dv = rotated value
+//            coordinates of one variant; variant m's value sums at m·Dv)
 // A block of the split kernel handles R query rows (row = t·G + g of one KV head) and one
 // chunk of `chunk` slots; grid (splits, Hkv · tiles, B). With an exact part, the exact kernel
 // writes `exact->splits` more splits of the same workspace. The merge kernel has grid
@@ -97,11 +99,16 @@ template <typename T, int R>
 __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
     tq_attn_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
                          const int* __restrict__ visible, const int* __restrict__ kch, const int* __restrict__ vch,
-                         TqSpec ks, TqSpec vs, int Hq, int Hkv, int T_, int cap, int chunk, int tiles, float scale,
-                         int lo, int splits, float* __restrict__ ws) {
+                         TqSpecs kss, TqSpecs vss, int Hq, int Hkv, int T_, int cap, int chunk, int tiles,
+                         float scale, int lo, int splits, float* __restrict__ ws) {
   // Row r reads the records of slots lo..visible[r] (lo = the sink count with an exact part).
+  // Variant m of the cycle: the query rotated by kss.v[m] at qr + m·Dk·R; the values of its
+  // slots summed in virtual coordinates m·Dv + c.
   const int split = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / tiles, tile = blockIdx.y % tiles;
+  const TqSpec& ks = kss.v[0];
+  const TqSpec& vs = vss.v[0];
+  const int M = kss.n;
   const int G = Hq / Hkv, d = ks.head_dim;
   constexpr int TILE = TqAttTile<R>::slots, REC = TqAttTile<R>::bytes;
   __shared__ __align__(16) float qr[2 * TQ_MAX_DIM * R];  // [coordinate][R] rotated/projected queries
@@ -113,7 +120,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
   __shared__ int vis[R];
   __shared__ float run_m[R], run_l[R], alpha[R];
   int kmo[2], kso[2], vmo[2], vso[2];
-  tq_coord_offsets(ks, kmo, kso);
+  const int Dk = tq_coord_offsets(ks, kmo, kso);
   const int Dv = tq_coord_offsets(vs, vmo, vso);
   const int s0 = split * chunk, first = max(s0, lo);
   const int rbk = ks.record_bytes, rbv = vs.record_bytes;
@@ -133,31 +140,35 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
   for (int i = threadIdx.x; i < 2 * TQ_MAX_DIM * R; i += blockDim.x) qr[i] = 0.f;
   __syncthreads();
 
-  // 1. Query rows: Π_g q_g per key group and (S_g Π_g q_g)/(mκ) per sketch, as qr[coord][r].
+  // 1. Query rows: Π_g q_g per key group and (S_g Π_g q_g)/(mκ) per sketch, as
+  //    qr[m·Dk + coord][r] for each variant m of the cycle.
   for (int r = 0; r < R; ++r) {
     if (vis[r] <= first) continue;  // uniform across the block
     const int gr = tile * R + r, t = gr / G, qh = h * G + gr % G;
     const long qoff = (((long)b * Hq + qh) * T_ + t) * d;
     const int* ch = kch + (long)h * d;
-    int base = 0;
-    for (int g = 0; g < ks.num_groups; ++g) {
-      const TqGroup& kg = ks.groups[g];
-      for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) xs[j] = tq_load<T>(q, qoff + ch[base + j]);
-      __syncthreads();
-      __shared__ float rot[TQ_MAX_DIM];
-      const float* src = xs;
-      if (kg.mse_bits > 0) {
-        tq_rotate(kg, xs, rot);
-        src = rot;
-        for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) qr[(kmo[g] + j) * R + r] = rot[j];
+    for (int m = 0; m < M; ++m) {
+      float* qm = qr + (long)m * Dk * R;
+      int base = 0;
+      for (int g = 0; g < ks.num_groups; ++g) {
+        const TqGroup& kg = kss.v[m].groups[g];
+        for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) xs[j] = tq_load<T>(q, qoff + ch[base + j]);
+        __syncthreads();
+        __shared__ float rot[TQ_MAX_DIM];
+        const float* src = xs;
+        if (kg.mse_bits > 0) {
+          tq_rotate(kg, xs, rot);
+          src = rot;
+          for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) qm[(kmo[g] + j) * R + r] = rot[j];
+        }
+        for (int l = threadIdx.x; l < kg.m; l += blockDim.x) {
+          float acc = 0.f;
+          for (int j = 0; j < kg.dim; ++j) acc = fmaf(kg.sketch[(long)l * kg.dim + j], src[j], acc);
+          qm[(kso[g] + l) * R + r] = acc * kg.qjl_scale;
+        }
+        __syncthreads();
+        base += kg.dim;
       }
-      for (int l = threadIdx.x; l < kg.m; l += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < kg.dim; ++j) acc = fmaf(kg.sketch[(long)l * kg.dim + j], src[j], acc);
-        qr[(kso[g] + l) * R + r] = acc * kg.qjl_scale;
-      }
-      __syncthreads();
-      base += kg.dim;
     }
   }
 
@@ -199,6 +210,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
       const int i = base + (threadIdx.x >> 1);
       const bool valid = i < n;
       const uint8_t* rec = krec + (valid ? i : 0) * rbk;
+      const float* qv = qr + (long)((t0 + i) % M) * Dk * R;  // this slot's variant
       float score[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) score[r] = 0.f;
@@ -212,7 +224,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
           for (int r = 0; r < R; ++r) dot[r] = 0.f;
           if (cnt > 0)
             tq_dot_codes_any<R>(kg.mse_bits, rec + kg.codes_off + j0 / 8 * kg.mse_bits, cnt, kcent[g],
-                                qr + (kmo[g] + j0) * R, dot);
+                                qv + (kmo[g] + j0) * R, dot);
           const float nn = tq_read_norm(rec, kg.norm_off, ks.norm_f16);
 #pragma unroll
           for (int r = 0; r < R; ++r) score[r] = fmaf(nn, dot[r], score[r]);
@@ -225,7 +237,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
           for (int l = l0; l < l1; ++l) {
             const bool z = (rec[kg.signs_off + (l >> 3)] >> (l & 7)) & 1u;
 #pragma unroll
-            for (int r = 0; r < R; ++r) dot[r] += z ? qr[(kso[g] + l) * R + r] : -qr[(kso[g] + l) * R + r];
+            for (int r = 0; r < R; ++r) dot[r] += z ? qv[(kso[g] + l) * R + r] : -qv[(kso[g] + l) * R + r];
           }
           const float gam = tq_read_norm(rec, kg.gamma_off, ks.norm_f16);
 #pragma unroll
@@ -277,11 +289,14 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
       }
     }
     __syncthreads();
-    // 6. Values in the rotated domain, each thread its coordinates.
+    // 6. Values in the rotated domain, each thread its (virtual) coordinates vc = m·Dv + c:
+    //    coordinate c of variant m sums the slots written with variant m.
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int c = threadIdx.x + k * TQ_THREADS;
-      if (c >= Dv) break;
+      const int vc = threadIdx.x + k * TQ_THREADS;
+      if (vc >= M * Dv) break;
+      const int m = vc / Dv, c = vc % Dv;
+      const int i0 = ((m - t0 % M) % M + M) % M;  // first slot of the tile written with variant m
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[k][r] *= alpha[r];
       int g = 0;
@@ -300,7 +315,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
         const int bit = j * bits, byte = vg.codes_off + (bit >> 3), shift = bit & 7;
         const unsigned msk = (1u << bits) - 1u;
         const float* cent = vcent[g];
-        for (int i = 0; i < n; ++i) {
+        for (int i = i0; i < n; i += M) {
           const uint8_t* p = vrec + i * rbv + byte;
           const unsigned word = (unsigned)p[0] | ((unsigned)p[1] << 8);
           const float x = cent[(word >> shift) & msk];
@@ -310,7 +325,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
       } else {
         const int l = c - vso[g];
         const int byte = vg.signs_off + (l >> 3), shift = l & 7;
-        for (int i = 0; i < n; ++i) {
+        for (int i = i0; i < n; i += M) {
           const bool z = (vrec[i * rbv + byte] >> shift) & 1u;
 #pragma unroll
           for (int r = 0; r < R; ++r) acc[k][r] += z ? w[i * R + r] : -w[i * R + r];
@@ -320,58 +335,62 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
     __syncthreads();
   }
 
-  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * splits + split) * R * (Dv + 2);
+  const int W = M * Dv;  // value coordinates of all variants
+  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * splits + split) * R * (W + 2);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int c = threadIdx.x + k * TQ_THREADS;
-    if (c >= Dv) break;
+    if (c >= W) break;
 #pragma unroll
-    for (int r = 0; r < R; ++r) ws[wbase + (long)r * (Dv + 2) + c] = acc[k][r];
+    for (int r = 0; r < R; ++r) ws[wbase + (long)r * (W + 2) + c] = acc[k][r];
   }
   if (threadIdx.x < R) {
-    ws[wbase + (long)threadIdx.x * (Dv + 2) + Dv] = run_m[threadIdx.x];
-    ws[wbase + (long)threadIdx.x * (Dv + 2) + Dv + 1] = run_l[threadIdx.x];
+    ws[wbase + (long)threadIdx.x * (W + 2) + W] = run_m[threadIdx.x];
+    ws[wbase + (long)threadIdx.x * (W + 2) + W + 1] = run_l[threadIdx.x];
   }
 }
 
 // Merges the splits of each row, adds the sketch term Sᵀ(Σ p γ z)/(mκ), un-rotates per value
 // group and scatters to the head's channels. One block per (b, KV head, tile, row).
 template <int R>
-__global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __restrict__ vch, TqSpec vs, int Hq,
-                                     int Hkv, int T_, int tiles, int splits, const int* __restrict__ status,
+__global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __restrict__ vch, TqSpecs vss,
+                                     int Hq, int Hkv, int T_, int tiles, int splits, const int* __restrict__ status,
                                      float* __restrict__ out) {
   const int b = blockIdx.y, r = blockIdx.x % R, h = blockIdx.x / R / tiles, tile = blockIdx.x / R % tiles;
+  const TqSpec& vs = vss.v[0];
+  const int NC = vss.n;  // variants of the cycle
   const int G = Hq / Hkv, d = vs.head_dim;
   __shared__ float acc[2 * TQ_MAX_DIM];
-  __shared__ float xg[TQ_MAX_DIM], tmp[TQ_MAX_DIM];
+  __shared__ float xg[TQ_MAX_DIM], tmp[TQ_MAX_DIM], xsum[TQ_MAX_DIM];
   __shared__ float wsplit[1024];
   __shared__ float total;
   int vmo[2], vso[2];
   const int Dv = tq_coord_offsets(vs, vmo, vso);
+  const int W = NC * Dv;
   const bool poisoned = *status != 0;
   {
     const int gr = tile * R + r;
     if (gr >= G * T_) return;
     const int t = gr / G, qh = h * G + gr % G;
     float* o = out + (((long)b * Hq + qh) * T_ + t) * d;
-    const long base = (((long)b * Hkv + h) * tiles + tile) * splits * R * (Dv + 2) + (long)r * (Dv + 2);
-    const long stride = (long)R * (Dv + 2);
+    const long base = (((long)b * Hkv + h) * tiles + tile) * splits * R * (W + 2) + (long)r * (W + 2);
+    const long stride = (long)R * (W + 2);
     // Split weights exp(m_s − M), in chunks of 1024 splits at most (the launcher checks).
     float M = -INFINITY;
-    for (int s = 0; s < splits; ++s) M = fmaxf(M, ws[base + s * stride + Dv]);
+    for (int s = 0; s < splits; ++s) M = fmaxf(M, ws[base + s * stride + W]);
     for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-      const float m = ws[base + s * stride + Dv];
+      const float m = ws[base + s * stride + W];
       wsplit[s] = (M == -INFINITY || m == -INFINITY) ? 0.f : expf(m - M);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
       float L = 0.f;
-      for (int s = 0; s < splits; ++s) L += wsplit[s] * ws[base + s * stride + Dv + 1];
+      for (int s = 0; s < splits; ++s) L += wsplit[s] * ws[base + s * stride + W + 1];
       total = L;
     }
     __syncthreads();
     const float inv = total > 0.f ? 1.f / total : 0.f;
-    for (int c = threadIdx.x; c < Dv; c += blockDim.x) {
+    for (int c = threadIdx.x; c < W; c += blockDim.x) {
       float a = 0.f;
       for (int s = 0; s < splits; ++s) a = fmaf(wsplit[s], ws[base + s * stride + c], a);
       acc[c] = a * inv;
@@ -379,51 +398,59 @@ __global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __
     __syncthreads();
     int chbase = 0;
     for (int g = 0; g < vs.num_groups; ++g) {
-      const TqGroup& vg = vs.groups[g];
-      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) {
-        float x = vg.mse_bits > 0 ? acc[vmo[g] + j] : 0.f;
-        if (vg.m > 0) {
-          float s = 0.f;
-          for (int l = 0; l < vg.m; ++l) s = fmaf(vg.sketch[(long)l * vg.dim + j], acc[vso[g] + l], s);
-          x = fmaf(vg.qjl_scale, s, x);
+      const int gdim = vs.groups[g].dim;
+      for (int j = threadIdx.x; j < gdim; j += blockDim.x) xsum[j] = 0.f;
+      // Each variant's sums un-rotated with its own tables, then added up.
+      for (int m = 0; m < NC; ++m) {
+        const TqGroup& vg = vss.v[m].groups[g];
+        const float* am = acc + m * Dv;
+        for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) {
+          float x = vg.mse_bits > 0 ? am[vmo[g] + j] : 0.f;
+          if (vg.m > 0) {
+            float s = 0.f;
+            for (int l = 0; l < vg.m; ++l) s = fmaf(vg.sketch[(long)l * vg.dim + j], am[vso[g] + l], s);
+            x = fmaf(vg.qjl_scale, s, x);
+          }
+          tmp[j] = x;
         }
-        tmp[j] = x;
-      }
-      __syncthreads();
-      if (vg.mse_bits > 0) {
-        tq_rotate_inverse(vg, tmp, xg);
-      } else {
-        for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xg[j] = tmp[j];
+        __syncthreads();
+        if (vg.mse_bits > 0) {
+          tq_rotate_inverse(vg, tmp, xg);
+        } else {
+          for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xg[j] = tmp[j];
+          __syncthreads();
+        }
+        for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xsum[j] += xg[j];
         __syncthreads();
       }
-      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x)
-        o[vch[(long)h * d + chbase + j]] = poisoned ? NAN : xg[j];
+      for (int j = threadIdx.x; j < gdim; j += blockDim.x)
+        o[vch[(long)h * d + chbase + j]] = poisoned ? NAN : xsum[j];
       __syncthreads();
-      chbase += vg.dim;
+      chbase += gdim;
     }
   }
 }
 
 template <typename T, int R>
 static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
-                          const int* vch, const TqSpec* ks, const TqSpec* vs, int B, int Hq, int Hkv, int T_, int cap,
-                          float scale, int splits, int chunk, const TqExact* exact, float* ws, const int* status,
-                          float* out, cudaStream_t stream) {
+                          const int* vch, const TqSpecs& ks, const TqSpecs& vs, int B, int Hq, int Hkv, int T_,
+                          int cap, float scale, int splits, int chunk, const TqExact* exact, float* ws,
+                          const int* status, float* out, cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
   const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
   // With an exact part, the records end at each row's packed_end and start after the sinks.
   tq_attn_split_kernel<T, R><<<dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
-      (const T*)q, kc, vc, exact ? exact->packed_end : visible, kch, vch, *ks, *vs, Hq, Hkv, T_, cap, chunk, tiles,
+      (const T*)q, kc, vc, exact ? exact->packed_end : visible, kch, vch, ks, vs, Hq, Hkv, T_, cap, chunk, tiles,
       scale, exact ? exact->sinks : 0, total, ws);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
   if (exact) {
     tq_attn_exact_kernel<T, R><<<dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
-        (const T*)q, visible, *exact, vch, *vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
   }
-  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, *vs, Hq, Hkv, T_, tiles, total,
+  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, vs, Hq, Hkv, T_, tiles, total,
                                                                            status, out);
   return (int)cudaGetLastError();
 }
@@ -439,21 +466,25 @@ extern "C" int tqkv_decode_attention_max_chunk(int rows) {
   return 1 << 30;
 }
 
-// The workspace in floats: B · Hkv · tiles · splits · R · (Dv + 2) (splits: all of them, those
-// of the exact part included).
-extern "C" long tqkv_decode_attention_workspace(const TqSpec* vs, int B, int Hq, int Hkv, int T, int splits) {
+// The workspace in floats: B · Hkv · tiles · splits · R · (cycle · Dv + 2) (splits: all of
+// them, those of the exact part included).
+extern "C" long tqkv_decode_attention_workspace(const TqSpec* vs, int cycle, int B, int Hq, int Hkv, int T,
+                                                int splits) {
   int Dv = 0;
   for (int g = 0; g < vs->num_groups; ++g) Dv += (vs->groups[g].mse_bits > 0 ? vs->groups[g].dim : 0) + vs->groups[g].m;
   const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
   const long tiles = (Hq / Hkv * T + R - 1) / R;
-  return (long)B * Hkv * tiles * splits * R * (Dv + 2);
+  return (long)B * Hkv * tiles * splits * R * ((long)cycle * Dv + 2);
 }
 
+// ks, vs: `cycle` specs each (1..=TQ_MAX_CYCLE; slot s was written with variant s % cycle).
 extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* kcache, const uint8_t* vcache,
                                      const int* visible, const int* kch, const int* vch, const TqSpec* ks,
-                                     const TqSpec* vs, int B, int Hq, int Hkv, int T, int cap, float scale,
-                                     int splits, int chunk, const TqExact* exact, float* workspace,
+                                     const TqSpec* vs, int cycle, int B, int Hq, int Hkv, int T, int cap,
+                                     float scale, int splits, int chunk, const TqExact* exact, float* workspace,
                                      const int* status, float* out, cudaStream_t stream) {
+  TqSpecs kss, vss;
+  if (!tq_specs(ks, cycle, &kss) || !tq_specs(vs, cycle, &vss)) return (int)cudaErrorInvalidValue;
   if (ks->head_dim != vs->head_dim || ks->head_dim > TQ_MAX_DIM || Hkv <= 0 || Hq % Hkv != 0)
     return (int)cudaErrorInvalidValue;
   const TqSpec* both[2] = {ks, vs};
@@ -465,7 +496,9 @@ extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* 
         return (int)cudaErrorInvalidValue;
       coords += (s->groups[g].mse_bits > 0 ? s->groups[g].dim : 0) + s->groups[g].m;
     }
-    if (coords > 2 * TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
+    // The rotated query rows of every variant share qr[2·TQ_MAX_DIM·R]; the value sums of every
+    // variant: 4 coordinates per thread and the merge's acc[2·TQ_MAX_DIM].
+    if (cycle * coords > 2 * TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
   }
   const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
   if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
@@ -481,8 +514,8 @@ extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* 
   if (ks->record_bytes + vs->record_bytes > TQ_ATT_REC_BYTES_MIN) return (int)cudaErrorInvalidValue;
   if (B == 0 || T == 0) return 0;
 #define TQ_ATT_CASE(TY, RR)                                                                                       \
-  return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, ks, vs, B, Hq, Hkv, T, cap, scale, splits, \
-                                chunk, exact, workspace, status, out, stream)
+  return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, kss, vss, B, Hq, Hkv, T, cap, scale,     \
+                                splits, chunk, exact, workspace, status, out, stream)
 #define TQ_ATT_ROWS(TY)      \
   switch (R) {               \
     case 1: TQ_ATT_CASE(TY, 1); \

@@ -6,13 +6,15 @@
 //   cache    [B, H, cap, record_bytes] u8
 //   out      [B, H, n, head_dim]  (out_dtype 0 f32, 1 f16, 2 bf16): slots 0..n of each (b, h)
 //   channels [H, head_dim] int
+//   specs    `cycle` specs: slot s was written with specs[s % cycle]
 // Grid (n, H, B), TQ_THREADS threads; one block per record.
 #include "tqkv_common.cuh"
 
 template <typename T>
 __global__ void tq_dequantize_kernel(const uint8_t* __restrict__ cache, T* __restrict__ out,
-                                     const int* __restrict__ channels, TqSpec spec, int H, int cap, int n) {
+                                     const int* __restrict__ channels, TqSpecs specs, int H, int cap, int n) {
   const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const TqSpec& spec = specs.v[t % specs.n];
   const int d = spec.head_dim;
   __shared__ float acc[TQ_MAX_DIM];
   __shared__ float xg[TQ_MAX_DIM];
@@ -53,7 +55,9 @@ __global__ void tq_dequantize_kernel(const uint8_t* __restrict__ cache, T* __res
 }
 
 extern "C" int tqkv_dequantize(const uint8_t* cache, void* out, int out_dtype, const int* channels,
-                               const TqSpec* spec, int B, int H, int cap, int n, cudaStream_t stream) {
+                               const TqSpec* spec, int cycle, int B, int H, int cap, int n, cudaStream_t stream) {
+  TqSpecs specs;
+  if (!tq_specs(spec, cycle, &specs)) return (int)cudaErrorInvalidValue;
   if (spec->head_dim > TQ_MAX_DIM || spec->num_groups < 1 || spec->num_groups > 2 || n > cap)
     return (int)cudaErrorInvalidValue;
   for (int g = 0; g < spec->num_groups; ++g)
@@ -62,13 +66,13 @@ extern "C" int tqkv_dequantize(const uint8_t* cache, void* out, int out_dtype, c
   dim3 grid(n, H, B);
   switch (out_dtype) {
     case 0:
-      tq_dequantize_kernel<float><<<grid, TQ_THREADS, 0, stream>>>(cache, (float*)out, channels, *spec, H, cap, n);
+      tq_dequantize_kernel<float><<<grid, TQ_THREADS, 0, stream>>>(cache, (float*)out, channels, specs, H, cap, n);
       break;
     case 1:
-      tq_dequantize_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>(cache, (__half*)out, channels, *spec, H, cap, n);
+      tq_dequantize_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>(cache, (__half*)out, channels, specs, H, cap, n);
       break;
     case 2:
-      tq_dequantize_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>(cache, (__nv_bfloat16*)out, channels, *spec, H, cap, n);
+      tq_dequantize_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>(cache, (__nv_bfloat16*)out, channels, specs, H, cap, n);
       break;
     default:
       return (int)cudaErrorInvalidValue;

@@ -11,8 +11,9 @@
 //               packed_end..vis from here, the positions between from the records
 //   ws          the split workspace of decode_attention.cu; this kernel writes split
 //               `first_split + blockIdx.x` of each (b, KV head, tile): the un-normalised value sum
-//               rotated into the value spec's coordinates (Π_g of each group's channels; sign
-//               coordinates 0), then the running max m and sum l of the scores.
+//               rotated into the coordinates of the cycle's first value variant (Π_g of each
+//               group's channels; its sign coordinates and every other variant's 0), then the
+//               running max m and sum l of the scores.
 // Grid (exact splits, Hkv · tiles, B); R query rows (row = t·G + g) per block, as the split
 // kernel. The exact positions of a block (the sinks its rows see, then the window positions
 // from the earliest window start to the latest visible end) are cut into gridDim.x chunks.
@@ -34,8 +35,9 @@ struct TqExact {
 template <typename T, int R>
 __global__ void __launch_bounds__(TQ_THREADS)
     tq_attn_exact_kernel(const T* __restrict__ q, const int* __restrict__ visible, TqExact ex,
-                         const int* __restrict__ vch, TqSpec vs, int Hq, int Hkv, int T_, int tiles,
+                         const int* __restrict__ vch, TqSpecs vss, int Hq, int Hkv, int T_, int tiles,
                          int first_split, int total_splits, float scale, float* __restrict__ ws) {
+  const TqSpec& vs = vss.v[0];
   const int xs = blockIdx.x, b = blockIdx.z;
   const int h = blockIdx.y / tiles, tile = blockIdx.y % tiles;
   const int G = Hq / Hkv, d = vs.head_dim;
@@ -180,7 +182,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
     vso[g] = Dv;
     Dv += vs.groups[g].m;
   }
-  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * total_splits + first_split + xs) * R * (Dv + 2);
+  const int W = vss.n * Dv;  // value coordinates of all variants
+  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * total_splits + first_split + xs) * R * (W + 2);
   for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
@@ -188,7 +191,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
       if (c < d) xrow[c] = acc[k][r];
     }
     __syncthreads();
-    float* w = ws + wbase + (long)r * (Dv + 2);
+    float* w = ws + wbase + (long)r * (W + 2);
+    for (int c = Dv + threadIdx.x; c < W; c += blockDim.x) w[c] = 0.f;
     int base = 0;
     for (int g = 0; g < vs.num_groups; ++g) {
       const TqGroup& vg = vs.groups[g];
@@ -203,8 +207,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
       base += vg.dim;
     }
     if (threadIdx.x == 0) {
-      w[Dv] = run_m[r];
-      w[Dv + 1] = run_l[r];
+      w[W] = run_m[r];
+      w[W + 1] = run_l[r];
     }
     __syncthreads();
   }

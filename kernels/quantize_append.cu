@@ -8,6 +8,7 @@
 //   start    [B] int  first slot written in sequence b
 //   new_lens [B] int  real tokens of sequence b (tokens t ≥ new_lens[b] are padding: skipped)
 //   channels [H, head_dim] int  per-head channel order (group 0, then group 1)
+//   specs    `cycle` specs (1..=TQ_MAX_CYCLE): slot s is written with specs[s % cycle]
 //   status   [1] int  set to TQ_NONFINITE_INPUT / TQ_NORM_OVERFLOW on bad input (else untouched)
 // Grid (T, H, B), TQ_THREADS threads; one block per vector.
 #include "tqkv_common.cuh"
@@ -15,10 +16,11 @@
 template <typename T>
 __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __restrict__ cache,
                                           const int* __restrict__ start, const int* __restrict__ new_lens,
-                                          const int* __restrict__ channels, TqSpec spec, int H, int T_, int cap,
-                                          int* status) {
+                                          const int* __restrict__ channels, TqSpecs specs, int H, int T_,
+                                          int cap, int* status) {
   const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   if (t >= new_lens[b]) return;
+  const TqSpec& spec = specs.v[(start[b] + t) % specs.n];
   const int d = spec.head_dim;
   __shared__ float xs[TQ_MAX_DIM];
   __shared__ float xg[TQ_MAX_DIM];
@@ -133,8 +135,10 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
 }
 
 extern "C" int tqkv_quantize_append(const void* x, int x_dtype, uint8_t* cache, const int* start,
-                                    const int* new_lens, const int* channels, const TqSpec* spec, int B,
-                                    int H, int T, int cap, int* status, cudaStream_t stream) {
+                                    const int* new_lens, const int* channels, const TqSpec* spec, int cycle,
+                                    int B, int H, int T, int cap, int* status, cudaStream_t stream) {
+  TqSpecs specs;
+  if (!tq_specs(spec, cycle, &specs)) return (int)cudaErrorInvalidValue;
   if (spec->head_dim > TQ_MAX_DIM || spec->num_groups < 1 || spec->num_groups > 2) return (int)cudaErrorInvalidValue;
   for (int g = 0; g < spec->num_groups; ++g)
     if (spec->groups[g].dim > TQ_MAX_DIM || spec->groups[g].m > TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
@@ -142,13 +146,13 @@ extern "C" int tqkv_quantize_append(const void* x, int x_dtype, uint8_t* cache, 
   dim3 grid(T, H, B);
   switch (x_dtype) {
     case 0:
-      tq_quantize_append_kernel<float><<<grid, TQ_THREADS, 0, stream>>>((const float*)x, cache, start, new_lens, channels, *spec, H, T, cap, status);
+      tq_quantize_append_kernel<float><<<grid, TQ_THREADS, 0, stream>>>((const float*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
       break;
     case 1:
-      tq_quantize_append_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>((const __half*)x, cache, start, new_lens, channels, *spec, H, T, cap, status);
+      tq_quantize_append_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>((const __half*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
       break;
     case 2:
-      tq_quantize_append_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>((const __nv_bfloat16*)x, cache, start, new_lens, channels, *spec, H, T, cap, status);
+      tq_quantize_append_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>((const __nv_bfloat16*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
       break;
     default:
       return (int)cudaErrorInvalidValue;

@@ -39,6 +39,24 @@ struct TqSpec {
   TqGroup groups[2];
 };
 
+// The rotations of one layer's quantizer cycled by slot (tqkv::KvSpec::rotations): the record
+// of slot s was written with v[s % n]. The variants share everything (layout, codebooks, channel
+// orders) but their rotations (rot, rot_t) and sketches. n = 1 is plain TurboQuant.
+#define TQ_MAX_CYCLE 4
+struct TqSpecs {
+  int n;
+  TqSpec v[TQ_MAX_CYCLE];
+};
+
+// Copies `n` specs (1..=TQ_MAX_CYCLE) into a TqSpecs; false when n is out of range.
+static inline bool tq_specs(const TqSpec* s, int n, TqSpecs* out) {
+  if (n < 1 || n > TQ_MAX_CYCLE) return false;
+  out->n = n;
+  for (int i = 0; i < n; ++i) out->v[i] = s[i];
+  for (int i = n; i < TQ_MAX_CYCLE; ++i) out->v[i] = s[0];
+  return true;
+}
+
 // Status codes written to the status word (first error wins).
 #define TQ_OK 0
 #define TQ_NONFINITE_INPUT 1

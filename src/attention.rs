@@ -275,6 +275,50 @@ pub fn attend_mixed(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    attend_cycled(
+        std::slice::from_ref(kq),
+        std::slice::from_ref(vq),
+        q,
+        k_records,
+        v_records,
+        exact,
+        visible,
+        scale,
+        out,
+    )
+}
+
+/// [`attend_mixed`] where the record of position t was written by quantizer `t % M` of `kqs`
+/// (keys) and `vqs` (values), M = their (equal) length: quantizers of one layout and codebooks
+/// that differ by their rotations and sketches ([`crate::KvSpec::rotations`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_cycled(
+    kqs: &[VectorQuantizer],
+    vqs: &[VectorQuantizer],
+    q: &[f32],
+    k_records: &[u8],
+    v_records: &[u8],
+    exact: Option<&ExactRows>,
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let cycle = kqs.len();
+    if cycle == 0 || vqs.len() != cycle {
+        return Err(Error::Config(format!(
+            "{} key and {} value quantizers: need the same number, at least one",
+            kqs.len(),
+            vqs.len()
+        )));
+    }
+    let (kq, vq) = (&kqs[0], &vqs[0]);
+    if kqs.iter().any(|x| x.layout() != kq.layout())
+        || vqs.iter().any(|x| x.layout() != vq.layout())
+    {
+        return Err(Error::Config(
+            "cycled quantizers must share one record layout".into(),
+        ));
+    }
     let d = kq.dim();
     if vq.dim() != d {
         return Err(Error::Config(format!(
@@ -327,22 +371,25 @@ pub fn attend_mixed(
         for pos in w..vis {
             p[pos] = dot(qi, &ex.win_k[row(pos, s)]);
         }
-        // Scores from codes.
+        // Scores from codes (the query rotated once per quantizer of the cycle).
         if s < w {
-            let prep = kq.prepare_query(qi)?;
+            let preps = kqs
+                .iter()
+                .map(|k| k.prepare_query(qi))
+                .collect::<Result<Vec<_>>>()?;
             p[s..w].iter_mut().for_each(|x| *x = 0.0);
             for (g, u) in ku.iter().enumerate() {
                 if u.mse_bits > 0 {
-                    let qr = prep.rotated(g);
                     for (t, pt) in p.iter_mut().enumerate().take(w).skip(s) {
+                        let qr = preps[t % cycle].rotated(g);
                         *pt += dot(qr, &u.rot[t * u.dim..(t + 1) * u.dim]);
                     }
                 }
                 if u.m > 0 {
                     let qjl = kq.group_qjl(g).expect("group has a sketch");
                     let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
-                    let sq = prep.projected(g);
                     for (t, pt) in p.iter_mut().enumerate().take(w).skip(s) {
+                        let sq = preps[t % cycle].projected(g);
                         *pt += a * u.gammas[t] * dot(sq, &u.signs[t * u.m..(t + 1) * u.m]);
                     }
                 }
@@ -350,42 +397,48 @@ pub fn attend_mixed(
         }
         p[..vis].iter_mut().for_each(|x| *x *= scale);
         softmax_in_place(&mut p[..vis]);
-        // Values of the packed range accumulated in the rotated domain, un-rotated once.
+        // Values of the packed range accumulated in the rotated domain (one accumulator per
+        // quantizer of the cycle), un-rotated once each.
         if s < w {
             for (g, u) in vu.iter().enumerate() {
-                let mut acc = vec![0.0f32; u.dim];
-                if u.mse_bits > 0 {
-                    for (t, &pt) in p.iter().enumerate().take(w).skip(s) {
-                        for (x, &r) in acc.iter_mut().zip(&u.rot[t * u.dim..(t + 1) * u.dim]) {
-                            *x += pt * r;
+                let mut xg = vec![0.0f32; u.dim];
+                for (m, vqm) in vqs.iter().enumerate() {
+                    let mut acc = vec![0.0f32; u.dim];
+                    let first = s + (m + cycle - s % cycle) % cycle;
+                    if u.mse_bits > 0 {
+                        for t in (first..w).step_by(cycle) {
+                            let pt = p[t];
+                            for (x, &r) in acc.iter_mut().zip(&u.rot[t * u.dim..(t + 1) * u.dim]) {
+                                *x += pt * r;
+                            }
                         }
+                    }
+                    if u.m > 0 {
+                        let qjl = vqm.group_qjl(g).expect("group has a sketch");
+                        let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
+                        let mut accz = vec![0.0f32; u.m];
+                        for t in (first..w).step_by(cycle) {
+                            let wt = p[t] * a * u.gammas[t];
+                            for (x, &z) in accz.iter_mut().zip(&u.signs[t * u.m..(t + 1) * u.m]) {
+                                *x += wt * z;
+                            }
+                        }
+                        let sm = qjl.matrix();
+                        for (l, &z) in accz.iter().enumerate() {
+                            for (x, &sv) in acc.iter_mut().zip(&sm[l * u.dim..(l + 1) * u.dim]) {
+                                *x += z * sv;
+                            }
+                        }
+                    }
+                    match vqm.group_mse(g) {
+                        Some(mse) => {
+                            let mut x = vec![0.0f32; u.dim];
+                            mse.rotation().apply_inverse_unchecked(&acc, &mut x);
+                            xg.iter_mut().zip(&x).for_each(|(a, b)| *a += b);
+                        }
+                        None => xg.iter_mut().zip(&acc).for_each(|(a, b)| *a += b),
                     }
                 }
-                if u.m > 0 {
-                    let qjl = vq.group_qjl(g).expect("group has a sketch");
-                    let a = (1.0 / (u.m as f64 * qjl.kappa())) as f32;
-                    let mut accz = vec![0.0f32; u.m];
-                    for (t, &pt) in p.iter().enumerate().take(w).skip(s) {
-                        let wt = pt * a * u.gammas[t];
-                        for (x, &z) in accz.iter_mut().zip(&u.signs[t * u.m..(t + 1) * u.m]) {
-                            *x += wt * z;
-                        }
-                    }
-                    let sm = qjl.matrix();
-                    for (l, &z) in accz.iter().enumerate() {
-                        for (x, &sv) in acc.iter_mut().zip(&sm[l * u.dim..(l + 1) * u.dim]) {
-                            *x += z * sv;
-                        }
-                    }
-                }
-                let xg = match vq.group_mse(g) {
-                    Some(mse) => {
-                        let mut x = vec![0.0f32; u.dim];
-                        mse.rotation().apply_inverse_unchecked(&acc, &mut x);
-                        x
-                    }
-                    None => acc,
-                };
                 for (&c, xv) in vq.group_channels(g).iter().zip(xg) {
                     o[c] = xv;
                 }

@@ -100,6 +100,7 @@ extern "C" {
         new_lens: *const c_int,
         channels: *const c_int,
         spec: *const TqSpec,
+        cycle: c_int,
         b: c_int,
         h: c_int,
         t: c_int,
@@ -114,6 +115,7 @@ extern "C" {
         out_dtype: c_int,
         channels: *const c_int,
         spec: *const TqSpec,
+        cycle: c_int,
         b: c_int,
         h: c_int,
         cap: c_int,
@@ -125,6 +127,7 @@ extern "C" {
     fn tqkv_decode_attention_rows(rows: c_int) -> c_int;
     fn tqkv_decode_attention_workspace(
         vs: *const TqSpec,
+        cycle: c_int,
         b: c_int,
         hq: c_int,
         hkv: c_int,
@@ -142,6 +145,7 @@ extern "C" {
         vch: *const c_int,
         ks: *const TqSpec,
         vs: *const TqSpec,
+        cycle: c_int,
         b: c_int,
         hq: c_int,
         hkv: c_int,
@@ -221,9 +225,11 @@ fn ints(stream: &Arc<CudaStream>, v: &[usize], what: &str) -> Result<CudaSlice<i
 }
 
 /// The tables of one layer on the device: rotations, codebooks, sketches and channel orders,
-/// with the [`TqSpec`] that points at them. Uploaded once per layer and reused by every launch.
+/// with the [`TqSpec`] that points at them — one per rotation of a cycle
+/// ([`crate::KvSpec::rotations`]; slot s uses variant s % cycle). Uploaded once per layer and
+/// reused by every launch.
 pub struct DeviceTables {
-    spec: TqSpec,
+    specs: Vec<TqSpec>,
     heads: usize,
     channels: CudaSlice<i32>,
     _tables: Vec<CudaSlice<f32>>,
@@ -237,9 +243,10 @@ unsafe impl Sync for DeviceTables {}
 impl std::fmt::Debug for DeviceTables {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceTables")
-            .field("head_dim", &self.spec.head_dim)
-            .field("record_bytes", &self.spec.record_bytes)
+            .field("head_dim", &self.specs[0].head_dim)
+            .field("record_bytes", &self.specs[0].record_bytes)
             .field("heads", &self.heads)
+            .field("cycle", &self.specs.len())
             .finish()
     }
 }
@@ -248,6 +255,58 @@ impl DeviceTables {
     /// Uploads `t` on `stream`'s device. Errors on a layout the kernels do not support
     /// (head_dim or a group's dimension or sketch above 256, more than 8 bits).
     pub fn upload(t: &LayerTables, stream: &Arc<CudaStream>) -> Result<Self> {
+        Self::upload_cycle(std::slice::from_ref(t), stream)
+    }
+
+    /// Uploads the tables of a rotation cycle (variant m = `variants[m]`, 1..=4 of them): the
+    /// same layout, codebooks and channel orders, their own rotations and sketches.
+    pub fn upload_cycle(variants: &[LayerTables], stream: &Arc<CudaStream>) -> Result<Self> {
+        let first = variants
+            .first()
+            .ok_or_else(|| Error::Config("no tables to upload".into()))?;
+        if variants.len() > 4 {
+            return Err(Error::Config(format!(
+                "the CUDA kernels cycle at most 4 rotations, not {}",
+                variants.len()
+            )));
+        }
+        let same = |t: &LayerTables| {
+            t.head_dim == first.head_dim
+                && t.record_bytes == first.record_bytes
+                && t.norm_f16 == first.norm_f16
+                && t.projected_norm == first.projected_norm
+                && t.channels == first.channels
+                && t.groups.len() == first.groups.len()
+                && t.groups.iter().zip(&first.groups).all(|(a, b)| {
+                    (a.dim, a.mse_bits, a.m, a.rot_kind, a.offsets, &a.centroids)
+                        == (b.dim, b.mse_bits, b.m, b.rot_kind, b.offsets, &b.centroids)
+                })
+        };
+        if !variants.iter().all(same) {
+            return Err(Error::Config(
+                "the rotations of a cycle must share layout, codebooks and channels".into(),
+            ));
+        }
+        let mut owned = Vec::new();
+        let mut specs = Vec::with_capacity(variants.len());
+        for t in variants {
+            specs.push(Self::spec_of(t, stream, &mut owned)?);
+        }
+        let channels = stream.clone_htod(&first.channels).map_err(driver)?;
+        Ok(DeviceTables {
+            specs,
+            heads: first.channels.len() / first.head_dim.max(1),
+            channels,
+            _tables: owned,
+        })
+    }
+
+    /// The [`TqSpec`] of `t`, its tables uploaded into `owned`.
+    fn spec_of(
+        t: &LayerTables,
+        stream: &Arc<CudaStream>,
+        owned: &mut Vec<CudaSlice<f32>>,
+    ) -> Result<TqSpec> {
         const MAX: usize = 256;
         if t.head_dim > MAX || t.groups.is_empty() || t.groups.len() > 2 {
             return Err(Error::UnsupportedDim {
@@ -267,7 +326,6 @@ impl DeviceTables {
                 "the CUDA kernels handle QJL sketches of ≤ {MAX} bits per group and ≤ 8 code bits"
             )));
         }
-        let mut owned = Vec::new();
         let null = std::ptr::null::<f32>();
         let mut put = |v: &[f32]| -> Result<*const f32> {
             if v.is_empty() {
@@ -324,26 +382,25 @@ impl DeviceTables {
                 qjl_scale: g.qjl_scale,
             };
         }
-        let spec = TqSpec {
+        Ok(TqSpec {
             head_dim: int("head_dim", t.head_dim)?,
             num_groups: t.groups.len() as c_int,
             record_bytes: int("record bytes", t.record_bytes)?,
             norm_f16: t.norm_f16 as c_int,
             projected_norm: t.projected_norm as c_int,
             groups,
-        };
-        let channels = stream.clone_htod(&t.channels).map_err(driver)?;
-        Ok(DeviceTables {
-            spec,
-            heads: t.channels.len() / t.head_dim.max(1),
-            channels,
-            _tables: owned,
         })
     }
 
-    /// The record layout with device pointers, as the launchers take it.
+    /// The record layout with device pointers (of the cycle's first rotation), as the launchers
+    /// take it.
     pub fn spec(&self) -> &TqSpec {
-        &self.spec
+        &self.specs[0]
+    }
+
+    /// Rotations in the cycle (1 for plain TurboQuant).
+    pub fn cycle(&self) -> usize {
+        self.specs.len()
     }
 
     /// KV heads the channel orders cover.
@@ -353,12 +410,12 @@ impl DeviceTables {
 
     /// Vector dimension.
     pub fn head_dim(&self) -> usize {
-        self.spec.head_dim as usize
+        self.specs[0].head_dim as usize
     }
 
     /// Bytes per record.
     pub fn record_bytes(&self) -> usize {
-        self.spec.record_bytes as usize
+        self.specs[0].record_bytes as usize
     }
 }
 
@@ -479,7 +536,8 @@ pub fn quantize_append<T: KernelFloat>(
             raw(sp),
             raw(np),
             raw(chp),
-            &tables.spec,
+            tables.specs.as_ptr(),
+            tables.specs.len() as c_int,
             int("batch", b)?,
             int("heads", h)?,
             int("tokens", t)?,
@@ -524,7 +582,8 @@ pub fn dequantize<T: KernelFloat>(
             raw_mut::<c_void>(op),
             T::CODE,
             raw(chp),
-            &tables.spec,
+            tables.specs.as_ptr(),
+            tables.specs.len() as c_int,
             int("batch", b)?,
             int("heads", h)?,
             int("capacity", cap)?,
@@ -753,7 +812,16 @@ pub fn decode_attention_mixed<T: KernelFloat>(
     let (si, ci) = (int("splits", plan.splits)?, int("chunk", plan.chunk)?);
     let total = int("splits", plan.splits + xsplits)?;
     // SAFETY: pure function of its arguments; reads the host spec.
-    let ws_len = unsafe { tqkv_decode_attention_workspace(&vt.spec, bi, hqi, hkvi, ti, total) };
+    if kt.cycle() != vt.cycle() {
+        return Err(Error::Config(format!(
+            "attention: {} key and {} value rotations in the cycle",
+            kt.cycle(),
+            vt.cycle()
+        )));
+    }
+    let cycle = kt.cycle() as c_int;
+    let ws_len =
+        unsafe { tqkv_decode_attention_workspace(vt.spec(), cycle, bi, hqi, hkvi, ti, total) };
     let mut ws = unsafe { stream.alloc::<f32>(ws_len.max(1) as usize) }.map_err(driver)?;
     let vis_d = ints(stream, visible, "visible length")?;
     let pe_d = match exact {
@@ -800,8 +868,9 @@ pub fn decode_attention_mixed<T: KernelFloat>(
             raw(visp),
             raw(kchp),
             raw(vchp),
-            &kt.spec,
-            &vt.spec,
+            kt.specs.as_ptr(),
+            vt.specs.as_ptr(),
+            cycle,
             bi,
             hqi,
             hkvi,

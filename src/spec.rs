@@ -381,6 +381,11 @@ pub struct KvSpec {
     /// the first chunk's keys and values (Lloyd–Max on those samples), instead of the
     /// theoretical ones for uniformly random directions.
     pub fit_codebooks: bool,
+    /// Rotations per layer cycled by position: the record of position t is written with
+    /// rotation (and sketch) `t % rotations` (same layout and codebooks), so that the
+    /// quantization errors of similar vectors at neighbouring positions are not the same error
+    /// and average out in the attention sums. 1: one rotation (TurboQuant).
+    pub rotations: usize,
     /// Attention sinks: the first `sinks` tokens of every sequence are also kept in full
     /// precision (f16), and every query reads them from there.
     pub sinks: usize,
@@ -409,6 +414,7 @@ impl KvSpec {
             center_values: false,
             key_scale: None,
             fit_codebooks: false,
+            rotations: 1,
             sinks: 0,
             window: 0,
             budget_bits: None,

@@ -69,6 +69,73 @@ impl Codec for Q8 {
     }
 }
 
+/// q5_0 after a Hadamard rotation (llama.cpp's `-ctk q5_0` with its automatic rotation): per
+/// block of 32 of y = H·D·x, m = the value of largest magnitude, scale = m / −16 (f16),
+/// q = clamp(round(y/scale) + 16, 0, 31), packed 5 bits each (5.5 bits per channel).
+#[derive(Debug, Clone)]
+pub struct Q5Hadamard {
+    rotation: Rotation,
+}
+
+impl Q5Hadamard {
+    /// The codec for `dim` (a multiple of 16, for the block Hadamard transform).
+    pub fn new(dim: usize, seed: u64) -> Result<Self> {
+        let rotation =
+            Rotation::new(RotationKind::Hadamard, dim, seed).map_err(candle_core::Error::wrap)?;
+        Ok(Q5Hadamard { rotation })
+    }
+}
+
+impl Codec for Q5Hadamard {
+    fn record_bytes(&self, dim: usize) -> usize {
+        dim.div_ceil(BLOCK) * 2 + tqkv::packing::packed_len(dim, 5)
+    }
+    fn table_bytes(&self, dim: usize) -> usize {
+        dim.div_ceil(8)
+    }
+    fn encode(&self, x: &[f32], out: &mut [u8]) {
+        let mut y = vec![0.0f32; x.len()];
+        self.rotation
+            .apply(x, &mut y)
+            .expect("lengths checked by the cache");
+        let nb = y.len().div_ceil(BLOCK);
+        let mut codes = vec![0u8; y.len()];
+        for (i, blk) in y.chunks(BLOCK).enumerate() {
+            let m = blk
+                .iter()
+                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let s = f16::from_f32(m / -16.0);
+            out[2 * i..2 * i + 2].copy_from_slice(&s.to_le_bytes());
+            let inv = if s.to_f32() != 0.0 {
+                1.0 / s.to_f32()
+            } else {
+                0.0
+            };
+            for (j, &v) in blk.iter().enumerate() {
+                codes[i * BLOCK + j] = ((v * inv).round() + 16.0).clamp(0.0, 31.0) as u8;
+            }
+        }
+        tqkv::packing::pack_codes(&codes, 5, &mut out[2 * nb..]).expect("codes fit 5 bits");
+    }
+    fn decode(&self, rec: &[u8], out: &mut [f32]) {
+        let nb = out.len().div_ceil(BLOCK);
+        let mut codes = vec![0u8; out.len()];
+        tqkv::packing::unpack_codes(&rec[2 * nb..], 5, &mut codes).expect("sizes match");
+        let mut y = vec![0.0f32; out.len()];
+        for (c, v) in y.iter_mut().enumerate() {
+            let i = c / BLOCK;
+            let s = f16::from_le_bytes([rec[2 * i], rec[2 * i + 1]]).to_f32();
+            *v = (codes[c] as f32 - 16.0) * s;
+        }
+        self.rotation
+            .apply_inverse(&y, out)
+            .expect("lengths checked by the cache");
+    }
+    fn name(&self) -> String {
+        "q5h".into()
+    }
+}
+
 /// q4_0 after a Hadamard rotation: y = H·D·x, then per block of 32: m = the value of largest
 /// magnitude, scale = m / −8 (f16), q = clamp(round(y/scale) + 8, 0, 15), two per byte.
 #[derive(Debug, Clone)]

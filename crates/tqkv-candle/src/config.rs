@@ -3,7 +3,7 @@
 //! overrides (e.g. the first and last two layers at higher precision) and the capacity limit.
 
 use crate::cache::KvCache;
-use crate::codec::{CodecCache, Q4Hadamard, Q8};
+use crate::codec::{CodecCache, Q4Hadamard, Q5Hadamard, Q8};
 use crate::full::FullCache;
 use crate::kivi::KiviCache;
 use crate::turbo::TurboCache;
@@ -19,6 +19,8 @@ pub enum CacheKind {
     Q8,
     /// Hadamard rotation + q4_0 blocks of 32 (llama.cpp's default).
     Q4Hadamard,
+    /// Hadamard rotation + q5_0 blocks of 32.
+    Q5Hadamard,
     /// KIVI at 2 or 4 bits with a window of `residual` recent tokens in f16.
     Kivi {
         /// 2 or 4.
@@ -32,13 +34,15 @@ pub enum CacheKind {
 
 impl std::str::FromStr for CacheKind {
     type Err = candle_core::Error;
-    /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `kivi2`, `kivi4`, `tq<bits>` (bits as in
-    /// [`BitsSpec`]: `tq2.5`, `tq3`, `tq3.5`, `tq4`, …; MSE keys and values, dense rotation),
+    /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `q5h`, `kivi2`, `kivi4`, `kivi<b>-r<N>`; the presets
+    /// `tq2.5`, `tq3.5`, `tq4` ([`PRESETS`]); `tq<bits>` otherwise and `tq<bits>-paper` (bits
+    /// as in [`BitsSpec`]; MSE keys and values, dense rotation, as in the paper) with suffixes:
     /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
     /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation),
     /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]),
     /// `tq<bits>-cv` (values centred, the mean added back to the output,
     /// [`KvSpec::center_values`]),
+    /// `tq<bits>-r<M>` (M rotations cycled by position, [`KvSpec::rotations`]),
     /// `tq<bits>-fc` (codebooks fitted per layer to the first chunk, [`KvSpec::fit_codebooks`]),
     /// `tq<bits>-ks<α>` (per-channel key scales rms^α folded into the query,
     /// [`KvSpec::key_scale`]; `-ks` alone is α = 0.5), `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]; `-pnk` / `-pnv` for keys
@@ -48,12 +52,16 @@ impl std::str::FromStr for CacheKind {
     /// sized so the whole cache stays within B bits per channel, [`KvSpec::budget_bits`];
     /// capped by `-w<N>` when both are given).
     fn from_str(s: &str) -> Result<Self> {
+        if let Some((_, spec)) = PRESETS.iter().find(|(name, _)| *name == s) {
+            return spec.parse();
+        }
         Ok(match s {
             "f32" => CacheKind::Full(DType::F32),
             "f16" => CacheKind::Full(DType::F16),
             "bf16" => CacheKind::Full(DType::BF16),
             "q8" => CacheKind::Q8,
             "q4h" => CacheKind::Q4Hadamard,
+            "q5h" => CacheKind::Q5Hadamard,
             _ if s.starts_with("kivi") => {
                 let (b, r) = match s[4..].split_once("-r") {
                     Some((b, r)) => (b, Some(r)),
@@ -80,7 +88,7 @@ impl std::str::FromStr for CacheKind {
             _ => {
                 let Some(rest) = s.strip_prefix("tq") else {
                     candle_core::bail!(
-                        "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, \
+                        "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, q5h, \
                          kivi2, kivi4[-r<N>], tq<bits>[-qjl][-had][-c][-pn] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
                     );
                 };
@@ -100,6 +108,7 @@ impl std::str::FromStr for CacheKind {
                 let mut budget_bits = None;
                 let mut key_scale = None;
                 let mut fit_codebooks = false;
+                let mut rotations = 1usize;
                 for p in parts {
                     if let Some(a) = p.strip_prefix("ks") {
                         match if a.is_empty() {
@@ -131,11 +140,20 @@ impl std::str::FromStr for CacheKind {
                         sinks = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
                         continue;
                     }
+                    if let Some(n) = count_suffix(p, 'r') {
+                        match n {
+                            Ok(m) if (1..=16).contains(&m) => rotations = m,
+                            _ => candle_core::bail!("{s:?}: -r<M> takes 1..=16 rotations"),
+                        }
+                        continue;
+                    }
                     if let Some(n) = count_suffix(p, 'w') {
                         window = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
                         continue;
                     }
                     match p {
+                        // The paper's configuration of these bits (what a suffix builds on).
+                        "paper" => {}
                         "qjl" => {
                             key = QuantSpec {
                                 mode: Mode::Prod {
@@ -168,8 +186,8 @@ impl std::str::FromStr for CacheKind {
                         "pnk" => key = key.with_norm_rule(NormRule::Projected),
                         "pnv" => value = value.with_norm_rule(NormRule::Projected),
                         _ => candle_core::bail!(
-                            "unknown suffix {p:?} in {s:?}: supported are -qjl, -qjlo, -had, -c, \
-                             -cv, -ks[α], -fc, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
+                            "unknown suffix {p:?} in {s:?}: supported are -paper, -qjl, -qjlo, -had, -c, \
+                             -cv, -ks[α], -fc, -r<M>, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
                              sized to a budget of bits per channel)"
                         ),
                     }
@@ -181,6 +199,7 @@ impl std::str::FromStr for CacheKind {
                     center_values,
                     key_scale,
                     fit_codebooks,
+                    rotations,
                     sinks,
                     window,
                     budget_bits,
@@ -189,6 +208,17 @@ impl std::str::FromStr for CacheKind {
         })
     }
 }
+
+/// The named TurboQuant presets: each the best configuration measured at its byte budget on the
+/// default model (docs/QUALITY.md), all-in (records, exact tokens, tables) from 512 tokens on:
+/// `tq2.5` 3 bits per channel (5.33× smaller than f16), `tq3.5` 4 bits (4×), `tq4` 4.25 bits
+/// (3.76×) — the sizes the paper's configurations of those names have. `tq<bits>-paper` is the
+/// paper's configuration (MSE keys and values at those bits, dense rotation, exact norms).
+pub const PRESETS: [(&str, &str); 3] = [
+    ("tq2.5", "tqk3v1.5-had-pn-c-s1-b3-r4"),
+    ("tq3.5", "tqk4v2-had-pn-c-s1-b4-r4"),
+    ("tq4", "tqk4v3-had-pn-c-s1-b4.25-r4"),
+];
 
 /// The largest number of sink or window tokens a kind may name.
 pub const MAX_EXACT_TOKENS: usize = 1 << 20;
@@ -367,6 +397,15 @@ impl CacheConfig {
             CacheKind::Q8 => Box::new(CodecCache::new(Q8, kv_heads, head_dim, max)),
             CacheKind::Q4Hadamard => Box::new(CodecCache::new(
                 Q4Hadamard::new(
+                    head_dim,
+                    tqkv::rng::derive_seed(self.seed, 1000 + layer as u64),
+                )?,
+                kv_heads,
+                head_dim,
+                max,
+            )),
+            CacheKind::Q5Hadamard => Box::new(CodecCache::new(
+                Q5Hadamard::new(
                     head_dim,
                     tqkv::rng::derive_seed(self.seed, 1000 + layer as u64),
                 )?,

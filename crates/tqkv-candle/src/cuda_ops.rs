@@ -48,16 +48,28 @@ pub struct GpuTables {
 }
 
 impl GpuTables {
-    /// Uploads the tables of the per-head quantizers on `device` (a CUDA device).
+    /// Uploads the tables of the quantizers `[head · cycle + m]` (rotation m of each KV head's
+    /// cycle) on `device` (a CUDA device).
     pub fn new(
         kq: &[tqkv::VectorQuantizer],
         vq: &[tqkv::VectorQuantizer],
+        cycle: usize,
         device: &candle_core::Device,
     ) -> Result<Self> {
         let stream = device.as_cuda_device()?.cuda_stream();
+        let upload = |qs: &[tqkv::VectorQuantizer]| -> Result<DeviceTables> {
+            let c = cycle.max(1);
+            let variants = (0..c)
+                .map(|m| {
+                    let heads: Vec<_> = qs.iter().skip(m).step_by(c).cloned().collect();
+                    LayerTables::new(&heads).map_err(wrap)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            DeviceTables::upload_cycle(&variants, &stream).map_err(wrap)
+        };
         Ok(GpuTables {
-            k: DeviceTables::upload(&LayerTables::new(kq).map_err(wrap)?, &stream).map_err(wrap)?,
-            v: DeviceTables::upload(&LayerTables::new(vq).map_err(wrap)?, &stream).map_err(wrap)?,
+            k: upload(kq)?,
+            v: upload(vq)?,
             status: Mutex::new(StatusWord::new(&stream).map_err(wrap)?),
         })
     }
@@ -219,11 +231,8 @@ pub fn attend(
 }
 
 /// The f16 slice of a fresh (contiguous, offset 0) CUDA tensor's storage.
-fn f16_slice<'a>(
-    g: &'a std::sync::RwLockReadGuard<'_, candle_core::Storage>,
-    l: &Layout,
-) -> Result<&'a CudaSlice<half::f16>> {
-    match (&**g, l.contiguous_offsets()) {
+fn f16_slice<'a>(st: &'a candle_core::Storage, l: &Layout) -> Result<&'a CudaSlice<half::f16>> {
+    match (st, l.contiguous_offsets()) {
         (candle_core::Storage::Cuda(c), Some((0, _))) => c.as_cuda_slice::<half::f16>(),
         _ => candle_core::bail!(
             "tqkv-attend: the exact store must be contiguous f16 on the cache's device"

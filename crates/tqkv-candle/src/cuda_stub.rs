@@ -16,6 +16,7 @@ impl GpuTables {
     pub fn new(
         _: &[tqkv::VectorQuantizer],
         _: &[tqkv::VectorQuantizer],
+        _: usize,
         _: &candle_core::Device,
     ) -> Result<Self> {
         Err(off())

@@ -47,7 +47,8 @@ fn u8_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u8]> {
 
 /// Quantize-append: see the module docs for layouts.
 pub struct TqAppend {
-    /// Quantizer of each KV head.
+    /// Quantizers `[head · cycle + m]` (cycle 1: one per KV head; slot s of a head is written
+    /// by m = s % cycle).
     pub quantizers: Arc<Vec<VectorQuantizer>>,
     /// First slot written per sequence.
     pub start: Vec<usize>,
@@ -78,6 +79,8 @@ impl InplaceOp2 for TqAppend {
         let dims = sl.shape().dims();
         let (h, t, d) = (dims[1], dims[2], dims[3]);
         let rb = self.quantizers[0].record_bytes();
+        // Quantizers [head · cycle + m]: slot s of a head is written by m = s % cycle.
+        let cycle = (self.quantizers.len() / h).max(1);
         let cache = match (dst, dl.contiguous_offsets()) {
             (CpuStorage::U8(v), Some((0, end))) => &mut v[..end],
             _ => candle_core::bail!(
@@ -90,10 +93,10 @@ impl InplaceOp2 for TqAppend {
             .enumerate()
             .try_for_each(|(idx, slots)| -> Result<()> {
                 let (b, head) = (idx / h, idx % h);
-                let q = &self.quantizers[head];
                 for tok in 0..self.new[b] {
                     let off = (idx * t + tok) * d;
                     let slot = self.start[b] + tok;
+                    let q = &self.quantizers[head * cycle + slot % cycle];
                     q.quantize(&x[off..off + d], &mut slots[slot * rb..(slot + 1) * rb])
                         .map_err(|e| {
                             candle_core::Error::msg(format!(
@@ -133,9 +136,9 @@ pub struct ExactAttend {
 pub struct TqAttend {
     /// Sequence lengths and the last append.
     pub state: SeqState,
-    /// Key quantizer of each KV head.
+    /// Key quantizers `[head · cycle + m]` (cycle 1: one per KV head).
     pub kq: Arc<Vec<VectorQuantizer>>,
-    /// Value quantizer of each KV head.
+    /// Value quantizers, same arrangement.
     pub vq: Arc<Vec<VectorQuantizer>>,
     /// Slots per (sequence, head).
     pub capacity: usize,
@@ -221,9 +224,10 @@ impl candle_core::CustomOp3 for TqAttend {
                         win_v: wv,
                     },
                 );
-            tqkv::attention::attend_mixed(
-                &self.kq[head],
-                &self.vq[head],
+            let cycle = (self.kq.len() / h).max(1);
+            tqkv::attention::attend_cycled(
+                &self.kq[head * cycle..(head + 1) * cycle],
+                &self.vq[head * cycle..(head + 1) * cycle],
                 qq,
                 kr,
                 vr,
@@ -252,8 +256,10 @@ impl candle_core::CustomOp3 for TqAttend {
 
 /// Dequantize: see the module docs for layouts.
 pub struct TqDequantize {
-    /// Quantizer of each KV head.
+    /// Quantizers `[head · cycle + m]` (cycle 1: one per KV head).
     pub quantizers: Arc<Vec<VectorQuantizer>>,
+    /// KV heads.
+    pub heads: usize,
     /// Values (else keys): picks the GPU tables.
     pub values: bool,
     /// Sequences in the cache tensor.
@@ -275,7 +281,8 @@ impl candle_core::CustomOp1 for TqDequantize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let cache = u8_slice(s, l, "cache")?;
-        let h = self.quantizers.len();
+        let cycle = (self.quantizers.len() / self.heads.max(1)).max(1);
+        let h = self.heads;
         let d = self.quantizers[0].dim();
         let rb = self.quantizers[0].record_bytes();
         let (b, cap, n) = (self.batch, self.capacity, self.n);
@@ -284,8 +291,8 @@ impl candle_core::CustomOp1 for TqDequantize {
         }
         let mut out = vec![0f32; b * h * n * d];
         for (idx, o) in out.chunks_mut((n * d).max(1)).enumerate().take(b * h) {
-            let q = &self.quantizers[idx % h];
             for s in 0..n {
+                let q = &self.quantizers[(idx % h) * cycle + s % cycle];
                 let rec = &cache[(idx * cap + s) * rb..][..rb];
                 q.dequantize(rec, &mut o[s * d..(s + 1) * d])
                     .map_err(candle_core::Error::wrap)?;

@@ -121,6 +121,11 @@ fn channel_scales(x: &Tensor, new: &[usize], from: usize, alpha: f32) -> Result<
     Tensor::from_vec(out, (1, h, 1, d), x.device())
 }
 
+/// Coordinates (rotated + sketch, per rotation) the CUDA attention kernel holds for all the
+/// rotations of a cycle: [`KvSpec::rotations`] is capped at this over a spec's coordinates (4
+/// rotations up to head_dim 128, 2 at 256).
+pub const MAX_CYCLE_COORDS: usize = 512;
+
 /// Keys and values in TurboQuant's packed format.
 pub struct TurboCache {
     state: SeqState,
@@ -162,12 +167,28 @@ impl TurboCache {
     ) -> Result<Self> {
         // Validate now (bits, dims, rotation) with the fixed rule; calibration comes later.
         let mut record_bytes = 0;
+        let mut coords = 0;
         for s in [spec.key, spec.value] {
-            record_bytes +=
-                VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
-                    .map_err(candle_core::Error::wrap)?
-                    .record_bytes();
+            let q = VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
+                .map_err(candle_core::Error::wrap)?;
+            record_bytes += q.record_bytes();
+            let c: usize = q
+                .layout()
+                .groups
+                .iter()
+                .map(|g| if g.mse_bits > 0 { g.dim } else { 0 } + g.sketch_dim)
+                .sum();
+            coords = coords.max(c);
         }
+        if spec.rotations == 0 {
+            candle_core::bail!("a rotation cycle needs at least one rotation");
+        }
+        // A cycle is capped where the fused kernel would run out of room (the rotated query
+        // rows of every rotation: 512 coordinates), on every device alike.
+        let mut spec = spec;
+        spec.rotations = spec
+            .rotations
+            .min((MAX_CYCLE_COORDS / coords.max(1)).max(1));
         if let Some(b) = spec.budget_bits {
             if !(b.is_finite() && b > 0.0 && b <= 16.0) {
                 candle_core::bail!("a window budget of {b} bits per channel is not in (0, 16]");
@@ -224,6 +245,7 @@ impl TurboCache {
         seed: u64,
     ) -> Result<Vec<VectorQuantizer>> {
         let qs = self.calibrate_channels(spec, x, new, from, seed)?;
+        let qs = self.cycle_rotations(spec, qs, seed)?;
         if !self.spec.fit_codebooks {
             return Ok(qs);
         }
@@ -253,6 +275,39 @@ impl TurboCache {
         qs.into_iter()
             .map(|q| q.with_codebooks(&books).map_err(candle_core::Error::wrap))
             .collect()
+    }
+
+    /// Each head's quantizer followed by `rotations − 1` more with the same channels and other
+    /// rotations: `[head · rotations + m]`.
+    fn cycle_rotations(
+        &self,
+        spec: QuantSpec,
+        qs: Vec<VectorQuantizer>,
+        seed: u64,
+    ) -> Result<Vec<VectorQuantizer>> {
+        let m = self.spec.rotations.max(1);
+        if m == 1 {
+            return Ok(qs);
+        }
+        let d = self.state.head_dim;
+        let mut out = Vec::with_capacity(qs.len() * m);
+        for q in qs {
+            let hi = if q.num_groups() > 1 {
+                q.group_channels(0).to_vec()
+            } else {
+                Vec::new()
+            };
+            for r in 1..m {
+                let s = tqkv::rng::derive_seed(seed, 1000 + r as u64);
+                let v = VectorQuantizer::with_channels(spec, d, &hi, s)
+                    .map_err(candle_core::Error::wrap)?;
+                if r == 1 {
+                    out.push(q.clone());
+                }
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     /// Chooses each head's channels from the first append's real tokens.
@@ -328,6 +383,7 @@ impl TurboCache {
             + usize::from(self.vmean.is_some())
             + usize::from(self.kscale.is_some());
         let mut bytes = means * 4 * h * d;
+        let cycle = self.spec.rotations.max(1);
         for q in [&kq[0], &vq[0]] {
             if q.num_groups() > 1 {
                 bytes += h * d.div_ceil(8);
@@ -335,16 +391,17 @@ impl TurboCache {
             for g in 0..q.num_groups() {
                 let dim = q.group_channels(g).len();
                 if let Some(m) = q.group_mse(g) {
-                    bytes += match m.rotation().kind() {
-                        tqkv::RotationKind::Dense => 4 * dim * dim,
-                        tqkv::RotationKind::Hadamard => dim.div_ceil(8),
-                    };
+                    bytes += cycle
+                        * match m.rotation().kind() {
+                            tqkv::RotationKind::Dense => 4 * dim * dim,
+                            tqkv::RotationKind::Hadamard => dim.div_ceil(8),
+                        };
                     if self.spec.fit_codebooks {
                         bytes += 4 << m.bits();
                     }
                 }
                 if let Some(s) = q.group_qjl(g) {
-                    bytes += 4 * s.sketch_dim() * dim;
+                    bytes += cycle * 4 * s.sketch_dim() * dim;
                 }
             }
         }
@@ -456,8 +513,20 @@ impl KvCache for TurboCache {
             let vs = tqkv::rng::derive_seed(self.seed, 2);
             let kq = Arc::new(self.calibrate(self.spec.key, k, &new, from, ks)?);
             let vq = Arc::new(self.calibrate(self.spec.value, v, &new, from, vs)?);
+            if self.device.is_cuda() && self.spec.rotations > 4 {
+                candle_core::bail!(
+                    "the CUDA kernels cycle at most 4 rotations, not {} (-r{})",
+                    self.spec.rotations,
+                    self.spec.rotations
+                );
+            }
             let gpu = if self.device.is_cuda() {
-                Some(Arc::new(GpuTables::new(&kq, &vq, &self.device)?))
+                Some(Arc::new(GpuTables::new(
+                    &kq,
+                    &vq,
+                    self.spec.rotations,
+                    &self.device,
+                )?))
             } else {
                 None
             };
@@ -507,6 +576,7 @@ impl KvCache for TurboCache {
             let deq = |cache: &Tensor, qz: &Arc<Vec<VectorQuantizer>>, values: bool| {
                 cache.apply_op1_no_bwd(&TqDequantize {
                     quantizers: qz.clone(),
+                    heads: self.state.kv_heads,
                     values,
                     batch: b,
                     capacity: self.capacity,
@@ -611,6 +681,9 @@ impl KvCache for TurboCache {
         }
         if self.spec.fit_codebooks {
             s.push_str("-fc");
+        }
+        if self.spec.rotations > 1 {
+            s.push_str(&format!("-r{}", self.spec.rotations));
         }
         if k.norm_rule == tqkv::NormRule::Projected {
             s.push_str("-pn");

@@ -91,7 +91,7 @@ fn rel_err(got: &Tensor, want: &[f64]) -> f64 {
 }
 
 /// (kind, bound on the relative output error) — the bounds of docs/CACHES.md.
-const KINDS: [(&str, f64); 16] = [
+const KINDS: [(&str, f64); 21] = [
     ("f32", 1e-5),
     ("f16", 2e-3),
     ("bf16", 1e-2),
@@ -99,10 +99,15 @@ const KINDS: [(&str, f64); 16] = [
     ("q4h", 0.09),
     ("kivi4", 0.02),
     ("kivi2", 0.09),
+    ("q5h", 0.05),
+    ("tq4-paper", 0.11),
+    ("tq3.5-paper", 0.13),
+    ("tq3", 0.2),
+    ("tq2.5-paper", 0.24),
     ("tq4", 0.11),
     ("tq3.5", 0.13),
-    ("tq3", 0.2),
     ("tq2.5", 0.24),
+    ("kivi4-r0", 0.04),
     ("tq4-qjl", 0.14),
     ("tq3.5-had", 0.13),
     ("tq3.5-c", 0.13),
@@ -153,7 +158,7 @@ fn centred_keys_remove_a_per_channel_offset() {
             Attention::new(cfg.build(0, hk, d, &Device::Cpu).unwrap(), hq, hk, d).unwrap();
         rel_err(&run(&mut attn, &q, &k, &v, &[n], &[64, 1, 85]), &want)
     };
-    let (plain, centred) = (err("tq3.5"), err("tq3.5-c"));
+    let (plain, centred) = (err("tq3.5-paper"), err("tq3.5-c"));
     eprintln!("offset keys: tq3.5 {plain:.4}, tq3.5-c {centred:.4}");
     assert!(
         centred < 0.11 && centred < 0.75 * plain,
@@ -244,7 +249,15 @@ fn sequences_of_different_lengths_match_running_them_alone() {
     let v = kv_like(&mut rng, (3, hk, n, d), 1.0);
     let lens = [19usize, 4, 11];
     // Uniform-bit TurboQuant kinds: a split would calibrate on the batch's first chunk.
-    for kind in ["f32", "q8", "kivi4", "q4h", "tq4", "tq3-qjl"] {
+    for kind in [
+        "f32",
+        "q8",
+        "kivi4",
+        "q4h",
+        "tq4-paper",
+        "tq3-qjl",
+        "tq3-had-pn-s1-w9",
+    ] {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let mut batched =
             Attention::new(cfg.build(0, hk, d, &Device::Cpu).unwrap(), hq, hk, d).unwrap();
@@ -350,6 +363,9 @@ fn bad_inputs_are_errors_that_name_the_problem() {
     assert!(CacheConfig::new("tq3.5-had".parse().unwrap())
         .build(0, 1, 20, &dev)
         .is_err());
+    assert!(CacheConfig::new("tq3.5-paper".parse().unwrap())
+        .build(0, 1, 8, &dev)
+        .is_err());
     assert!(CacheConfig::new("tq3.5".parse().unwrap())
         .build(0, 1, 8, &dev)
         .is_err());
@@ -395,8 +411,9 @@ fn memory_accounting_matches_the_format() {
     assert_eq!(bytes("f32"), per_token_heads * 2 * 512);
     assert_eq!(bytes("q8"), per_token_heads * 2 * (128 + 8));
     assert_eq!(bytes("q4h"), per_token_heads * 2 * (64 + 8));
-    assert_eq!(bytes("tq3.5"), per_token_heads * 2 * 60);
-    assert_eq!(bytes("tq2.5"), per_token_heads * 2 * 44);
+    assert_eq!(bytes("q5h"), per_token_heads * 2 * (80 + 8));
+    assert_eq!(bytes("tq3.5-paper"), per_token_heads * 2 * 60);
+    assert_eq!(bytes("tq2.5-paper"), per_token_heads * 2 * 44);
     assert_eq!(bytes("tq4-qjl"), per_token_heads * (68 + 66));
     assert_eq!(bytes("tqk4v2"), per_token_heads * (66 + 34));
 }

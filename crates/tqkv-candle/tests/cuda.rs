@@ -55,8 +55,9 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
     let Some(gpu) = cuda() else { return };
     let mut rng = Rng::new(seed("turbo cuda vs cpu"));
     for (kind, d) in [
-        ("tq3.5", 128usize),
-        ("tq2.5", 64),
+        ("tq3.5-paper", 128usize),
+        ("tq2.5-paper", 64),
+        ("tq3.5", 64),
         ("tq4-qjl", 128),
         ("tqk4v3", 96),
         ("tq3.5-had", 128),
@@ -64,6 +65,9 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
         ("tqk4v2-had-pn-c-s1-b4", 64),
         ("tqk3.5v2.5-pn-c-s4-w9", 128),
         ("tq3-had-pnk-cv-s2", 96),
+        ("tqk4v2-had-pn-c-s1-b4-r2", 64),
+        ("tq3.5-paper-r4", 128),
+        ("tq4-qjl-r2-s3-w5", 64),
     ] {
         for (dtype, tol_decode, tol_prefill) in [
             (DType::F32, 2e-3, 2e-3),

@@ -309,7 +309,7 @@ fn exact_tokens_are_counted_in_the_memory() {
         assert!(m.allocated >= m.logical, "{kind}");
         m.logical
     };
-    let rec = bytes("tq3.5", 100) / (2 * 3 * 100);
+    let rec = bytes("tq3.5-paper", 100) / (2 * 3 * 100);
     let exact = 2 * 64 * 2;
     for (kind, t, held) in [
         ("tq3.5-s4", 100, 4),

@@ -206,18 +206,26 @@ impl Stats {
         };
         let mem = m.model.kv_memory();
         let f16 = m.model.kv_f16_bytes();
+        let cfg = m.model.config();
+        let n = m.model.position();
+        let all = mem.logical + mem.tables;
+        let channels = n * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim;
         format!(
             "prefill {} tokens at {:.1} tok/s; decode {} tokens at {:.1} tok/s; context {} tokens; \
-             KV cache {} bytes ({} allocated) vs {} bytes in f16 ({:.2}× smaller)",
+             KV cache {} bytes all-in ({} of tables, {} allocated) vs {} bytes in f16 ({:.2}× \
+             smaller): {:.2} bits per channel, {:.0} bytes per token",
             self.prefill_tokens,
             rate(self.prefill_tokens, self.prefill_time),
             self.decode_tokens,
             rate(self.decode_tokens, self.decode_time),
-            m.model.position(),
-            mem.logical,
-            mem.allocated,
+            n,
+            all,
+            mem.tables,
+            mem.allocated + mem.tables,
             f16,
-            if mem.logical > 0 { f16 as f64 / mem.logical as f64 } else { 0.0 }
+            if all > 0 { f16 as f64 / all as f64 } else { 0.0 },
+            if channels > 0 { 8.0 * all as f64 / channels as f64 } else { 0.0 },
+            if n > 0 { all as f64 / n as f64 } else { 0.0 },
         )
     }
 }

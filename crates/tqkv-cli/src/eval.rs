@@ -423,3 +423,125 @@ pub fn run_qa(args: QaArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct LayersArgs {
+    /// Model, device and dtype options; `--kv` is the cache kind whose per-layer sensitivity is
+    /// measured (one kind).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The reference cache kind (every other layer keeps it).
+    #[arg(long, default_value = "f16")]
+    reference: String,
+    /// The text file to score (UTF-8).
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Windows scored at most.
+    #[arg(long, default_value_t = 4)]
+    windows: usize,
+    /// Tokens per forward call.
+    #[arg(long, default_value_t = 128)]
+    chunk: usize,
+    /// With --down: the kind given to the most sensitive layers.
+    #[arg(long)]
+    up: Option<String>,
+    /// With --up: the kind given to the least sensitive layers.
+    #[arg(long)]
+    down: Option<String>,
+    /// Layers moved up (and as many down).
+    #[arg(long, default_value_t = 6)]
+    count: usize,
+    /// Also write the per-layer measures as JSON to this file.
+    #[arg(long)]
+    json: Option<String>,
+}
+
+/// `tqkv eval layers`: each layer's share of the KL divergence — the kind under test in that
+/// layer alone, the reference everywhere else — ranked; with `--up` / `--down`, the per-layer
+/// allocation (an `@` override string for `--kv`) that moves the most sensitive layers up and
+/// the least sensitive down.
+pub fn run_layers(args: LayersArgs) -> Result<()> {
+    let text = read_text(&args.text)?;
+    let kind = args.model.kv.trim().to_string();
+    if kind.contains(',') {
+        bail!("--kv: eval layers measures one kind, got {kind:?}");
+    }
+    let mut m = chat::load(&with_kind(&args.model, &args.reference))?;
+    let n_layers = m.model.config().num_layers;
+    let ids = m
+        .tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", args.text))?
+        .get_ids()
+        .to_vec();
+    let wins = windows(&ids, args.ctx, args.windows)?;
+    let bar = bar(wins.len() * (n_layers + 1))?;
+    bar.set_message(args.reference.clone());
+    let mut refs = Vec::with_capacity(wins.len());
+    for w in &wins {
+        refs.push(scored_logits(&mut m.model, w, args.chunk)?);
+        bar.inc(1);
+    }
+    let mut per_layer = Vec::with_capacity(n_layers);
+    for layer in 0..n_layers {
+        bar.set_message(format!("layer {layer}"));
+        let spec = format!("{}@{layer}={kind}", args.reference);
+        m.model
+            .set_cache_config(&chat::cache_config(&with_kind(&args.model, &spec))?)
+            .with_context(|| format!("--kv {spec}"))?;
+        let mut st = LogitStats::default();
+        for (w, r) in wins.iter().zip(&refs) {
+            let got = scored_logits(&mut m.model, w, args.chunk)?;
+            score_window(&mut st, r, &got, w)?;
+            bar.inc(1);
+        }
+        per_layer.push((layer, st.mean_kld(), st.top1()));
+    }
+    bar.finish_and_clear();
+    let total: f64 = per_layer.iter().map(|p| p.1).sum();
+    let mut ranked = per_layer.clone();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!(
+        "{kind} in one layer at a time, {} elsewhere; {} windows of {} of {}\n",
+        args.reference,
+        wins.len(),
+        args.ctx,
+        args.text
+    );
+    println!("| layer | mean KLD | share | top-1 same |");
+    println!("|---|---|---|---|");
+    for (l, kld, top1) in &ranked {
+        println!(
+            "| {l} | {kld:.5} | {:.1}% | {:.1}% |",
+            100.0 * kld / total.max(1e-30),
+            100.0 * top1
+        );
+    }
+    println!("\nsum over layers: {total:.5}");
+    if let (Some(up), Some(down)) = (&args.up, &args.down) {
+        let c = args.count.min(n_layers / 2);
+        let mut alloc = kind.clone();
+        for (l, _, _) in &ranked[..c] {
+            alloc.push_str(&format!("@{l}={up}"));
+        }
+        for (l, _, _) in &ranked[n_layers - c..] {
+            alloc.push_str(&format!("@{l}={down}"));
+        }
+        chat::cache_config(&with_kind(&args.model, &alloc)).context("the allocation")?;
+        println!("\nallocation (--kv):\n{alloc}");
+    }
+    if let Some(path) = &args.json {
+        let rows: Vec<_> = per_layer
+            .iter()
+            .map(|(l, k, t)| serde_json::json!({"layer": l, "mean_kld": k, "top1": t}))
+            .collect();
+        let v = serde_json::json!({"kind": kind, "reference": args.reference, "text": args.text,
+            "ctx": args.ctx, "windows": wins.len(), "layers": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}

@@ -67,6 +67,8 @@ enum EvalCommand {
     Needle(eval::NeedleArgs),
     /// Greedy answers to short factual questions per cache kind, against f16's.
     Qa(eval::QaArgs),
+    /// Each layer's share of a kind's KL divergence, and a per-layer allocation from it.
+    Layers(eval::LayersArgs),
 }
 
 #[derive(Subcommand)]
@@ -94,5 +96,6 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(EvalCommand::Kld(args)) => eval::run(args),
         Command::Eval(EvalCommand::Needle(args)) => eval::run_needle(args),
         Command::Eval(EvalCommand::Qa(args)) => eval::run_qa(args),
+        Command::Eval(EvalCommand::Layers(args)) => eval::run_layers(args),
     }
 }
