@@ -252,6 +252,10 @@ pub struct CacheConfig {
     /// (first, last, kind): the first and last layers of the model at another kind, resolved
     /// when the model's layer count is known ([`Self::build_in`]).
     pub outer: Option<(usize, usize, CacheKind)>,
+    /// The preset the default kind was named by (`tq3.5`, …), if any: a model with a shipped
+    /// per-layer profile for it gets that allocation ([`crate::profiles`]) in
+    /// [`Self::build_in`].
+    pub preset: Option<&'static str>,
 }
 
 /// The largest layer index a per-layer override may name.
@@ -264,7 +268,9 @@ impl std::str::FromStr for CacheConfig {
     /// Later overrides win; layers the model does not have are ignored.
     fn from_str(s: &str) -> Result<Self> {
         let mut parts = s.split('@');
-        let mut cfg = CacheConfig::new(parts.next().unwrap_or("").parse()?);
+        let head = parts.next().unwrap_or("");
+        let mut cfg = CacheConfig::new(head.parse()?);
+        cfg.preset = PRESETS.iter().find(|(n, _)| *n == head).map(|(n, _)| *n);
         for p in parts {
             let Some((layers, kind)) = p.split_once('=') else {
                 candle_core::bail!("{s:?}: a layer override is @<layers>=<kind>, got @{p}");
@@ -300,6 +306,7 @@ impl CacheConfig {
             max_tokens: None,
             seed: 0,
             outer: None,
+            preset: None,
         }
     }
 
@@ -351,7 +358,36 @@ impl CacheConfig {
         }
     }
 
-    /// Builds the cache of layer `layer` of an `n_layers`-layer model (see [`Self::build`]).
+    /// The kind of layer `layer` of a model of `n_layers` layers with `kv_heads` heads of
+    /// `head_dim`: explicit overrides, the outer-layer rule, then the preset's per-layer
+    /// profile for that shape ([`crate::profiles`]), then the default.
+    pub fn kind_for(
+        &self,
+        layer: usize,
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<CacheKind> {
+        let explicit = self.overrides.iter().any(|(l, _)| *l == layer)
+            || matches!(self.outer, Some((f, l, _)) if layer < f || layer + l >= n_layers);
+        if !explicit {
+            let profile = self
+                .preset
+                .and_then(|p| crate::profiles::profile_for(p, (n_layers, kv_heads, head_dim)));
+            if let Some(p) = profile {
+                if p.up.contains(&layer) {
+                    return p.up_kind.parse();
+                }
+                if p.down.contains(&layer) {
+                    return p.down_kind.parse();
+                }
+            }
+        }
+        Ok(self.kind_in(layer, n_layers))
+    }
+
+    /// Builds the cache of layer `layer` of an `n_layers`-layer model (see [`Self::build`]),
+    /// of the kind [`Self::kind_for`] gives.
     pub fn build_in(
         &self,
         layer: usize,
@@ -361,7 +397,7 @@ impl CacheConfig {
         device: &Device,
     ) -> Result<Box<dyn KvCache>> {
         self.build_kind(
-            self.kind_in(layer, n_layers),
+            self.kind_for(layer, n_layers, kv_heads, head_dim)?,
             layer,
             kv_heads,
             head_dim,

@@ -39,6 +39,7 @@ pub mod exact;
 pub mod full;
 pub mod kivi;
 pub mod ops;
+pub mod profiles;
 pub mod turbo;
 
 pub use attention::Attention;

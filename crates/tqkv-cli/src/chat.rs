@@ -104,9 +104,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 /// The cache configuration of the options.
 pub fn cache_config(a: &ModelArgs) -> Result<CacheConfig> {
-    let parsed: CacheConfig = a.kv.parse()?;
+    let mut parsed: CacheConfig = a.kv.parse()?;
     let mut kind = parsed.default;
     if a.key_bits.is_some() || a.value_bits.is_some() || a.qjl || a.rotation.is_some() {
+        // A changed preset is no longer the preset its per-layer profile was measured for.
+        parsed.preset = None;
         let CacheKind::Turbo(mut spec) = kind else {
             bail!("--key-bits, --value-bits, --qjl and --rotation apply to TurboQuant caches (--kv tq…), not {}", a.kv);
         };

@@ -35,6 +35,10 @@ pub struct Args {
     /// Windows scored at most (consecutive, from the start of the text).
     #[arg(long, default_value_t = 4)]
     windows: usize,
+    /// Tokens of the text skipped before the first window (e.g. those a profile was measured
+    /// on).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// Tokens per forward call (chunked prefill).
     #[arg(long, default_value_t = 128)]
     chunk: usize,
@@ -137,13 +141,14 @@ pub fn run(args: Args) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", args.text))?
         .get_ids()
         .to_vec();
-    let wins = windows(&ids, args.ctx, args.windows)?;
+    let wins = windows(&ids[args.skip.min(ids.len())..], args.ctx, args.windows)?;
     eprintln!(
-        "{}: {} tokens; {} windows of {} (scored: the last {} positions of each), chunks of {}",
+        "{}: {} tokens; {} windows of {} after {} skipped (scored: the last {} positions of each), chunks of {}",
         args.text,
         ids.len(),
         wins.len(),
         args.ctx,
+        args.skip,
         args.ctx - args.ctx / 2 - 1,
         args.chunk
     );
@@ -220,6 +225,7 @@ pub fn run(args: Args) -> Result<()> {
             "ctx": args.ctx,
             "chunk": args.chunk,
             "windows": wins.len(),
+            "skip": args.skip,
             "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The measurements of docs/QUALITY.md: `tqkv eval kld` of the presets, the paper's
+# configurations and the baselines on three texts at 512 and 2048 tokens, and the ablations of
+# the quality mechanisms, as JSON under docs/eval/ (one file per table). About 3 hours on 2 cores.
+#
+#   scripts/quality-evals.sh [main|ablations|all]     (default: all)
+#
+# Texts: the GPL-3 and GFDL-1.3 licences Debian ships, and the GNU Coding Standards
+# (scripts/fetch-texts.sh). The per-layer profile of tq3.5 was measured on the GNU text's first
+# 2048 tokens, so that text is scored from token 8192 on.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+what="${1:-all}"
+cargo build --release -p tqkv-cli >&2
+scripts/fetch-model.sh >/dev/null
+gnu="$(scripts/fetch-texts.sh)"
+tqkv=target/release/tqkv
+out=docs/eval
+mkdir -p "$out"
+
+run() { # name text ctx windows skip kinds
+  local name=$1 text=$2 ctx=$3 win=$4 skip=$5 kinds=$6
+  echo "== $name (ctx $ctx, $win windows, skip $skip): $kinds" >&2
+  "$tqkv" eval kld --text "$text" --ctx "$ctx" --windows "$win" --skip "$skip" --kv "$kinds" \
+    --json "$out/$name.json" | tee "$out/$name.md"
+}
+
+main512="f32,q8,q5h,q4h,kivi4,kivi4-r0,kivi2,tq4-paper,tq3.5-paper,tq2.5-paper,tq4,tq3.5,tq2.5"
+main2048="q8,q5h,q4h,kivi4,tq3.5-paper,tq4,tq3.5,tq2.5"
+if [ "$what" = main ] || [ "$what" = all ]; then
+  run gpl3-512 /usr/share/common-licenses/GPL-3 512 4 0 "$main512"
+  run gfdl13-512 /usr/share/common-licenses/GFDL-1.3 512 4 0 "$main512"
+  run gnu-512 "$gnu" 512 4 8192 "$main512"
+  run gpl3-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$main2048"
+  run gfdl13-2048 /usr/share/common-licenses/GFDL-1.3 2048 2 0 "$main2048"
+  run gnu-2048 "$gnu" 2048 3 8192 "$main2048"
+fi
+
+# Ablations at 4 bits per channel all-in (tq3.5's budget), GPL-3: the paper's configuration, then
+# each mechanism added; each mechanism alone against the preset's base; the per-layer profile.
+ladder="tq3.5-paper,tq3.5-had,tq3.5-had-pn,tq3.5-had-pn-c,tqk4v2-had-pn-c-s1-b4,tqk4v2-had-pn-c-s1-b4-r4,tq3.5"
+alone="tqk4v2-had-pn-c-b4,tqk4v2-had-pn-c-s4-b4,tqk4v2-had-pn-c-s1,tqk4v2-had-pn-c-s1-w29,tqk4v2-had-c-s1-b4,tqk4v2-had-pnk-c-s1-b4,tqk4v2-had-pn-s1-b4,tqk4v2-had-pn-c-cv-s1-b4,tqk4v2-had-pn-c-ks0.25-s1-b4,tqk4v2-had-pn-c-ks0.5-s1-b4,tqk4v2-had-pn-c-fc-s1-b4,tqk4v2-pn-c-s1-b4,tqk4v2-had-pn-c-s1-b4-r2,tqk3.5v2.5-had-pn-c-s1-b4-r4,tqk4v2.5-had-pn-c-s1-b4-r4,tqk3v2-had-pn-c-s1-b4-r4,tqk4.5v2-had-pn-c-s1-b4-r4,tqk4v3-had-pn-c-s1-b4-r4"
+if [ "$what" = ablations ] || [ "$what" = all ]; then
+  run ablation-ladder-512 /usr/share/common-licenses/GPL-3 512 4 0 "$ladder"
+  run ablation-alone-512 /usr/share/common-licenses/GPL-3 512 4 0 "$alone"
+  run ablation-ladder-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$ladder"
+  run ablation-alone-2048 /usr/share/common-licenses/GPL-3 2048 3 0 \
+    "tqk4v2-had-pn-c-b4-r4,tqk4v2-had-pn-c-s1-r4,tqk4v2-had-pn-c-s1-w29-r4,tqk4v2-had-pn-c-s1-b4-r2,tqk4v3-had-pn-c-s1-b4-r4,tqk4v2.5-had-pn-c-s1-b4-r4"
+fi
