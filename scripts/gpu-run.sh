@@ -60,7 +60,7 @@ for s in "${stages[@]}"; do
       cp "$out/bench.log" "$out/bench.md"
       run sdpa python3 scripts/bench_sdpa.py --json "$out/sdpa.json" ;;
     chat)
-      for kv in f16 tq3.5; do
+      for kv in f16 tq3.5-paper tq3.5; do
         run "chat-$kv" "$bin/tqkv" chat --device cuda --kv "$kv" --model "$gguf" --temperature 0 \
           --prompt "What is the capital of France? Answer in one sentence."
       done ;;

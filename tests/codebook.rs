@@ -126,3 +126,74 @@ fn unsupported_bits_and_dims_name_what_is_supported() {
         assert!(e.to_string().contains("16..=65536"), "{e}");
     }
 }
+
+/// A codebook fitted to samples (`Codebook::fitted`) against a naive 1-D k-means in f64 from the
+/// same start (the theoretical codebook), on samples of awkward sizes from a skewed mixture; the
+/// fit never has a larger squared error on its samples than the start.
+#[test]
+fn fitted_codebooks_equal_a_naive_lloyd_and_never_fit_worse() {
+    let seed = common::fresh_seed("fitted codebooks");
+    let mut rng = tqkv::rng::Rng::new(seed);
+    for (d, bits, n) in [(64usize, 2u8, 7usize), (64, 3, 99), (128, 4, 5000), (99, 1, 1)] {
+        let sigma = 1.0 / (d as f64).sqrt();
+        let samples: Vec<f32> = (0..n)
+            .map(|i| {
+                let g = rng.gaussian() * sigma;
+                (if i % 3 == 0 { 2.0 * g + 0.5 * sigma } else { g }) as f32
+            })
+            .collect();
+        let base = Codebook::get(d, bits).unwrap();
+        let fit = Codebook::fitted(d, bits, &samples, 30).unwrap();
+        // Naive Lloyd: nearest centroid by scan, means of the cells, 30 rounds.
+        let mut c: Vec<f64> = base.centroids_f64().to_vec();
+        for _ in 0..30 {
+            let mut sum = vec![0.0f64; c.len()];
+            let mut cnt = vec![0usize; c.len()];
+            for &x in &samples {
+                let x = x as f64;
+                let k = (0..c.len())
+                    .min_by(|&a, &b| (x - c[a]).abs().total_cmp(&(x - c[b]).abs()))
+                    .unwrap();
+                sum[k] += x;
+                cnt[k] += 1;
+            }
+            for k in 0..c.len() {
+                if cnt[k] > 0 {
+                    c[k] = sum[k] / cnt[k] as f64;
+                }
+            }
+            for k in 1..c.len() {
+                if c[k] <= c[k - 1] {
+                    c[k] = c[k - 1] + 1e-9;
+                }
+            }
+        }
+        let err = |cents: &[f64]| -> f64 {
+            samples
+                .iter()
+                .map(|&x| {
+                    cents
+                        .iter()
+                        .map(|&cv| (x as f64 - cv).powi(2))
+                        .fold(f64::INFINITY, f64::min)
+                })
+                .sum::<f64>()
+                / n as f64
+        };
+        let diff = fit
+            .centroids_f64()
+            .iter()
+            .zip(&c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-6 * sigma, "d={d} b={bits} n={n}: centroids differ by {diff}");
+        assert!((fit.coord_mse() - err(fit.centroids_f64())).abs() < 1e-9 * sigma * sigma);
+        assert!(
+            err(fit.centroids_f64()) <= err(base.centroids_f64()) * (1.0 + 1e-12),
+            "d={d} b={bits} n={n}: the fit is worse than its start"
+        );
+        assert_eq!(fit.boundaries().len(), (1 << bits) - 1);
+    }
+    assert!(Codebook::fitted(64, 2, &[], 10).is_err());
+    assert!(Codebook::fitted(64, 2, &[f32::NAN], 10).is_err());
+}

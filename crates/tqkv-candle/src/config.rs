@@ -38,7 +38,7 @@ impl std::str::FromStr for CacheKind {
     /// `tq2.5`, `tq3.5`, `tq4` ([`PRESETS`]); `tq<bits>` otherwise and `tq<bits>-paper` (bits
     /// as in [`BitsSpec`]; MSE keys and values, dense rotation, as in the paper) with suffixes:
     /// `tqk<bits>v<bits>` (different key and value bits, e.g. `tqk4v3`),
-    /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL), `tq<bits>-had` (Hadamard rotation),
+    /// `tq<bits>-qjl` (prod keys: MSE at bits−1 + QJL; `-qjlv` / `-qjlvo` prod values), `tq<bits>-had` (Hadamard rotation),
     /// `tq<bits>-c` (keys centred by their per-channel mean, [`KvSpec::center_keys`]),
     /// `tq<bits>-cv` (values centred, the mean added back to the output,
     /// [`KvSpec::center_values`]),
@@ -142,8 +142,10 @@ impl std::str::FromStr for CacheKind {
                     }
                     if let Some(n) = count_suffix(p, 'r') {
                         match n {
-                            Ok(m) if (1..=16).contains(&m) => rotations = m,
-                            _ => candle_core::bail!("{s:?}: -r<M> takes 1..=16 rotations"),
+                            Ok(m) if (1..=4).contains(&m) => rotations = m,
+                            _ => candle_core::bail!(
+                                "{s:?}: -r<M> takes 1..=4 rotations (what the CUDA kernels cycle)"
+                            ),
                         }
                         continue;
                     }
@@ -161,6 +163,15 @@ impl std::str::FromStr for CacheKind {
                                     orthogonal: false,
                                 },
                                 ..key
+                            }
+                        }
+                        "qjlv" | "qjlvo" => {
+                            value = QuantSpec {
+                                mode: Mode::Prod {
+                                    sketch_dim: None,
+                                    orthogonal: p == "qjlvo",
+                                },
+                                ..value
                             }
                         }
                         "qjlo" => {
@@ -186,7 +197,7 @@ impl std::str::FromStr for CacheKind {
                         "pnk" => key = key.with_norm_rule(NormRule::Projected),
                         "pnv" => value = value.with_norm_rule(NormRule::Projected),
                         _ => candle_core::bail!(
-                            "unknown suffix {p:?} in {s:?}: supported are -paper, -qjl, -qjlo, -had, -c, \
+                            "unknown suffix {p:?} in {s:?}: supported are -paper, -qjl, -qjlo, -qjlv, -qjlvo, -had, -c, \
                              -cv, -ks[α], -fc, -r<M>, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
                              sized to a budget of bits per channel)"
                         ),
@@ -525,5 +536,105 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("-qjl"));
+    }
+
+    fn turbo(s: &str) -> KvSpec {
+        match s.parse::<CacheKind>().unwrap() {
+            CacheKind::Turbo(k) => k,
+            other => panic!("{s} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn presets_expand_and_paper_names_keep_the_paper() {
+        for (name, spec) in PRESETS {
+            assert_eq!(turbo(name), turbo(spec), "{name}");
+        }
+        let p = turbo("tq3.5");
+        assert_eq!((p.sinks, p.rotations), (1, 4));
+        assert!(p.center_keys && p.budget_bits == Some(4.0));
+        assert_eq!(p.key.rotation, RotationKind::Hadamard);
+        let paper = turbo("tq3.5-paper");
+        assert_eq!(paper, KvSpec::mse("3.5".parse().unwrap()));
+        assert_eq!(turbo("tq3.5-paper-had"), turbo("tq3.5-had"));
+        // Names that are not exactly a preset build on the paper's configuration.
+        assert_eq!(turbo("tq3"), KvSpec::mse(BitsSpec::Uniform(3)));
+        assert!(!turbo("tq3.5-c").has_exact());
+    }
+
+    #[test]
+    fn suffixes_parse_with_their_bounds() {
+        let s = turbo("tqk4v2-had-pnk-c-cv-ks0.25-fc-r3-s2-w9-b4.5");
+        assert_eq!(s.key.norm_rule, NormRule::Projected);
+        assert_eq!(s.value.norm_rule, NormRule::Exact);
+        assert!(s.center_keys && s.center_values && s.fit_codebooks);
+        assert_eq!(s.key_scale, Some(0.25));
+        assert_eq!(
+            (s.rotations, s.sinks, s.window, s.budget_bits),
+            (3, 2, 9, Some(4.5))
+        );
+        assert_eq!(turbo("tq3-ks").key_scale, Some(0.5));
+        assert_eq!(turbo("tq3-pnv").value.norm_rule, NormRule::Projected);
+        for bad in [
+            "tq3-r0", "tq3-r5", "tq3-b0", "tq3-b17", "tq3-b4.x", "tq3-ks3", "tq3-ksx", "tq3-s",
+            "kivi3", "kivi4-rx", "kivi4-r99999999",
+        ] {
+            assert!(bad.parse::<CacheKind>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "kivi4-r0".parse::<CacheKind>().unwrap(),
+            CacheKind::Kivi {
+                bits: 4,
+                residual: 0
+            }
+        );
+        assert_eq!("q5h".parse::<CacheKind>().unwrap(), CacheKind::Q5Hadamard);
+    }
+
+    #[test]
+    fn layer_overrides_and_profiles_pick_each_layers_kind() {
+        let cfg: CacheConfig = "tq3@0-1=q8@4=f16@1=f32".parse().unwrap();
+        let kinds: Vec<CacheKind> = (0..6).map(|l| cfg.kind_in(l, 6)).collect();
+        assert_eq!(kinds[0], CacheKind::Q8);
+        assert_eq!(kinds[1], CacheKind::Full(DType::F32), "later overrides win");
+        assert_eq!(kinds[4], CacheKind::Full(DType::F16));
+        assert!(matches!(kinds[2], CacheKind::Turbo(_)));
+        for bad in ["tq3@", "tq3@1", "tq3@x=q8", "tq3@3-1=q8", "tq3@1=zz", "tq3@99999=q8"] {
+            assert!(bad.parse::<CacheConfig>().is_err(), "{bad}");
+        }
+        // The preset's profile applies to a model of its shape only, and not over explicit
+        // overrides.
+        let p = crate::profiles::PROFILES[0];
+        let (n, h, d) = p.shape;
+        let cfg: CacheConfig = format!("{}@{}=q8", p.preset, p.up[1]).parse().unwrap();
+        assert_eq!(cfg.preset, Some(p.preset));
+        let up: CacheKind = p.up_kind.parse().unwrap();
+        let down: CacheKind = p.down_kind.parse().unwrap();
+        let base: CacheKind = p.preset.parse().unwrap();
+        assert_eq!(cfg.kind_for(p.up[0], n, h, d).unwrap(), up);
+        assert_eq!(cfg.kind_for(p.up[1], n, h, d).unwrap(), CacheKind::Q8);
+        assert_eq!(cfg.kind_for(p.down[0], n, h, d).unwrap(), down);
+        let other = (0..n).find(|l| !p.up.contains(l) && !p.down.contains(l)).unwrap();
+        assert_eq!(cfg.kind_for(other, n, h, d).unwrap(), base);
+        assert_eq!(cfg.kind_for(p.up[0], n + 2, h, d).unwrap(), base);
+        let plain: CacheConfig = "tqk4v2-had-pn-c-s1-b4-r4".parse().unwrap();
+        assert_eq!(plain.preset, None);
+        assert_eq!(plain.kind_for(p.up[0], n, h, d).unwrap(), base);
+        // Every profile's up and down kinds average to its preset's budget, on distinct layers.
+        let b = |k: CacheKind| match k {
+            CacheKind::Turbo(s) => s.budget_bits.unwrap(),
+            _ => panic!(),
+        };
+        for p in crate::profiles::PROFILES {
+            let (up, down, base) = (
+                p.up_kind.parse().unwrap(),
+                p.down_kind.parse().unwrap(),
+                p.preset.parse().unwrap(),
+            );
+            assert_eq!(p.up.len(), p.down.len(), "{}", p.preset);
+            assert!((b(up) + b(down) - 2.0 * b(base)).abs() < 1e-6, "{}", p.preset);
+            assert!(p.up.iter().all(|l| !p.down.contains(l) && *l < p.shape.0));
+            assert!(p.down.iter().all(|l| *l < p.shape.0));
+        }
     }
 }

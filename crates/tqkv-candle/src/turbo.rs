@@ -253,7 +253,10 @@ impl TurboCache {
         let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let groups = qs[0].num_groups();
         let mut samples = vec![Vec::new(); groups];
-        for (head, q) in qs.iter().enumerate() {
+        // Quantizers [head · cycle + m]: every rotation of a head sees that head's vectors.
+        let cycle = (qs.len() / h.max(1)).max(1);
+        for (idx, q) in qs.iter().enumerate() {
+            let head = idx / cycle;
             for (i, &n) in new.iter().enumerate().take(b) {
                 for tok in from.min(n)..n {
                     let off = ((i * h + head) * t + tok) * d;

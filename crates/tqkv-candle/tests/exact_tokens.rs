@@ -110,9 +110,18 @@ fn reference(
     let (kq, vq) = cache.quantizers().unwrap();
     let qf = flat(q);
     let (k16, v16) = (flat(&f16_round(k)), flat(&f16_round(v)));
-    let (kf, vf) = (&k16, &v16);
+    // Records are written from the f16 rows when the cache keeps exact tokens, else from the
+    // vectors as given.
+    let (k32, v32) = (flat(k), flat(v));
+    let (kf, vf) = if spec.has_exact() {
+        (&k16, &v16)
+    } else {
+        (&k32, &v32)
+    };
     let rb = kq[0].record_bytes() + vq[0].record_bytes();
     let tables = cache.memory().tables / hk;
+    // Quantizers [head · cycle + m]: position j's record was written by m = j % cycle.
+    let cycle = kq.len() / hk;
     let deq = |x: &[f64], qz: &tqkv::VectorQuantizer| -> Vec<f64> {
         let x32: Vec<f32> = x.iter().map(|&a| a as f32).collect();
         let mut rec = vec![0u8; qz.record_bytes()];
@@ -126,10 +135,10 @@ fn reference(
         for h in 0..hk {
             let row = |j: usize| ((bi * hk + h) * n + j) * d;
             let kd: Vec<Vec<f64>> = (0..lens[bi])
-                .map(|j| deq(&kf[row(j)..row(j) + d], &kq[h]))
+                .map(|j| deq(&kf[row(j)..row(j) + d], &kq[h * cycle + j % cycle]))
                 .collect();
             let vd: Vec<Vec<f64>> = (0..lens[bi])
-                .map(|j| deq(&vf[row(j)..row(j) + d], &vq[h]))
+                .map(|j| deq(&vf[row(j)..row(j) + d], &vq[h * cycle + j % cycle]))
                 .collect();
             for g in 0..hq / hk {
                 let qh = h * (hq / hk) + g;
@@ -199,6 +208,9 @@ fn sinks_and_window_match_the_reference() {
         ("tq3-had-s2-b5", &[30, 1, 1, 20]),
         ("tqk3.5v2-had-pn-s1-b4-w9", &[64]),
         ("tq3.5-had-b3.5", &[9, 1, 1, 1, 80]),
+        ("tq3-r3", &[10, 1, 1, 50]),
+        ("tqk4v2-had-pn-s1-b4-r4", &[7, 1, 60]),
+        ("tq3.5-qjlo-r2-s2-w5", &[33, 1, 1, 1]),
     ] {
         let spec = spec_of(kind);
         let mut cache = TurboCache::new(spec, hk, d, &Device::Cpu, 7, None).unwrap();
@@ -237,6 +249,8 @@ fn a_window_of_all_tokens_is_exact_f16_attention() {
         ("tq3.5-s10-w67", false),
         ("tq3-c-cv-w77", true),
         ("tq3.5-cv-s3-w80", true),
+        ("tq3-ks-w77", true),
+        ("tq2.5-c-ks1-fc-r2-s2-w90", true),
     ] {
         let mut cache = CacheConfig::new(kind.parse().unwrap())
             .build(0, hk, d, &Device::Cpu)
@@ -261,7 +275,13 @@ fn chunked_prefill_equals_token_by_token_decoding() {
     let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
     let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
     let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    for kind in ["tq3.5-pn-c-s4-w24", "tqk3v2-s2-w5", "tqk4v2-had-pn-c-s1-b4"] {
+    for kind in [
+        "tq3.5-pn-c-s4-w24",
+        "tqk3v2-s2-w5",
+        "tqk4v2-had-pn-c-s1-b4",
+        "tq3.5",
+        "tqk3v2-had-ks-fc-r3-s1-w7",
+    ] {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let build = || Attention::new(cfg.build(0, hk, d, &Device::Cpu).unwrap(), hq, hk, d);
         let mut whole = build().unwrap();

@@ -74,6 +74,22 @@ fn kl_divergence_orders_the_caches_and_the_reference_scores_zero() {
         f32k < q8 && q8 < tq35 && tq35 < tq25,
         "{f32k} {q8} {tq35} {tq25}"
     );
+    // The paper's 3.5 bits costs more than the preset of the same size.
+    let paper = kld("tq3.5-paper");
+    assert!(tq35 < paper, "tq3.5 {tq35} vs tq3.5-paper {paper}");
+
+    // Swapping the caches of the loaded model (what `tqkv eval` does) gives the logits of a model
+    // loaded with that kind.
+    m.model
+        .set_cache_config(&"tq3.5".parse().unwrap())
+        .unwrap();
+    let swapped = scored_logits(&mut m.model, w, chunk).unwrap();
+    let mut fresh = load(&common::options(&gguf, "tq3.5", None)).unwrap();
+    let loaded = scored_logits(&mut fresh.model, w, chunk).unwrap();
+    assert_eq!(common::max_abs_diff(&swapped, &loaded), 0.0);
+    // A swap starts from empty caches.
+    m.model.set_cache_config(&"q8".parse().unwrap()).unwrap();
+    assert_eq!((m.model.position(), m.model.kv_memory().logical), (0, 0));
 }
 
 #[test]

@@ -12,7 +12,7 @@ pub fn options(model: &Path, kv: &str, dequantize: Option<bool>) -> LoadOptions 
         revision: None,
         device: Device::Cpu,
         dtype: None,
-        cache: CacheConfig::new(kv.parse().unwrap()),
+        cache: kv.parse::<CacheConfig>().unwrap(),
         progress: false,
         dequantize,
     }
