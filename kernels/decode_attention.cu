@@ -251,29 +251,8 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
         for (int r = 0; r < R; ++r) sc[i * R + r] = (t0 + i < vis[r]) ? score[r] * scale : -INFINITY;
     }
     __syncthreads();
-    // 4. Online softmax statistics, one warp per row.
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int r = warp; r < R; r += nwarps) {
-      float m = -INFINITY;
-      for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[i * R + r]);
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      const float m_new = fmaxf(run_m[r], m);
-      float l = 0.f;
-      for (int i = lane; i < n; i += 32) {
-        const float s = sc[i * R + r];
-        const float p = s == -INFINITY ? 0.f : expf(s - m_new);
-        sc[i * R + r] = p;
-        l += p;
-      }
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (lane == 0) {
-        const float a = run_m[r] == -INFINITY ? 0.f : expf(run_m[r] - m_new);
-        alpha[r] = a;
-        run_l[r] = run_l[r] * a + l;
-        run_m[r] = m_new;
-      }
-    }
-    __syncthreads();
+    // 4. Online softmax statistics.
+    tq_online_softmax<R>(sc, n, run_m, run_l, alpha);
     // 5. Value weights per slot: p·n for MSE coordinates, p·γ for sign coordinates.
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const uint8_t* rec = vrec + i * rbv;

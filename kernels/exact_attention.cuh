@@ -130,29 +130,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
         }
     }
     __syncthreads();
-    // Online softmax statistics, one warp per row.
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int r = warp; r < R; r += nwarps) {
-      float m = -INFINITY;
-      for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[i * R + r]);
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      const float m_new = fmaxf(run_m[r], m);
-      float l = 0.f;
-      for (int i = lane; i < n; i += 32) {
-        const float s = sc[i * R + r];
-        const float pr = s == -INFINITY ? 0.f : expf(s - m_new);
-        sc[i * R + r] = pr;
-        l += pr;
-      }
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (lane == 0) {
-        const float a = run_m[r] == -INFINITY ? 0.f : expf(run_m[r] - m_new);
-        alpha[r] = a;
-        run_l[r] = run_l[r] * a + l;
-        run_m[r] = m_new;
-      }
-    }
-    __syncthreads();
+    // Online softmax statistics.
+    tq_online_softmax<R>(sc, n, run_m, run_l, alpha);
     // Values in the original domain, each thread its coordinates.
 #pragma unroll
     for (int k = 0; k < 2; ++k) {

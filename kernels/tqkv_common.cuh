@@ -140,6 +140,35 @@ __device__ __forceinline__ void tq_rotate_inverse(const TqGroup& g, float* in, f
   }
 }
 
+// Online softmax over one tile of n positions for R query rows, one warp per row: the scores
+// sc[i·R + r] (−inf where masked) become exp(s − m_new) with m_new the row's new running max;
+// run_m, run_l are updated and alpha[r] is the factor that rescales the row's earlier sums.
+template <int R>
+__device__ __forceinline__ void tq_online_softmax(float* sc, int n, float* run_m, float* run_l, float* alpha) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  for (int r = warp; r < R; r += nwarps) {
+    float m = -INFINITY;
+    for (int i = lane; i < n; i += 32) m = fmaxf(m, sc[i * R + r]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float m_new = fmaxf(run_m[r], m);
+    float l = 0.f;
+    for (int i = lane; i < n; i += 32) {
+      const float s = sc[i * R + r];
+      const float p = s == -INFINITY ? 0.f : expf(s - m_new);
+      sc[i * R + r] = p;
+      l += p;
+    }
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    if (lane == 0) {
+      const float a = run_m[r] == -INFINITY ? 0.f : expf(run_m[r] - m_new);
+      alpha[r] = a;
+      run_l[r] = run_l[r] * a + l;
+      run_m[r] = m_new;
+    }
+  }
+  __syncthreads();
+}
+
 // Code j of a little-endian bit stream of `bits`-bit codes.
 __device__ __forceinline__ int tq_code_at(const uint8_t* p, int j, int bits) {
   int bit = j * bits, byte = bit >> 3, shift = bit & 7;

@@ -368,8 +368,8 @@ pub fn attend_cycled(
         for (pos, pt) in p[..s].iter_mut().enumerate() {
             *pt = dot(qi, &ex.sink_k[row(pos, s)]);
         }
-        for pos in w..vis {
-            p[pos] = dot(qi, &ex.win_k[row(pos, s)]);
+        for (pos, pt) in p.iter_mut().enumerate().take(vis).skip(w) {
+            *pt = dot(qi, &ex.win_k[row(pos, s)]);
         }
         // Scores from codes (the query rotated once per quantizer of the cycle).
         if s < w {

@@ -134,7 +134,12 @@ fn unsupported_bits_and_dims_name_what_is_supported() {
 fn fitted_codebooks_equal_a_naive_lloyd_and_never_fit_worse() {
     let seed = common::fresh_seed("fitted codebooks");
     let mut rng = tqkv::rng::Rng::new(seed);
-    for (d, bits, n) in [(64usize, 2u8, 7usize), (64, 3, 99), (128, 4, 5000), (99, 1, 1)] {
+    for (d, bits, n) in [
+        (64usize, 2u8, 7usize),
+        (64, 3, 99),
+        (128, 4, 5000),
+        (99, 1, 1),
+    ] {
         let sigma = 1.0 / (d as f64).sqrt();
         let samples: Vec<f32> = (0..n)
             .map(|i| {
@@ -186,7 +191,10 @@ fn fitted_codebooks_equal_a_naive_lloyd_and_never_fit_worse() {
             .zip(&c)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        assert!(diff < 1e-6 * sigma, "d={d} b={bits} n={n}: centroids differ by {diff}");
+        assert!(
+            diff < 1e-6 * sigma,
+            "d={d} b={bits} n={n}: centroids differ by {diff}"
+        );
         assert!((fit.coord_mse() - err(fit.centroids_f64())).abs() < 1e-9 * sigma * sigma);
         assert!(
             err(fit.centroids_f64()) <= err(base.centroids_f64()) * (1.0 + 1e-12),

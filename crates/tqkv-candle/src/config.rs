@@ -576,8 +576,17 @@ mod tests {
         assert_eq!(turbo("tq3-ks").key_scale, Some(0.5));
         assert_eq!(turbo("tq3-pnv").value.norm_rule, NormRule::Projected);
         for bad in [
-            "tq3-r0", "tq3-r5", "tq3-b0", "tq3-b17", "tq3-b4.x", "tq3-ks3", "tq3-ksx", "tq3-s",
-            "kivi3", "kivi4-rx", "kivi4-r99999999",
+            "tq3-r0",
+            "tq3-r5",
+            "tq3-b0",
+            "tq3-b17",
+            "tq3-b4.x",
+            "tq3-ks3",
+            "tq3-ksx",
+            "tq3-s",
+            "kivi3",
+            "kivi4-rx",
+            "kivi4-r99999999",
         ] {
             assert!(bad.parse::<CacheKind>().is_err(), "{bad}");
         }
@@ -599,7 +608,14 @@ mod tests {
         assert_eq!(kinds[1], CacheKind::Full(DType::F32), "later overrides win");
         assert_eq!(kinds[4], CacheKind::Full(DType::F16));
         assert!(matches!(kinds[2], CacheKind::Turbo(_)));
-        for bad in ["tq3@", "tq3@1", "tq3@x=q8", "tq3@3-1=q8", "tq3@1=zz", "tq3@99999=q8"] {
+        for bad in [
+            "tq3@",
+            "tq3@1",
+            "tq3@x=q8",
+            "tq3@3-1=q8",
+            "tq3@1=zz",
+            "tq3@99999=q8",
+        ] {
             assert!(bad.parse::<CacheConfig>().is_err(), "{bad}");
         }
         // The preset's profile applies to a model of its shape only, and not over explicit
@@ -614,7 +630,9 @@ mod tests {
         assert_eq!(cfg.kind_for(p.up[0], n, h, d).unwrap(), up);
         assert_eq!(cfg.kind_for(p.up[1], n, h, d).unwrap(), CacheKind::Q8);
         assert_eq!(cfg.kind_for(p.down[0], n, h, d).unwrap(), down);
-        let other = (0..n).find(|l| !p.up.contains(l) && !p.down.contains(l)).unwrap();
+        let other = (0..n)
+            .find(|l| !p.up.contains(l) && !p.down.contains(l))
+            .unwrap();
         assert_eq!(cfg.kind_for(other, n, h, d).unwrap(), base);
         assert_eq!(cfg.kind_for(p.up[0], n + 2, h, d).unwrap(), base);
         let plain: CacheConfig = "tqk4v2-had-pn-c-s1-b4-r4".parse().unwrap();
@@ -632,7 +650,11 @@ mod tests {
                 p.preset.parse().unwrap(),
             );
             assert_eq!(p.up.len(), p.down.len(), "{}", p.preset);
-            assert!((b(up) + b(down) - 2.0 * b(base)).abs() < 1e-6, "{}", p.preset);
+            assert!(
+                (b(up) + b(down) - 2.0 * b(base)).abs() < 1e-6,
+                "{}",
+                p.preset
+            );
             assert!(p.up.iter().all(|l| !p.down.contains(l) && *l < p.shape.0));
             assert!(p.down.iter().all(|l| *l < p.shape.0));
         }

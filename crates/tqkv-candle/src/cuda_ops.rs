@@ -185,13 +185,12 @@ pub fn attend(
         .alloc_zeros::<f32>(b * hq * t * d)
         .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))?;
     // The exact part: the store's f16 tensors (fresh allocations: contiguous, offset 0).
-    let guards = match &op.exact {
-        Some(x) => Some((
+    let guards = op.exact.as_ref().map(|x| {
+        (
             x.store.k.storage_and_layout(),
             x.store.v.storage_and_layout(),
-        )),
-        None => None,
-    };
+        )
+    });
     let exact_slices = match &guards {
         Some((gk, gv)) => Some((f16_slice(&gk.0, gk.1)?, f16_slice(&gv.0, gv.1)?)),
         None => None,

@@ -121,6 +121,13 @@ fn channel_scales(x: &Tensor, new: &[usize], from: usize, alpha: f32) -> Result<
     Tensor::from_vec(out, (1, h, 1, d), x.device())
 }
 
+/// A layer's key and value quantizers and GPU tables, as an append uses them.
+type Calibration<'a> = (
+    &'a Arc<Vec<VectorQuantizer>>,
+    &'a Arc<Vec<VectorQuantizer>>,
+    &'a Option<Arc<GpuTables>>,
+);
+
 /// Coordinates (rotated + sketch, per rotation) the CUDA attention kernel holds for all the
 /// rotations of a cycle: [`KvSpec::rotations`] is capped at this over a spec's coordinates (4
 /// rotations up to head_dim 128, 2 at 256).
@@ -715,11 +722,7 @@ impl TurboCache {
         b: usize,
         t: usize,
         new: &[usize],
-        (kq, vq, gpu): (
-            &Arc<Vec<VectorQuantizer>>,
-            &Arc<Vec<VectorQuantizer>>,
-            &Option<Arc<GpuTables>>,
-        ),
+        (kq, vq, gpu): Calibration<'_>,
     ) -> Result<()> {
         let (h, d) = (self.state.kv_heads, self.state.head_dim);
         let sinks = self.spec.sinks;

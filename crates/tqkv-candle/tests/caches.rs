@@ -220,7 +220,10 @@ fn gqa_equals_repeated_kv_heads() {
     let (kr, vr) = (rep(&k), rep(&v));
     // Budget windows are sized with the layer's tables shared by its KV heads, so a window can
     // differ by a token between 2 and 6 heads: those kinds are compared in exact_tokens.rs.
-    for (kind, _) in KINDS.into_iter().filter(|(k, _)| !matches!(*k, "tq4" | "tq3.5" | "tq2.5")) {
+    for (kind, _) in KINDS
+        .into_iter()
+        .filter(|(k, _)| !matches!(*k, "tq4" | "tq3.5" | "tq2.5"))
+    {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let mut g = Attention::new(cfg.build(0, hk, d, &Device::Cpu).unwrap(), hq, hk, d).unwrap();
         let mut m = Attention::new(cfg.build(0, hq, d, &Device::Cpu).unwrap(), hq, hq, d).unwrap();

@@ -15,7 +15,11 @@ pub struct Args {
     #[arg(long, default_value = "cuda")]
     device: String,
     /// Cache kinds, comma-separated (f16 first: it is the baseline of the ratios).
-    #[arg(long, default_value = "f16,tq3.5-paper,tq3.5,tq2.5", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "f16,tq3.5-paper,tq3.5,tq2.5",
+        value_delimiter = ','
+    )]
     kv: Vec<String>,
     /// Context lengths, comma-separated (ascending; the cache is filled progressively).
     #[arg(

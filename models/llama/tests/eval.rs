@@ -80,9 +80,7 @@ fn kl_divergence_orders_the_caches_and_the_reference_scores_zero() {
 
     // Swapping the caches of the loaded model (what `tqkv eval` does) gives the logits of a model
     // loaded with that kind.
-    m.model
-        .set_cache_config(&"tq3.5".parse().unwrap())
-        .unwrap();
+    m.model.set_cache_config(&"tq3.5".parse().unwrap()).unwrap();
     let swapped = scored_logits(&mut m.model, w, chunk).unwrap();
     let mut fresh = load(&common::options(&gguf, "tq3.5", None)).unwrap();
     let loaded = scored_logits(&mut fresh.model, w, chunk).unwrap();
