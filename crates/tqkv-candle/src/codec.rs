@@ -1,6 +1,6 @@
 //! Per-token baseline caches: `q8` (llama.cpp's q8_0: blocks of 32 channels, one f16 scale,
-//! int8 values) and `q4h` (llama.cpp's current default: a Hadamard rotation, then q4_0 blocks of
-//! 32 with one f16 scale and 4-bit values). CPU reference; attention dequantizes the history and
+//! int8 values), `q4h` (llama.cpp's current default: a Hadamard rotation, then q4_0 blocks of
+//! 32 with one f16 scale and 4-bit values) and `q5h` (the same with q5_0's 5-bit values). CPU reference; attention dequantizes the history and
 //! runs exact attention ([`tqkv::attention::attend_exact`]).
 //!
 //! Storage: per (sequence, KV head) one growing byte vector of fixed-size records (amortised
@@ -69,26 +69,35 @@ impl Codec for Q8 {
     }
 }
 
-/// q5_0 after a Hadamard rotation (llama.cpp's `-ctk q5_0` with its automatic rotation): per
-/// block of 32 of y = H·D·x, m = the value of largest magnitude, scale = m / −16 (f16),
-/// q = clamp(round(y/scale) + 16, 0, 31), packed 5 bits each (5.5 bits per channel).
+/// llama.cpp's `q4_0` / `q5_0` after its Hadamard rotation (`-ctk q4_0` / `q5_0` with the
+/// automatic rotation), for `BITS` = 4 or 5: per block of 32 of y = H·D·x, m = the value of
+/// largest magnitude, scale = m / −2^(BITS−1) (f16), q = clamp(round(y/scale) + 2^(BITS−1), 0,
+/// 2^BITS − 1), packed `BITS` bits each, low bits first (4.5 / 5.5 bits per channel).
 #[derive(Debug, Clone)]
-pub struct Q5Hadamard {
+pub struct BlockHadamard<const BITS: u8> {
     rotation: Rotation,
 }
 
-impl Q5Hadamard {
+/// q4_0 after a Hadamard rotation (`q4h`).
+pub type Q4Hadamard = BlockHadamard<4>;
+/// q5_0 after a Hadamard rotation (`q5h`).
+pub type Q5Hadamard = BlockHadamard<5>;
+
+impl<const BITS: u8> BlockHadamard<BITS> {
+    const HALF: f32 = (1u32 << (BITS - 1)) as f32;
+    const MAX: f32 = ((1u32 << BITS) - 1) as f32;
+
     /// The codec for `dim` (a multiple of 16, for the block Hadamard transform).
     pub fn new(dim: usize, seed: u64) -> Result<Self> {
         let rotation =
             Rotation::new(RotationKind::Hadamard, dim, seed).map_err(candle_core::Error::wrap)?;
-        Ok(Q5Hadamard { rotation })
+        Ok(BlockHadamard { rotation })
     }
 }
 
-impl Codec for Q5Hadamard {
+impl<const BITS: u8> Codec for BlockHadamard<BITS> {
     fn record_bytes(&self, dim: usize) -> usize {
-        dim.div_ceil(BLOCK) * 2 + tqkv::packing::packed_len(dim, 5)
+        dim.div_ceil(BLOCK) * 2 + tqkv::packing::packed_len(dim, BITS)
     }
     fn table_bytes(&self, dim: usize) -> usize {
         dim.div_ceil(8)
@@ -104,7 +113,7 @@ impl Codec for Q5Hadamard {
             let m = blk
                 .iter()
                 .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-            let s = f16::from_f32(m / -16.0);
+            let s = f16::from_f32(m / -Self::HALF);
             out[2 * i..2 * i + 2].copy_from_slice(&s.to_le_bytes());
             let inv = if s.to_f32() != 0.0 {
                 1.0 / s.to_f32()
@@ -112,93 +121,27 @@ impl Codec for Q5Hadamard {
                 0.0
             };
             for (j, &v) in blk.iter().enumerate() {
-                codes[i * BLOCK + j] = ((v * inv).round() + 16.0).clamp(0.0, 31.0) as u8;
+                codes[i * BLOCK + j] = ((v * inv).round() + Self::HALF).clamp(0.0, Self::MAX) as u8;
             }
         }
-        tqkv::packing::pack_codes(&codes, 5, &mut out[2 * nb..]).expect("codes fit 5 bits");
+        tqkv::packing::pack_codes(&codes, BITS, &mut out[2 * nb..]).expect("codes fit BITS bits");
     }
     fn decode(&self, rec: &[u8], out: &mut [f32]) {
         let nb = out.len().div_ceil(BLOCK);
         let mut codes = vec![0u8; out.len()];
-        tqkv::packing::unpack_codes(&rec[2 * nb..], 5, &mut codes).expect("sizes match");
+        tqkv::packing::unpack_codes(&rec[2 * nb..], BITS, &mut codes).expect("sizes match");
         let mut y = vec![0.0f32; out.len()];
         for (c, v) in y.iter_mut().enumerate() {
             let i = c / BLOCK;
             let s = f16::from_le_bytes([rec[2 * i], rec[2 * i + 1]]).to_f32();
-            *v = (codes[c] as f32 - 16.0) * s;
+            *v = (codes[c] as f32 - Self::HALF) * s;
         }
         self.rotation
             .apply_inverse(&y, out)
             .expect("lengths checked by the cache");
     }
     fn name(&self) -> String {
-        "q5h".into()
-    }
-}
-
-/// q4_0 after a Hadamard rotation: y = H·D·x, then per block of 32: m = the value of largest
-/// magnitude, scale = m / −8 (f16), q = clamp(round(y/scale) + 8, 0, 15), two per byte.
-#[derive(Debug, Clone)]
-pub struct Q4Hadamard {
-    rotation: Rotation,
-}
-
-impl Q4Hadamard {
-    /// The codec for `dim` (a multiple of 16, for the block Hadamard transform).
-    pub fn new(dim: usize, seed: u64) -> Result<Self> {
-        let rotation =
-            Rotation::new(RotationKind::Hadamard, dim, seed).map_err(candle_core::Error::wrap)?;
-        Ok(Q4Hadamard { rotation })
-    }
-}
-
-impl Codec for Q4Hadamard {
-    fn record_bytes(&self, dim: usize) -> usize {
-        dim.div_ceil(BLOCK) * 2 + dim.div_ceil(2)
-    }
-    fn table_bytes(&self, dim: usize) -> usize {
-        dim.div_ceil(8)
-    }
-    fn encode(&self, x: &[f32], out: &mut [u8]) {
-        let mut y = vec![0.0f32; x.len()];
-        self.rotation
-            .apply(x, &mut y)
-            .expect("lengths checked by the cache");
-        let nb = y.len().div_ceil(BLOCK);
-        out[2 * nb..].iter_mut().for_each(|b| *b = 0);
-        for (i, blk) in y.chunks(BLOCK).enumerate() {
-            let m = blk
-                .iter()
-                .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-            let s = f16::from_f32(m / -8.0);
-            out[2 * i..2 * i + 2].copy_from_slice(&s.to_le_bytes());
-            let inv = if s.to_f32() != 0.0 {
-                1.0 / s.to_f32()
-            } else {
-                0.0
-            };
-            for (j, &v) in blk.iter().enumerate() {
-                let q = ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
-                let c = i * BLOCK + j;
-                out[2 * nb + c / 2] |= q << (4 * (c % 2));
-            }
-        }
-    }
-    fn decode(&self, rec: &[u8], out: &mut [f32]) {
-        let nb = out.len().div_ceil(BLOCK);
-        let mut y = vec![0.0f32; out.len()];
-        for (c, v) in y.iter_mut().enumerate() {
-            let i = c / BLOCK;
-            let s = f16::from_le_bytes([rec[2 * i], rec[2 * i + 1]]).to_f32();
-            let q = (rec[2 * nb + c / 2] >> (4 * (c % 2))) & 15;
-            *v = (q as f32 - 8.0) * s;
-        }
-        self.rotation
-            .apply_inverse(&y, out)
-            .expect("lengths checked by the cache");
-    }
-    fn name(&self) -> String {
-        "q4h".into()
+        format!("q{BITS}h")
     }
 }
 
@@ -330,5 +273,73 @@ impl<C: Codec> KvCache for CodecCache<C> {
 
     fn kind_name(&self) -> String {
         self.codec.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's q4_0 / q5_0 reference (`quantize_row_q4_0_ref`) written out naively in f64
+    /// on the rotated vector: the decoded vector, before the inverse rotation.
+    fn naive_block_q(y: &[f32], bits: u32) -> Vec<f64> {
+        let half = (1u32 << (bits - 1)) as f64;
+        let max = ((1u32 << bits) - 1) as f64;
+        let mut out = Vec::new();
+        for blk in y.chunks(BLOCK) {
+            let mut m = 0.0f64;
+            for &v in blk {
+                if (v as f64).abs() > m.abs() {
+                    m = v as f64;
+                }
+            }
+            let d = f16::from_f64(m / -half).to_f64();
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for &v in blk {
+                let q = (v as f64 * id + half + 0.5).floor().min(max);
+                out.push((q - half) * d);
+            }
+        }
+        out
+    }
+
+    fn check<const BITS: u8>() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("q{BITS}h codec: seed {seed}");
+        let mut rng = tqkv::rng::Rng::new(seed);
+        for dim in [16usize, 48, 64, 112, 128] {
+            let codec = BlockHadamard::<BITS>::new(dim, seed ^ dim as u64).unwrap();
+            let rot = Rotation::new(RotationKind::Hadamard, dim, seed ^ dim as u64).unwrap();
+            let mut rec = vec![0u8; codec.record_bytes(dim)];
+            for _ in 0..20 {
+                let x: Vec<f32> = (0..dim).map(|_| (3.0 * rng.gaussian()) as f32).collect();
+                codec.encode(&x, &mut rec);
+                let mut got = vec![0.0f32; dim];
+                codec.decode(&rec, &mut got);
+                let mut y = vec![0.0f32; dim];
+                rot.apply(&x, &mut y).unwrap();
+                let want_y: Vec<f32> = naive_block_q(&y, BITS as u32)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+                let mut want = vec![0.0f32; dim];
+                rot.apply_inverse(&want_y, &mut want).unwrap();
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(diff < 1e-4, "q{BITS}h d={dim}: differs from q_0 by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn block_hadamard_codecs_equal_llama_cpp_q4_0_and_q5_0() {
+        check::<4>();
+        check::<5>();
     }
 }

@@ -44,7 +44,7 @@ pub mod turbo;
 
 pub use attention::Attention;
 pub use cache::{KvCache, MemoryUsage};
-pub use codec::{CodecCache, Q4Hadamard, Q5Hadamard, Q8};
+pub use codec::{BlockHadamard, CodecCache, Q4Hadamard, Q5Hadamard, Q8};
 pub use config::{CacheConfig, CacheKind};
 pub use full::FullCache;
 pub use kivi::KiviCache;

@@ -53,50 +53,46 @@ fn calibration_start(sinks: usize, new: &[usize]) -> usize {
     }
 }
 
-/// The per-(head, channel) mean of the real tokens `from..` of `x` `[b, h, t, d]`: `[1, h, 1, d]`
-/// f32.
-/// Errors when it is not finite (NaN/Inf among the vectors).
-fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
-    let (b, h, t, d) = crate::cache::dims4("keys", x)?;
+/// The per-(head, channel) mean of `f(x)` over the real tokens `from..` of `x` `[b, h, t, d]`
+/// (sequence i has `new[i]` of them): `[h, d]` f32, checked finite (NaN/Inf among the vectors
+/// are an error).
+fn masked_channel_mean(
+    x: &Tensor,
+    new: &[usize],
+    from: usize,
+    f: impl Fn(Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, _, t, _) = crate::cache::dims4("keys", x)?;
     let n = new
         .iter()
         .map(|&n| n.saturating_sub(from))
         .sum::<usize>()
         .max(1) as f64;
     let mask = token_mask(b, t, new, from, x.device())?;
-    let mean = (x
-        .to_dtype(DType::F32)?
+    let mean = (f(x.to_dtype(DType::F32)?)?
         .broadcast_mul(&mask)?
         .sum(2)?
         .sum(0)?
         / n)?;
-    let host = mean.flatten_all()?.to_vec1::<f32>()?;
-    crate::cache::check_finite("keys", &host)?;
-    mean.reshape((1, h, 1, d))
+    crate::cache::check_finite("keys", &mean.flatten_all()?.to_vec1::<f32>()?)?;
+    Ok(mean)
+}
+
+/// The per-(head, channel) mean of the real tokens `from..` of `x` `[b, h, t, d]`: `[1, h, 1, d]`
+/// f32.
+fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
+    let (_, h, _, d) = crate::cache::dims4("keys", x)?;
+    masked_channel_mean(x, new, from, Ok)?.reshape((1, h, 1, d))
 }
 
 /// Per-(head, channel) scales rms^α of the real tokens `from..` of `x` `[b, h, t, d]` (after
 /// centring), normalised per head to a geometric mean of 1: `[1, h, 1, d]` f32. Channels with
 /// no energy get the head's smallest positive scale.
 fn channel_scales(x: &Tensor, new: &[usize], from: usize, alpha: f32) -> Result<Tensor> {
-    let (b, h, t, d) = crate::cache::dims4("keys", x)?;
-    let n = new
-        .iter()
-        .map(|&n| n.saturating_sub(from))
-        .sum::<usize>()
-        .max(1) as f64;
-    let mask = token_mask(b, t, new, from, x.device())?;
-    let ms = (x
-        .to_dtype(DType::F32)?
-        .sqr()?
-        .broadcast_mul(&mask)?
-        .sum(2)?
-        .sum(0)?
-        / n)?
-        .to_vec2::<f32>()?;
+    let (_, h, _, d) = crate::cache::dims4("keys", x)?;
+    let ms = masked_channel_mean(x, new, from, |x| x.sqr())?.to_vec2::<f32>()?;
     let mut out = Vec::with_capacity(h * d);
     for row in ms {
-        crate::cache::check_finite("keys", &row)?;
         let floor = row
             .iter()
             .copied()

@@ -5,16 +5,7 @@ use tqkv::rng::Rng;
 use tqkv_candle::{Attention, CacheConfig, CacheKind};
 
 mod common;
-use common::{kv_like, seed};
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use common::{flat, kv_like, max_abs_diff, qkv, seed};
 
 /// Exact causal attention in f64 for all positions: q [b, hq, n, d], k, v [b, hk, n, d];
 /// sequence b has `lens[b]` real tokens; rows ≥ lens[b] are zeros. GQA: query head i uses KV
@@ -119,9 +110,7 @@ const KINDS: [(&str, f64); 21] = [
 fn every_cache_is_close_to_exact_attention() {
     let mut rng = Rng::new(seed("every_cache"));
     let (b, hq, hk, n, d) = (2usize, 6usize, 2usize, 200usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     let lens = [n, 171];
     let scale = 1.0 / (d as f64).sqrt();
     let want = reference(&q, &k, &v, &lens, scale);
@@ -170,9 +159,7 @@ fn centred_keys_remove_a_per_channel_offset() {
 fn prefill_then_decode_equals_one_shot() {
     let mut rng = Rng::new(seed("prefill_then_decode"));
     let (b, hq, hk, n, d) = (1usize, 4usize, 2usize, 23usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     for (kind, _) in KINDS {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let build =
@@ -181,11 +168,7 @@ fn prefill_then_decode_equals_one_shot() {
         let a = run(&mut build(), &q, &k, &v, &[n], &[9]);
         let c = run(&mut build(), &q, &k, &v, &[n], &[9, 14]);
         let (fa, fc) = (flat(&a), flat(&c));
-        let diff = fa
-            .iter()
-            .zip(&fc)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
+        let diff = max_abs_diff(&fa, &fc);
         assert!(diff < 1e-4, "{kind}: decode and one-shot differ by {diff}");
         // The layer's own chunking of a long prefill (chunk 5) gives the same as one chunk.
         let mut chunked = build().with_chunk(5);
@@ -193,11 +176,7 @@ fn prefill_then_decode_equals_one_shot() {
         let o1 = chunked.forward(&q, &k, &v).unwrap();
         let o2 = whole.forward(&q, &k, &v).unwrap();
         if !kind.starts_with("tq") {
-            let diff = flat(&o1)
-                .iter()
-                .zip(&flat(&o2))
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f64::max);
+            let diff = max_abs_diff(&flat(&o1), &flat(&o2));
             assert!(diff < 1e-4, "{kind}: chunked prefill differs by {diff}");
         }
     }
@@ -207,9 +186,7 @@ fn prefill_then_decode_equals_one_shot() {
 fn gqa_equals_repeated_kv_heads() {
     let mut rng = Rng::new(seed("gqa"));
     let (b, hq, hk, n, d) = (2usize, 6usize, 2usize, 13usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     // Repeat each KV head 3 times: head i of the repeated tensor is KV head i / 3.
     let rep = |t: &Tensor| {
         let parts: Vec<Tensor> = (0..hq)
@@ -229,11 +206,7 @@ fn gqa_equals_repeated_kv_heads() {
         let mut m = Attention::new(cfg.build(0, hq, d, &Device::Cpu).unwrap(), hq, hq, d).unwrap();
         let a = run(&mut g, &q, &k, &v, &[n, 9], &[6]);
         let c = run(&mut m, &q, &kr, &vr, &[n, 9], &[6]);
-        let diff = flat(&a)
-            .iter()
-            .zip(&flat(&c))
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
+        let diff = max_abs_diff(&flat(&a), &flat(&c));
         // Half-precision matmuls of other shapes round differently; everything else is exact.
         let tol = if kind.ends_with("16") { 2e-2 } else { 1e-5 };
         assert!(
@@ -273,11 +246,7 @@ fn sequences_of_different_lengths_match_running_them_alone() {
             let sl = |t: &Tensor| t.narrow(0, i, 1).unwrap().narrow(2, 0, l).unwrap();
             let o = run(&mut alone, &sl(&q), &sl(&k), &sl(&v), &[l], &[8]);
             let mine = out.narrow(0, i, 1).unwrap();
-            let diff = flat(&mine.narrow(2, 0, l).unwrap())
-                .iter()
-                .zip(&flat(&o))
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f64::max);
+            let diff = max_abs_diff(&flat(&mine.narrow(2, 0, l).unwrap()), &flat(&o));
             assert!(diff < 1e-5, "{kind} sequence {i}: {diff}");
             if l < n {
                 let pad = flat(&mine.narrow(2, l, n - l).unwrap());
@@ -294,9 +263,7 @@ fn sequences_of_different_lengths_match_running_them_alone() {
 fn half_precision_inputs_keep_their_dtype() {
     let mut rng = Rng::new(seed("dtypes"));
     let (b, hq, hk, n, d) = (1usize, 2usize, 1usize, 10usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     for kind in ["f16", "bf16", "f32", "q8", "q4h", "kivi2", "tq3.5"] {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let mut ref32 =

@@ -8,16 +8,7 @@ use tqkv::rng::Rng;
 use tqkv_candle::{Attention, CacheConfig, CacheKind, KvCache, TurboCache};
 
 mod common;
-use common::{kv_like, seed};
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use common::{flat, kv_like, max_abs_diff, qkv, seed};
 
 fn f16_round(t: &Tensor) -> Tensor {
     t.to_dtype(DType::F16)
@@ -179,22 +170,13 @@ fn reference(
     out
 }
 
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
-
 /// Sinks and windows of awkward sizes, over chunked prefills and decode steps that make the
 /// ring grow, in a batch of two sequences of different lengths.
 #[test]
 fn sinks_and_window_match_the_reference() {
     let mut rng = Rng::new(seed("sinks_and_window"));
     let (b, hq, hk, n, d) = (2usize, 6usize, 2usize, 99usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     let lens = [n, 57];
     let scale = 1.0 / (d as f64).sqrt();
     for (kind, chunks) in [
@@ -229,9 +211,7 @@ fn sinks_and_window_match_the_reference() {
 fn a_window_of_all_tokens_is_exact_f16_attention() {
     let mut rng = Rng::new(seed("window_of_all"));
     let (b, hq, hk, n, d) = (1usize, 3usize, 1usize, 77usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     let scale = 1.0 / (d as f64).sqrt();
     let f32_cache = |kk: &Tensor, vv: &Tensor| {
         let mut c = CacheConfig::new("f32".parse().unwrap())
@@ -272,9 +252,7 @@ fn a_window_of_all_tokens_is_exact_f16_attention() {
 fn chunked_prefill_equals_token_by_token_decoding() {
     let mut rng = Rng::new(seed("chunked_equals_decode"));
     let (b, hq, hk, n, d) = (1usize, 4usize, 2usize, 71usize, 64usize);
-    let q = kv_like(&mut rng, (b, hq, n, d), 0.25);
-    let k = kv_like(&mut rng, (b, hk, n, d), 1.0);
-    let v = kv_like(&mut rng, (b, hk, n, d), 1.0);
+    let (q, k, v) = qkv(&mut rng, (b, hq, hk, n, d));
     for kind in [
         "tq3.5-pn-c-s4-w24",
         "tqk3v2-s2-w5",

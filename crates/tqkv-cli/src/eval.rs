@@ -18,11 +18,9 @@ use tqkv_llama::eval::{
 /// The text of the default measurement (present on Debian and Ubuntu machines).
 const DEFAULT_TEXT: &str = "/usr/share/common-licenses/GPL-3";
 
+/// What a KL-divergence measurement scores: the text, its windows and the reference cache.
 #[derive(clap::Args)]
-pub struct Args {
-    /// Model, device, dtype and cache options; `--kv` takes a comma-separated list of kinds.
-    #[command(flatten)]
-    model: ModelArgs,
+pub struct ScoreArgs {
     /// The reference cache kind.
     #[arg(long, default_value = "f16")]
     reference: String,
@@ -42,6 +40,15 @@ pub struct Args {
     /// Tokens per forward call (chunked prefill).
     #[arg(long, default_value_t = 128)]
     chunk: usize,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model, device, dtype and cache options; `--kv` takes a comma-separated list of kinds.
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    score: ScoreArgs,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -128,51 +135,79 @@ fn bar(len: usize) -> Result<ProgressBar> {
     ))
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let text = read_text(&args.text)?;
-    let kinds = kinds_of(&args.model, &[&args.reference])?;
-    let config = |kind: &str| chat::cache_config(&with_kind(&args.model, kind));
-    // The model once; the reference logits of every window first (kept on the host), then
-    // each kind in turn over the same model with fresh caches.
-    let mut m = chat::load(&with_kind(&args.model, &args.reference))?;
-    let ids = m
+/// The model loaded once with the reference cache, the windows of the text and the reference
+/// logits of each (kept on the host), with a progress bar sized for `runs` more passes.
+struct Reference<'t> {
+    m: tqkv_llama::Loaded,
+    wins: Vec<&'t [u32]>,
+    refs: Vec<candle_core::Tensor>,
+    bar: ProgressBar,
+}
+
+fn reference<'t>(
+    model: &ModelArgs,
+    s: &ScoreArgs,
+    ids: &'t mut Vec<u32>,
+    runs: impl Fn(&tqkv_llama::Llama) -> usize,
+) -> Result<Reference<'t>> {
+    let text = read_text(&s.text)?;
+    let mut m = chat::load(&with_kind(model, &s.reference))?;
+    *ids = m
         .tokenizer
         .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", args.text))?
+        .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", s.text))?
         .get_ids()
         .to_vec();
-    let wins = windows(&ids[args.skip.min(ids.len())..], args.ctx, args.windows)?;
+    let ids: &'t Vec<u32> = ids;
+    let wins = windows(&ids[s.skip.min(ids.len())..], s.ctx, s.windows)?;
     eprintln!(
         "{}: {} tokens; {} windows of {} after {} skipped (scored: the last {} positions of each), chunks of {}",
-        args.text,
+        s.text,
         ids.len(),
         wins.len(),
-        args.ctx,
-        args.skip,
-        args.ctx - args.ctx / 2 - 1,
-        args.chunk
+        s.ctx,
+        s.skip,
+        s.ctx - s.ctx / 2 - 1,
+        s.chunk
     );
-    let bar = bar(wins.len() * (kinds.len() + 1))?;
-    bar.set_message(args.reference.clone());
-    let t0 = Instant::now();
+    let bar = bar(wins.len() * (runs(&m.model) + 1))?;
+    bar.set_message(s.reference.clone());
     let mut refs = Vec::with_capacity(wins.len());
     for w in &wins {
-        refs.push(scored_logits(&mut m.model, w, args.chunk)?);
+        refs.push(scored_logits(&mut m.model, w, s.chunk)?);
         bar.inc(1);
     }
+    Ok(Reference { m, wins, refs, bar })
+}
+
+/// Scores the model's current caches over the windows against the reference logits.
+fn score_all(r: &mut Reference<'_>, chunk: usize) -> Result<LogitStats> {
+    let mut st = LogitStats::default();
+    for (w, rl) in r.wins.iter().zip(&r.refs) {
+        let got = scored_logits(&mut r.m.model, w, chunk)?;
+        score_window(&mut st, rl, &got, w)?;
+        r.bar.inc(1);
+    }
+    Ok(st)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let s = &args.score;
+    let kinds = kinds_of(&args.model, &[&s.reference])?;
+    let config = |kind: &str| chat::cache_config(&with_kind(&args.model, kind));
+    // The model once; the reference logits of every window first, then each kind in turn over
+    // the same model with fresh caches.
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    let mut r = reference(&args.model, s, &mut ids, |_| kinds.len())?;
     let mut rows = Vec::new();
     for kind in &kinds {
-        bar.set_message(kind.clone());
-        m.model
+        r.bar.set_message(kind.clone());
+        r.m.model
             .set_cache_config(&config(kind)?)
             .with_context(|| format!("--kv {kind}"))?;
-        let mut st = LogitStats::default();
-        for (w, r) in wins.iter().zip(&refs) {
-            let got = scored_logits(&mut m.model, w, args.chunk)?;
-            score_window(&mut st, r, &got, w)?;
-            bar.inc(1);
-        }
-        let (kv_bytes, table_bytes, f16_bytes, context, bits, per_token) = sizes(&m.model);
+        let st = score_all(&mut r, s.chunk)?;
+        let (kv_bytes, table_bytes, f16_bytes, context, bits, per_token) = sizes(&r.m.model);
         rows.push(Row {
             kind: kind.clone(),
             tokens: st.tokens,
@@ -189,43 +224,43 @@ pub fn run(args: Args) -> Result<()> {
             bytes_per_token: per_token,
         });
     }
-    bar.finish_and_clear();
+    r.bar.finish_and_clear();
     eprintln!("done in {:.1?}", t0.elapsed());
     println!(
         "reference {}; {} scored tokens of {}; sizes all-in at {} tokens (tables included)\n",
-        args.reference,
-        rows.first().map_or(0, |r| r.tokens),
-        args.text,
-        rows.first().map_or(0, |r| r.context),
+        s.reference,
+        rows.first().map_or(0, |x| x.tokens),
+        s.text,
+        rows.first().map_or(0, |x| x.context),
     );
     println!(
         "| kv | mean KLD | max KLD | PPL | PPL ({}) | Δ PPL | top-1 same | bits/channel | bytes/token | KV bytes vs f16 |",
-        args.reference
+        s.reference
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
+    for row in &rows {
         println!(
             "| {} | {:.5} | {:.3} | {:.3} | {:.3} | {:+.2}% | {:.1}% | {:.3} | {:.0} | {:.2}× smaller |",
-            r.kind,
-            r.mean_kld,
-            r.max_kld,
-            r.ppl,
-            r.ppl_ref,
-            100.0 * (r.ppl / r.ppl_ref - 1.0),
-            100.0 * r.top1,
-            r.bits_per_channel,
-            r.bytes_per_token,
-            r.f16_bytes as f64 / r.kv_bytes.max(1) as f64
+            row.kind,
+            row.mean_kld,
+            row.max_kld,
+            row.ppl,
+            row.ppl_ref,
+            100.0 * (row.ppl / row.ppl_ref - 1.0),
+            100.0 * row.top1,
+            row.bits_per_channel,
+            row.bytes_per_token,
+            row.f16_bytes as f64 / row.kv_bytes.max(1) as f64
         );
     }
     if let Some(path) = &args.json {
         let v = serde_json::json!({
-            "text": args.text,
-            "reference": args.reference,
-            "ctx": args.ctx,
-            "chunk": args.chunk,
-            "windows": wins.len(),
-            "skip": args.skip,
+            "text": s.text,
+            "reference": s.reference,
+            "ctx": s.ctx,
+            "chunk": s.chunk,
+            "windows": r.wins.len(),
+            "skip": s.skip,
             "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
@@ -436,21 +471,9 @@ pub struct LayersArgs {
     /// measured (one kind).
     #[command(flatten)]
     model: ModelArgs,
-    /// The reference cache kind (every other layer keeps it).
-    #[arg(long, default_value = "f16")]
-    reference: String,
-    /// The text file to score (UTF-8).
-    #[arg(long, default_value = DEFAULT_TEXT)]
-    text: String,
-    /// Tokens per window.
-    #[arg(long, default_value_t = 512)]
-    ctx: usize,
-    /// Windows scored at most.
-    #[arg(long, default_value_t = 4)]
-    windows: usize,
-    /// Tokens per forward call.
-    #[arg(long, default_value_t = 128)]
-    chunk: usize,
+    /// The text and reference (every other layer keeps the reference kind).
+    #[command(flatten)]
+    score: ScoreArgs,
     /// With --down: the kind given to the most sensitive layers.
     #[arg(long)]
     up: Option<String>,
@@ -470,52 +493,35 @@ pub struct LayersArgs {
 /// allocation (an `@` override string for `--kv`) that moves the most sensitive layers up and
 /// the least sensitive down.
 pub fn run_layers(args: LayersArgs) -> Result<()> {
-    let text = read_text(&args.text)?;
+    let s = &args.score;
     let kind = args.model.kv.trim().to_string();
     if kind.contains(',') {
         bail!("--kv: eval layers measures one kind, got {kind:?}");
     }
-    let mut m = chat::load(&with_kind(&args.model, &args.reference))?;
-    let n_layers = m.model.config().num_layers;
-    let ids = m
-        .tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| anyhow::anyhow!("tokenizing {:?}: {e}", args.text))?
-        .get_ids()
-        .to_vec();
-    let wins = windows(&ids, args.ctx, args.windows)?;
-    let bar = bar(wins.len() * (n_layers + 1))?;
-    bar.set_message(args.reference.clone());
-    let mut refs = Vec::with_capacity(wins.len());
-    for w in &wins {
-        refs.push(scored_logits(&mut m.model, w, args.chunk)?);
-        bar.inc(1);
-    }
+    kinds_of(&args.model, &[&s.reference])?;
+    let mut ids = Vec::new();
+    let mut r = reference(&args.model, s, &mut ids, |m| m.config().num_layers)?;
+    let n_layers = r.m.model.config().num_layers;
     let mut per_layer = Vec::with_capacity(n_layers);
     for layer in 0..n_layers {
-        bar.set_message(format!("layer {layer}"));
-        let spec = format!("{}@{layer}={kind}", args.reference);
-        m.model
+        r.bar.set_message(format!("layer {layer}"));
+        let spec = format!("{}@{layer}={kind}", s.reference);
+        r.m.model
             .set_cache_config(&chat::cache_config(&with_kind(&args.model, &spec))?)
             .with_context(|| format!("--kv {spec}"))?;
-        let mut st = LogitStats::default();
-        for (w, r) in wins.iter().zip(&refs) {
-            let got = scored_logits(&mut m.model, w, args.chunk)?;
-            score_window(&mut st, r, &got, w)?;
-            bar.inc(1);
-        }
+        let st = score_all(&mut r, s.chunk)?;
         per_layer.push((layer, st.mean_kld(), st.top1()));
     }
-    bar.finish_and_clear();
+    r.bar.finish_and_clear();
     let total: f64 = per_layer.iter().map(|p| p.1).sum();
     let mut ranked = per_layer.clone();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!(
         "{kind} in one layer at a time, {} elsewhere; {} windows of {} of {}\n",
-        args.reference,
-        wins.len(),
-        args.ctx,
-        args.text
+        s.reference,
+        r.wins.len(),
+        s.ctx,
+        s.text
     );
     println!("| layer | mean KLD | share | top-1 same |");
     println!("|---|---|---|---|");
@@ -544,8 +550,8 @@ pub fn run_layers(args: LayersArgs) -> Result<()> {
             .iter()
             .map(|(l, k, t)| serde_json::json!({"layer": l, "mean_kld": k, "top1": t}))
             .collect();
-        let v = serde_json::json!({"kind": kind, "reference": args.reference, "text": args.text,
-            "ctx": args.ctx, "windows": wins.len(), "layers": rows});
+        let v = serde_json::json!({"kind": kind, "reference": s.reference, "text": s.text,
+            "ctx": s.ctx, "skip": s.skip, "windows": r.wins.len(), "layers": rows});
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {path}"))?;
     }

@@ -1,6 +1,7 @@
-//! Helpers shared by the cache tests: fresh seeds (printed, replayable) and layer-like K/V.
+//! Helpers shared by the cache tests: fresh seeds (printed, replayable), layer-like Q/K/V, f64
+//! views of tensors and their largest difference.
 #![allow(dead_code)]
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tqkv::rng::Rng;
 
 /// A fresh seed for `test`, or `TQKV_TEST_SEED` to replay one; printed either way.
@@ -30,4 +31,33 @@ pub fn kv_like(rng: &mut Rng, shape: (usize, usize, usize, usize), scale: f64) -
         }
     }
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Layer-like queries `[b, hq, n, d]` (scale 0.25) and keys, values `[b, hk, n, d]`.
+pub fn qkv(
+    rng: &mut Rng,
+    (b, hq, hk, n, d): (usize, usize, usize, usize, usize),
+) -> (Tensor, Tensor, Tensor) {
+    let q = kv_like(rng, (b, hq, n, d), 0.25);
+    let k = kv_like(rng, (b, hk, n, d), 1.0);
+    let v = kv_like(rng, (b, hk, n, d), 1.0);
+    (q, k, v)
+}
+
+/// All elements as f64, in row-major order.
+pub fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The largest |a − b| over paired elements.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
