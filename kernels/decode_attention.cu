@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
           if (cnt > 0)
             tq_dot_codes_any<R>(kg.mse_bits, rec + kg.codes_off + j0 / 8 * kg.mse_bits, cnt, kcent[g],
                                 qv + (kmo[g] + j0) * R, dot);
-          const float nn = tq_read_norm(rec, kg.norm_off, ks.norm_f16);
+          const float nn = tq_read_norm(rec, kg.norm_off, ks.norm_format);
 #pragma unroll
           for (int r = 0; r < R; ++r) score[r] = fmaf(nn, dot[r], score[r]);
         }
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
 #pragma unroll
             for (int r = 0; r < R; ++r) dot[r] += z ? qv[(kso[g] + l) * R + r] : -qv[(kso[g] + l) * R + r];
           }
-          const float gam = tq_read_norm(rec, kg.gamma_off, ks.norm_f16);
+          const float gam = tq_read_norm(rec, kg.gamma_off, ks.norm_format);
 #pragma unroll
           for (int r = 0; r < R; ++r) score[r] = fmaf(gam, dot[r], score[r]);
         }
@@ -258,8 +258,8 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
       const uint8_t* rec = vrec + i * rbv;
       for (int g = 0; g < vs.num_groups; ++g) {
         const TqGroup& vg = vs.groups[g];
-        const float nn = vg.mse_bits > 0 ? tq_read_norm(rec, vg.norm_off, vs.norm_f16) : 0.f;
-        const float gam = vg.m > 0 ? tq_read_norm(rec, vg.gamma_off, vs.norm_f16) : 0.f;
+        const float nn = vg.mse_bits > 0 ? tq_read_norm(rec, vg.norm_off, vs.norm_format) : 0.f;
+        const float gam = vg.m > 0 ? tq_read_norm(rec, vg.gamma_off, vs.norm_format) : 0.f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           pw[2 * g][i * R + r] = sc[i * R + r] * nn;

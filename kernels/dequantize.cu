@@ -30,7 +30,7 @@ __global__ void tq_dequantize_kernel(const uint8_t* __restrict__ cache, T* __res
       for (int l = threadIdx.x; l < g.m; l += blockDim.x) z[l] = tq_code_at(rec + g.signs_off, l, 1) ? 1.f : -1.f;
     __syncthreads();
     if (g.m > 0) {
-      const float a = tq_read_norm(rec, g.gamma_off, spec.norm_f16) * g.qjl_scale;
+      const float a = tq_read_norm(rec, g.gamma_off, spec.norm_format) * g.qjl_scale;
       for (int i = threadIdx.x; i < g.dim; i += blockDim.x) {
         float s = 0.f;
         for (int l = 0; l < g.m; ++l) s = fmaf(g.sketch[(long)l * g.dim + i], z[l], s);
@@ -38,7 +38,7 @@ __global__ void tq_dequantize_kernel(const uint8_t* __restrict__ cache, T* __res
       }
     }
     if (g.mse_bits > 0) {
-      const float nrm = tq_read_norm(rec, g.norm_off, spec.norm_f16);
+      const float nrm = tq_read_norm(rec, g.norm_off, spec.norm_format);
       for (int i = threadIdx.x; i < g.dim; i += blockDim.x)
         acc[i] += nrm * g.centroids[tq_code_at(rec + g.codes_off, i, g.mse_bits)];
       __syncthreads();

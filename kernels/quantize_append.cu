@@ -75,17 +75,7 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
       }
       if (threadIdx.x == 0) {
         const float nstore = (spec.projected_norm && proj > 0.f) ? n * n / proj : n;
-        float ns;
-        if (spec.norm_f16) {
-          __half hn = __float2half_rn(nstore);
-          ns = __half2float(hn);
-          if (!isfinite(ns)) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
-          memcpy(rec + g.norm_off, &hn, 2);
-        } else {
-          ns = nstore;
-          memcpy(rec + g.norm_off, &nstore, 4);
-        }
-        stored_norm = ns;
+        stored_norm = tq_write_norm(rec, g.norm_off, spec.norm_format, nstore, status);
       }
       __syncthreads();
       const int nbytes = (g.dim * g.mse_bits + 7) / 8;
@@ -108,14 +98,7 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
       for (int i = threadIdx.x; i < g.dim; i += blockDim.x) r2 += resid[i] * resid[i];
       r2 = tq_block_sum(r2);
       if (threadIdx.x == 0) {
-        float gam = sqrtf(r2);
-        if (spec.norm_f16) {
-          __half hg = __float2half_rn(gam);
-          if (!isfinite(__half2float(hg))) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
-          memcpy(rec + g.gamma_off, &hg, 2);
-        } else {
-          memcpy(rec + g.gamma_off, &gam, 4);
-        }
+        tq_write_norm(rec, g.gamma_off, spec.norm_format, sqrtf(r2), status);
       }
       const int nbytes = (g.m + 7) / 8;
       for (int k = threadIdx.x; k < nbytes; k += blockDim.x) {

@@ -34,7 +34,7 @@ struct TqSpec {
   int head_dim;
   int num_groups;   // 1 or 2
   int record_bytes;
-  int norm_f16;     // 1: norms are IEEE half, 0: float
+  int norm_format;  // 0: float, 1: IEEE half, 2: log8 (src/lognorm.rs)
   int projected_norm;  // 1: store n = ‖x‖² / ⟨rot, ‖x‖·c⟩ (NormRule::Projected), 0: n = ‖x‖
   TqGroup groups[2];
 };
@@ -177,13 +177,65 @@ __device__ __forceinline__ int tq_code_at(const uint8_t* p, int j, int bits) {
   return (w >> shift) & ((1u << bits) - 1u);
 }
 
-__device__ __forceinline__ float tq_read_norm(const uint8_t* rec, int off, int f16) {
-  if (f16) {
+// 8-bit logarithmic norms (src/lognorm.rs, the same constants): code c in 1..=255 is
+// 2^((c − 128)/8), 0 is 0. Exact f32 operations only, so that CPU and GPU agree bit for bit.
+static __device__ __constant__ unsigned tq_log8_frac[8] = {0x3f800000u, 0x3f8b95c2u, 0x3f9837f0u, 0x3fa5fed7u,
+                                                    0x3fb504f3u, 0x3fc5672au, 0x3fd744fdu, 0x3feac0c7u};
+static __device__ __constant__ unsigned tq_log8_thresh[8] = {0x3f85aac3u, 0x3f91c3d3u, 0x3f9ef532u, 0x3fad583fu,
+                                                      0x3fbd08a4u, 0x3fce248cu, 0x3fe0ccdfu, 0x3ff5257du};
+
+__device__ __forceinline__ float tq_log8_decode(unsigned c) {
+  if (c == 0) return 0.f;
+  const int k = (int)c - 128;
+  const int q = k >= 0 ? k / 8 : -((-k + 7) / 8);  // floor(k / 8)
+  return ldexpf(__uint_as_float(tq_log8_frac[k - 8 * q]), q);
+}
+
+// The code of a norm v ≥ 0; 256 when it is too large or not finite (an overflow).
+__device__ __forceinline__ unsigned tq_log8_encode(float v) {
+  if (!(v >= 0.f) || isinf(v)) return 256u;
+  if (v == 0.f) return 0u;
+  if (v < 1.17549435e-38f) return 1u;
+  const unsigned bits = __float_as_uint(v);
+  const int e = (int)((bits >> 23) & 0xffu) - 127;
+  const float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+  int r = 0;
+  for (int i = 0; i < 8; ++i) r += m >= __uint_as_float(tq_log8_thresh[i]) ? 1 : 0;
+  const int c = 128 + 8 * e + r;
+  return c > 255 ? 256u : (unsigned)(c < 1 ? 1 : c);
+}
+
+__device__ __forceinline__ float tq_read_norm(const uint8_t* rec, int off, int fmt) {
+  if (fmt == 1) {
     __half h;
     memcpy(&h, rec + off, 2);
     return __half2float(h);
   }
+  if (fmt == 2) return tq_log8_decode(rec[off]);
   float f;
   memcpy(&f, rec + off, 4);
   return f;
+}
+
+// Writes norm v at rec + off in format fmt; returns the value as stored (what a reader sees).
+// An overflow (f16: not finite; log8: above its range) sets TQ_NORM_OVERFLOW in *status.
+__device__ __forceinline__ float tq_write_norm(uint8_t* rec, int off, int fmt, float v, int* status) {
+  if (fmt == 1) {
+    __half h = __float2half_rn(v);
+    const float s = __half2float(h);
+    if (!isfinite(s)) atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
+    memcpy(rec + off, &h, 2);
+    return s;
+  }
+  if (fmt == 2) {
+    unsigned c = tq_log8_encode(v);
+    if (c > 255u) {
+      atomicCAS(status, TQ_OK, TQ_NORM_OVERFLOW);
+      c = 255u;
+    }
+    rec[off] = (uint8_t)c;
+    return tq_log8_decode(c);
+  }
+  memcpy(rec + off, &v, 4);
+  return v;
 }

@@ -17,6 +17,8 @@ root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 texts = {"gpl3": ("GPL-3", "o"), "gfdl13": ("GFDL-1.3", "s"), "gnu": ("GNU standards", "^")}
 groups = [
     (["tq4", "tq3.5", "tq2.5"], "tab:red", "tqkv presets"),
+    (["tq4 (f16 window)", "tq3.5 (f16 window)", "tq2.5 (f16 window)"], "tab:orange",
+     "the presets with an f16 window (before -wq8)"),
     (["tq4-paper", "tq3.5-paper", "tq2.5-paper"], "tab:blue", "TurboQuant as in the paper"),
     (["q8", "q5h", "q4h"], "tab:gray", "llama.cpp q8_0 / q5_0 / q4_0 + Hadamard (ours)"),
     (["kivi4", "kivi4-r0", "kivi2"], "tab:green", "KIVI (window 128; -r0: none)"),

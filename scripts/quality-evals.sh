@@ -4,6 +4,8 @@
 # the quality mechanisms, as JSON under docs/eval/ (one file per table). About 3 hours on 2 cores.
 #
 #   scripts/quality-evals.sh [main|ablations|all]     (default: all)
+#   scripts/quality-evals.sh presets                  the presets again, merged into main's files
+#                                                     (the rows they replace kept as "<kind> (before)")
 #
 # Texts: the GPL-3 and GFDL-1.3 licences Debian ships, and the GNU Coding Standards
 # (scripts/fetch-texts.sh). The per-layer profile of tq3.5 was measured on the GNU text's first
@@ -26,8 +28,27 @@ run() { # name text ctx windows skip kinds
     --json "$out/$name.json" | tee "$out/$name.md"
 }
 
+# `run`, then its rows merged into the existing file of that name (scripts/merge-eval.py).
+rerun() { # name text ctx windows skip kinds
+  local name=$1 text=$2 ctx=$3 win=$4 skip=$5 kinds=$6
+  echo "== $name (ctx $ctx, $win windows, skip $skip): $kinds, merged" >&2
+  "$tqkv" eval kld --text "$text" --ctx "$ctx" --windows "$win" --skip "$skip" --kv "$kinds" \
+    --json "$out/$name.new.json" | tee "$out/$name.new.md"
+  python3 scripts/merge-eval.py "$out/$name.json" "$out/$name.new.json" --rename-old " (before)"
+  rm -f "$out/$name.new.json" "$out/$name.new.md"
+}
+
 main512="f32,q8,q5h,q4h,kivi4,kivi4-r0,kivi2,tq4-paper,tq3.5-paper,tq2.5-paper,tq4,tq3.5,tq2.5"
 main2048="q8,q5h,q4h,kivi4,tq3.5-paper,tq4,tq3.5,tq2.5"
+if [ "$what" = presets ]; then
+  p=tq4,tq3.5,tq2.5
+  rerun gpl3-512 /usr/share/common-licenses/GPL-3 512 4 0 "$p"
+  rerun gfdl13-512 /usr/share/common-licenses/GFDL-1.3 512 4 0 "$p"
+  rerun gnu-512 "$gnu" 512 4 8192 "$p"
+  rerun gpl3-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$p"
+  rerun gfdl13-2048 /usr/share/common-licenses/GFDL-1.3 2048 2 0 "$p"
+  rerun gnu-2048 "$gnu" 2048 3 8192 "$p"
+fi
 if [ "$what" = main ] || [ "$what" = all ]; then
   run gpl3-512 /usr/share/common-licenses/GPL-3 512 4 0 "$main512"
   run gfdl13-512 /usr/share/common-licenses/GFDL-1.3 512 4 0 "$main512"

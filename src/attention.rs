@@ -100,6 +100,7 @@ fn read_norm(rec: &[u8], off: usize, fmt: NormFormat) -> f32 {
     match fmt {
         NormFormat::F16 => f16::from_le_bytes([rec[off], rec[off + 1]]).to_f32(),
         NormFormat::F32 => f32::from_le_bytes([rec[off], rec[off + 1], rec[off + 2], rec[off + 3]]),
+        NormFormat::Log8 => crate::lognorm::log8_decode(rec[off]),
     }
 }
 

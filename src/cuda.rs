@@ -65,8 +65,8 @@ pub struct TqSpec {
     pub num_groups: c_int,
     /// Bytes per record.
     pub record_bytes: c_int,
-    /// 1: f16 norms, 0: f32.
-    pub norm_f16: c_int,
+    /// Norm storage: 0 f32, 1 f16, 2 log8 ([`crate::lognorm`]).
+    pub norm_format: c_int,
     /// 1: the MSE norm is [`crate::NormRule::Projected`], 0: exact.
     pub projected_norm: c_int,
     /// The groups (the second unused for uniform bits).
@@ -273,7 +273,7 @@ impl DeviceTables {
         let same = |t: &LayerTables| {
             t.head_dim == first.head_dim
                 && t.record_bytes == first.record_bytes
-                && t.norm_f16 == first.norm_f16
+                && t.norm == first.norm
                 && t.projected_norm == first.projected_norm
                 && t.channels == first.channels
                 && t.groups.len() == first.groups.len()
@@ -386,7 +386,11 @@ impl DeviceTables {
             head_dim: int("head_dim", t.head_dim)?,
             num_groups: t.groups.len() as c_int,
             record_bytes: int("record bytes", t.record_bytes)?,
-            norm_f16: t.norm_f16 as c_int,
+            norm_format: match t.norm {
+                crate::NormFormat::F32 => 0,
+                crate::NormFormat::F16 => 1,
+                crate::NormFormat::Log8 => 2,
+            },
             projected_norm: t.projected_norm as c_int,
             groups,
         })

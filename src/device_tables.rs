@@ -43,8 +43,8 @@ pub struct LayerTables {
     pub head_dim: usize,
     /// Bytes per record.
     pub record_bytes: usize,
-    /// Norms stored as f16 (else f32).
-    pub norm_f16: bool,
+    /// How norms are stored.
+    pub norm: NormFormat,
     /// The MSE norm is [`NormRule::Projected`] (else exact).
     pub projected_norm: bool,
     /// The groups (1 or 2).
@@ -129,7 +129,7 @@ impl LayerTables {
         Ok(LayerTables {
             head_dim: first.dim(),
             record_bytes: first.record_bytes(),
-            norm_f16: first.spec().norm == NormFormat::F16,
+            norm: first.spec().norm,
             projected_norm: first.spec().norm_rule == NormRule::Projected,
             groups,
             channels,
@@ -214,13 +214,22 @@ impl LayerTables {
     }
 
     fn put_norm(&self, rec: &mut [u8], off: usize, v: f32) -> f32 {
-        if self.norm_f16 {
-            let h = half::f16::from_f32(v);
-            rec[off..off + 2].copy_from_slice(&h.to_le_bytes());
-            h.to_f32()
-        } else {
-            rec[off..off + 4].copy_from_slice(&v.to_le_bytes());
-            v
+        match self.norm {
+            NormFormat::F16 => {
+                let h = half::f16::from_f32(v);
+                rec[off..off + 2].copy_from_slice(&h.to_le_bytes());
+                h.to_f32()
+            }
+            NormFormat::F32 => {
+                rec[off..off + 4].copy_from_slice(&v.to_le_bytes());
+                v
+            }
+            NormFormat::Log8 => {
+                // Out of range (the quantizer errors there): the largest code.
+                let c = crate::lognorm::log8_encode(v).unwrap_or(255);
+                rec[off] = c;
+                crate::lognorm::log8_decode(c)
+            }
         }
     }
 }

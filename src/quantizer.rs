@@ -488,6 +488,15 @@ impl VectorQuantizer {
                 record[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
                 Ok(v)
             }
+            NormFormat::Log8 => {
+                let c = crate::lognorm::log8_encode(v).ok_or(Error::NormOverflow {
+                    norm: v,
+                    format: "log8",
+                    max: crate::lognorm::log8_decode(255),
+                })?;
+                record[offset] = c;
+                Ok(crate::lognorm::log8_decode(c))
+            }
         }
     }
 
@@ -500,6 +509,7 @@ impl VectorQuantizer {
                 record[offset + 2],
                 record[offset + 3],
             ]),
+            NormFormat::Log8 => crate::lognorm::log8_decode(record[offset]),
         }
     }
 }

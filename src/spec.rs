@@ -201,6 +201,8 @@ pub enum NormFormat {
     F16,
     /// IEEE single.
     F32,
+    /// One byte: 2^((c − 128)/8), a relative error within ±4.4 % ([`crate::lognorm`]).
+    Log8,
 }
 
 impl NormFormat {
@@ -209,6 +211,7 @@ impl NormFormat {
         match self {
             NormFormat::F16 => 2,
             NormFormat::F32 => 4,
+            NormFormat::Log8 => 1,
         }
     }
 }
@@ -219,8 +222,9 @@ impl std::str::FromStr for NormFormat {
         match s {
             "f16" => Ok(NormFormat::F16),
             "f32" => Ok(NormFormat::F32),
+            "log8" => Ok(NormFormat::Log8),
             _ => Err(Error::Config(format!(
-                "unknown norm format {s:?}: supported are f16, f32"
+                "unknown norm format {s:?}: supported are f16, f32, log8"
             ))),
         }
     }
@@ -401,6 +405,34 @@ pub struct KvSpec {
     /// then below that one's). Capped by `window` when that is non-zero. (Exact tokens have no
     /// record: a token is quantized when it leaves the window.)
     pub budget_bits: Option<f32>,
+    /// How the sinks and the window are stored: f16, or llama.cpp's q8_0 (blocks of 32
+    /// channels, an f16 scale and 8-bit integers: 8.5 bits per channel, about twice the exact
+    /// tokens in the same bytes).
+    pub exact_format: ExactFormat,
+}
+
+/// Storage of a TurboQuant cache's exact tokens (sinks and window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExactFormat {
+    /// IEEE half per channel (16 bits).
+    #[default]
+    F16,
+    /// q8_0: per block of 32 channels an f16 scale m / 127 (m = the largest magnitude) and
+    /// round(x / scale) as an 8-bit integer (8.5 bits per channel; head_dim a multiple of 32).
+    Q8,
+}
+
+impl ExactFormat {
+    /// Channels per q8_0 block.
+    pub const Q8_BLOCK: usize = 32;
+
+    /// Bytes of one exact vector of `dim` channels.
+    pub fn vector_bytes(self, dim: usize) -> usize {
+        match self {
+            ExactFormat::F16 => 2 * dim,
+            ExactFormat::Q8 => dim + 2 * dim.div_ceil(Self::Q8_BLOCK),
+        }
+    }
 }
 
 impl KvSpec {
@@ -417,6 +449,7 @@ impl KvSpec {
             rotations: 1,
             sinks: 0,
             window: 0,
+            exact_format: ExactFormat::F16,
             budget_bits: None,
         }
     }

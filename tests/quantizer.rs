@@ -18,6 +18,9 @@ fn specs() -> Vec<QuantSpec> {
             if bits == "3.5" {
                 v.push(s.with_norm_rule(NormRule::Projected));
             }
+            if bits == "2.5" || bits == "3" {
+                v.push(s.with_norm(NormFormat::Log8));
+            }
         }
     }
     v.push(QuantSpec::qjl(256));
@@ -403,4 +406,82 @@ fn norms_beyond_f16_are_an_error_and_f32_keeps_them() {
         .sum::<f64>()
         / dot64(&x, &x);
     assert!(rel < 0.03, "{rel}");
+}
+
+/// Log8 norms: one byte per norm, the same codes, each group's reconstruction scaled by its
+/// norm's rounding (within ±4.4 % of the f32 norm's), so the relative MSE grows by at most
+/// about 2·4.4 %·√D + 4.4 %² over the f32 norm's.
+#[test]
+fn log8_norms_cost_a_byte_and_scale_the_reconstruction_by_their_rounding() {
+    let seed = fresh_seed("log8_norms");
+    let mut rng = Rng::new(seed);
+    let q = |bits: &str, norm: NormFormat, d: usize| {
+        let s = QuantSpec::mse(bits.parse().unwrap())
+            .with_outliers(OutlierRule::Fixed)
+            .with_norm(norm);
+        VectorQuantizer::new(s, d, 7).unwrap()
+    };
+    // tq3.5 at d = 128: 2 one-byte norms + 32 + 24 bytes of codes.
+    assert_eq!(q("3.5", NormFormat::Log8, 128).record_bytes(), 58);
+    assert_eq!(q("1.5", NormFormat::Log8, 64).record_bytes(), 2 + 8 + 4);
+    for (bits, d) in [
+        ("3", 64usize),
+        ("1.5", 64),
+        ("2.5", 98),
+        ("4", 17),
+        ("2", 33),
+    ] {
+        let (a, b) = (q(bits, NormFormat::Log8, d), q(bits, NormFormat::F32, d));
+        let (mut ra, mut rb) = (vec![0u8; a.record_bytes()], vec![0u8; b.record_bytes()]);
+        let (mut err_a, mut err_b, mut energy) = (0.0, 0.0, 0.0);
+        for _ in 0..200 {
+            let scale = 2f64.powf(rng.uniform() * 12.0 - 6.0) as f32;
+            let x = gaussian_vec(&mut rng, &vec![scale; d]);
+            a.quantize(&x, &mut ra).unwrap();
+            b.quantize(&x, &mut rb).unwrap();
+            let (mut xa, mut xb) = (vec![0.0f32; d], vec![0.0f32; d]);
+            a.dequantize(&ra, &mut xa).unwrap();
+            b.dequantize(&rb, &mut xb).unwrap();
+            for g in 0..a.num_groups() {
+                let ch = a.group_channels(g);
+                let na: f64 = ch
+                    .iter()
+                    .map(|&c| (xa[c] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let nb: f64 = ch
+                    .iter()
+                    .map(|&c| (xb[c] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                if nb > 0.0 {
+                    // The same direction, a norm within half a log8 step.
+                    let r = na / nb;
+                    assert!(
+                        (r - 1.0).abs() < 0.0443,
+                        "{bits} d={d} group {g}: ratio {r} (seed {seed})"
+                    );
+                    for &c in ch {
+                        let want = xb[c] as f64 * r;
+                        assert!((xa[c] as f64 - want).abs() <= 1e-5 * nb, "{bits} d={d}");
+                    }
+                }
+            }
+            let e = |xh: &[f32]| -> f64 {
+                x.iter()
+                    .zip(xh)
+                    .map(|(p, h)| ((p - h) as f64).powi(2))
+                    .sum()
+            };
+            err_a += e(&xa) / dot64(&x, &x);
+            err_b += e(&xb) / dot64(&x, &x);
+            energy += 1.0;
+        }
+        let (da, db) = (err_a / energy, err_b / energy);
+        eprintln!("{bits} d={d}: relative MSE {db:.4} with f32 norms, {da:.4} with log8");
+        assert!(
+            da <= db + 2.0 * 0.0443 * db.sqrt() + 0.0443 * 0.0443,
+            "{bits} d={d}: {da} vs {db}"
+        );
+    }
 }

@@ -8,7 +8,7 @@ use crate::full::FullCache;
 use crate::kivi::KiviCache;
 use crate::turbo::TurboCache;
 use candle_core::{DType, Device, Result};
-use tqkv::{BitsSpec, KvSpec, Mode, NormRule, QuantSpec, RotationKind};
+use tqkv::{BitsSpec, ExactFormat, KvSpec, Mode, NormFormat, NormRule, QuantSpec, RotationKind};
 
 /// What a layer's cache stores.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -109,6 +109,7 @@ impl std::str::FromStr for CacheKind {
                 let mut key_scale = None;
                 let mut fit_codebooks = false;
                 let mut rotations = 1usize;
+                let mut exact_format = ExactFormat::F16;
                 for p in parts {
                     if let Some(a) = p.strip_prefix("ks") {
                         match if a.is_empty() {
@@ -189,6 +190,13 @@ impl std::str::FromStr for CacheKind {
                         }
                         "c" => center_keys = true,
                         "cv" => center_values = true,
+                        "wq8" => exact_format = ExactFormat::Q8,
+                        "n8" => {
+                            key = key.with_norm(NormFormat::Log8);
+                            value = value.with_norm(NormFormat::Log8);
+                        }
+                        "n8k" => key = key.with_norm(NormFormat::Log8),
+                        "n8v" => value = value.with_norm(NormFormat::Log8),
                         "fc" => fit_codebooks = true,
                         "pn" => {
                             key = key.with_norm_rule(NormRule::Projected);
@@ -199,11 +207,11 @@ impl std::str::FromStr for CacheKind {
                         _ => candle_core::bail!(
                             "unknown suffix {p:?} in {s:?}: supported are -paper, -qjl, -qjlo, -qjlv, -qjlvo, -had, -c, \
                              -cv, -ks[α], -fc, -r<M>, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
-                             sized to a budget of bits per channel)"
+                             sized to a budget of bits per channel), -wq8 (sinks and window in q8_0), -n8, -n8k, -n8v (8-bit log norms)"
                         ),
                     }
                 }
-                CacheKind::Turbo(KvSpec {
+                let spec = KvSpec {
                     key,
                     value,
                     center_keys,
@@ -214,7 +222,14 @@ impl std::str::FromStr for CacheKind {
                     sinks,
                     window,
                     budget_bits,
-                })
+                    exact_format,
+                };
+                if exact_format != ExactFormat::F16 && !spec.has_exact() {
+                    candle_core::bail!(
+                        "{s:?}: -wq8 stores the exact tokens in q8_0; give some with -s<N>, -w<N> or -b<bits>"
+                    );
+                }
+                CacheKind::Turbo(spec)
             }
         })
     }
@@ -226,9 +241,9 @@ impl std::str::FromStr for CacheKind {
 /// (3.76×) — the sizes the paper's configurations of those names have. `tq<bits>-paper` is the
 /// paper's configuration (MSE keys and values at those bits, dense rotation, exact norms).
 pub const PRESETS: [(&str, &str); 3] = [
-    ("tq2.5", "tqk3v1.5-had-pn-c-s1-b3-r4"),
-    ("tq3.5", "tqk4v2-had-pn-c-s1-b4-r4"),
-    ("tq4", "tqk4v3-had-pn-c-s1-b4.25-r4"),
+    ("tq2.5", "tqk3v1.5-had-pn-c-s1-b3-r4-wq8"),
+    ("tq3.5", "tqk4v2-had-pn-c-s1-b4-r4-wq8"),
+    ("tq4", "tqk4v3-had-pn-c-s1-b4.25-r4-wq8"),
 ];
 
 /// The largest number of sink or window tokens a kind may name.
@@ -635,7 +650,8 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.kind_for(other, n, h, d).unwrap(), base);
         assert_eq!(cfg.kind_for(p.up[0], n + 2, h, d).unwrap(), base);
-        let plain: CacheConfig = "tqk4v2-had-pn-c-s1-b4-r4".parse().unwrap();
+        let expansion = PRESETS.iter().find(|x| x.0 == p.preset).unwrap().1;
+        let plain: CacheConfig = expansion.parse().unwrap();
         assert_eq!(plain.preset, None);
         assert_eq!(plain.kind_for(p.up[0], n, h, d).unwrap(), base);
         // Every profile's up and down kinds average to its preset's budget, on distinct layers.

@@ -184,13 +184,15 @@ pub fn attend(
     let mut out = stream
         .alloc_zeros::<f32>(b * hq * t * d)
         .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))?;
-    // The exact part: the store's f16 tensors (fresh allocations: contiguous, offset 0).
-    let guards = op.exact.as_ref().map(|x| {
-        (
-            x.store.k.storage_and_layout(),
-            x.store.v.storage_and_layout(),
-        )
-    });
+    // The exact part in f16 (fresh allocations: contiguous, offset 0): the store's tensors, or
+    // for q8_0 its slots decoded (the fused kernel reads f16 rows).
+    let slots = match &op.exact {
+        Some(x) => Some(x.store.slots_f16()?),
+        None => None,
+    };
+    let guards = slots
+        .as_ref()
+        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
     let exact_slices = match &guards {
         Some((gk, gv)) => Some((f16_slice(&gk.0, gk.1)?, f16_slice(&gv.0, gv.1)?)),
         None => None,

@@ -1,24 +1,59 @@
-//! The full-precision part of a TurboQuant cache with attention sinks or a window of exact
-//! recent tokens ([`tqkv::KvSpec::sinks`], [`tqkv::KvSpec::window`],
-//! [`tqkv::KvSpec::budget_bits`]).
+//! The exact part of a TurboQuant cache with attention sinks or a window of recent tokens
+//! ([`tqkv::KvSpec::sinks`], [`tqkv::KvSpec::window`], [`tqkv::KvSpec::budget_bits`]), in f16
+//! or llama.cpp's q8_0 ([`tqkv::KvSpec::exact_format`]).
 //!
-//! Layout: keys and values in f16, each `[batch, kv_heads, sinks + ring, head_dim]`, contiguous,
-//! on the cache's device. Position p < sinks sits at slot p; position p ≥ sinks at slot
-//! `sinks + p % ring` — a ring over the most recent positions, which the cache keeps large
-//! enough for the window of every query of an append plus the tokens not yet quantized. Keys
-//! are stored as the records see them (centred when the spec centres keys), so that scores from
-//! both parts differ by nothing but the quantization.
+//! Layout: tensors `[batch, kv_heads, sinks + ring, width]`, contiguous, on the cache's device —
+//! f16: keys and values (width head_dim); q8_0: key codes (u8, the integer + 128, width
+//! head_dim), key scales (f16, width head_dim / 32), value codes, value scales. Position p <
+//! sinks sits at slot p; position p ≥ sinks at slot `sinks + p % ring` — a ring over the most
+//! recent positions, which the cache keeps large enough for the window of every query of an
+//! append plus the tokens not yet quantized. Keys are stored as the records see them (centred
+//! when the spec centres keys), so that scores from both parts differ by nothing but the
+//! quantization.
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::ops::Range;
+use tqkv::ExactFormat;
 
-/// Sinks and the ring of recent tokens, in f16.
+const QB: usize = ExactFormat::Q8_BLOCK;
+
+/// q8_0 of `x` `[b, h, n, d]` (d a multiple of 32) after rounding it to f16: per block of 32
+/// channels the scale s = f16(max |x| / 127) and the codes round(x / s) + 128 (u8); (codes
+/// `[b, h, n, d]`, scales `[b, h, n, d / 32]` f16).
+pub fn q8_encode(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, h, n, d) = x.dims4()?;
+    let nb = d / QB;
+    let x = x
+        .to_dtype(DType::F16)?
+        .to_dtype(DType::F32)?
+        .reshape((b, h, n, nb, QB))?;
+    let scale16 = (x.abs()?.max_keepdim(4)? / 127.0)?.to_dtype(DType::F16)?;
+    let scale = scale16.to_dtype(DType::F32)?;
+    let safe = scale.eq(0f32)?.where_cond(&scale.ones_like()?, &scale)?;
+    let codes = (x.broadcast_div(&safe)?.round()?.clamp(-127f32, 127f32)? + 128.0)?
+        .to_dtype(DType::U8)?
+        .reshape((b, h, n, d))?;
+    Ok((codes, scale16.reshape((b, h, n, nb))?))
+}
+
+/// The f16 vectors of q8_0 `codes` `[b, h, n, d]` and `scales` `[b, h, n, d / 32]`.
+pub fn q8_decode(codes: &Tensor, scales: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = codes.dims4()?;
+    let nb = d / QB;
+    let c = (codes.to_dtype(DType::F32)? - 128.0)?.reshape((b, h, n, nb, QB))?;
+    c.broadcast_mul(&scales.to_dtype(DType::F32)?.reshape((b, h, n, nb, 1))?)?
+        .reshape((b, h, n, d))?
+        .to_dtype(DType::F16)
+}
+
+/// Sinks and the ring of recent tokens.
 #[derive(Debug, Clone)]
 pub struct ExactStore {
-    /// Keys `[batch, kv_heads, sinks + ring, head_dim]` f16.
-    pub k: Tensor,
-    /// Values, same layout.
-    pub v: Tensor,
+    /// The stored tensors (see the module docs): `[k, v]` in f16, or `[k codes, k scales, v
+    /// codes, v scales]` in q8_0.
+    pub parts: Vec<Tensor>,
+    /// How the vectors are stored.
+    pub format: ExactFormat,
     /// Sink slots.
     pub sinks: usize,
     /// Ring slots (0: sinks only).
@@ -36,25 +71,41 @@ impl ExactStore {
     }
 
     /// A store of `ring` ring slots for `batch` sequences of `heads` × `dim`, holding the sinks
-    /// of `old` and, of sequence b, the ring positions `keep[b]` of `old`.
+    /// of `old` and, of sequence b, the ring positions `keep[b]` of `old` (copied as stored).
+    #[allow(clippy::too_many_arguments)]
     pub fn with_ring(
         old: Option<&ExactStore>,
         (batch, heads, dim): (usize, usize, usize),
+        format: ExactFormat,
         sinks: usize,
         ring: usize,
         keep: &[Range<usize>],
         device: &Device,
     ) -> Result<Self> {
-        let shape = (batch, heads, sinks + ring, dim);
+        let slots = sinks + ring;
+        let parts = match format {
+            ExactFormat::F16 => {
+                let z = || Tensor::zeros((batch, heads, slots, dim), DType::F16, device);
+                vec![z()?, z()?]
+            }
+            ExactFormat::Q8 => {
+                let codes = || Tensor::full(128u8, (batch, heads, slots, dim), device);
+                let scales = || Tensor::zeros((batch, heads, slots, dim / QB), DType::F16, device);
+                vec![codes()?, scales()?, codes()?, scales()?]
+            }
+        };
         let fresh = ExactStore {
-            k: Tensor::zeros(shape, DType::F16, device)?,
-            v: Tensor::zeros(shape, DType::F16, device)?,
+            parts,
+            format,
             sinks,
             ring,
         };
         if let Some(old) = old {
-            for (o, f) in [(&old.k, &fresh.k), (&old.v, &fresh.v)] {
-                if sinks > 0 {
+            if old.format != format {
+                candle_core::bail!("exact store: cannot copy {:?} into {format:?}", old.format);
+            }
+            if sinks > 0 {
+                for (o, f) in old.parts.iter().zip(&fresh.parts) {
                     f.slice_set(&o.narrow(2, 0, sinks)?.contiguous()?, 2, 0)?;
                 }
             }
@@ -62,43 +113,94 @@ impl ExactStore {
                 if old.ring == 0 || r.is_empty() {
                     continue;
                 }
-                let (k, v) = old.read(b, r.clone())?;
-                fresh.write(b, r.start, &k, &v)?;
+                let raw = old.read_raw(b, r.clone())?;
+                fresh.write_raw(b, r.start, &raw)?;
             }
         }
         Ok(fresh)
     }
 
-    /// Rows of positions `range` (all sinks, or all ring positions) of sequence `b`: keys and
-    /// values `[1, heads, range.len(), dim]`.
-    pub fn read(&self, b: usize, range: Range<usize>) -> Result<(Tensor, Tensor)> {
-        let mut parts = Vec::new();
+    /// `x` `[.., d]` as this store would give it back: rounded to f16, and for q8_0 quantized.
+    pub fn round(&self, x: &Tensor) -> Result<Tensor> {
+        match self.format {
+            ExactFormat::F16 => x.to_dtype(DType::F16),
+            ExactFormat::Q8 => {
+                let (c, s) = q8_encode(x)?;
+                q8_decode(&c, &s)
+            }
+        }
+    }
+
+    /// The stored tensors of positions `range` (all sinks, or all ring positions) of sequence
+    /// `b`, each `[1, heads, range.len(), width]`.
+    fn read_raw(&self, b: usize, range: Range<usize>) -> Result<Vec<Tensor>> {
+        let mut runs = Vec::new();
         self.pieces(range, |slot, _, len| {
-            parts.push((slot, len));
+            runs.push((slot, len));
             Ok(())
         })?;
-        let get = |t: &Tensor| -> Result<Tensor> {
-            let t = t.narrow(0, b, 1)?;
-            let p: Vec<Tensor> = parts
-                .iter()
-                .map(|&(s, l)| t.narrow(2, s, l))
-                .collect::<Result<_>>()?;
-            Tensor::cat(&p, 2)
-        };
-        Ok((get(&self.k)?, get(&self.v)?))
+        self.parts
+            .iter()
+            .map(|t| {
+                let t = t.narrow(0, b, 1)?;
+                let p: Vec<Tensor> = runs
+                    .iter()
+                    .map(|&(s, l)| t.narrow(2, s, l))
+                    .collect::<Result<_>>()?;
+                Tensor::cat(&p, 2)
+            })
+            .collect()
+    }
+
+    /// Writes stored tensors `[1, heads, n, width]` (row i = position p0 + i) into sequence b.
+    fn write_raw(&self, b: usize, p0: usize, raw: &[Tensor]) -> Result<()> {
+        let n = raw[0].dim(2)?;
+        let dst: Vec<Tensor> = self
+            .parts
+            .iter()
+            .map(|t| t.narrow(0, b, 1))
+            .collect::<Result<_>>()?;
+        self.pieces(p0..p0 + n, |slot, off, len| {
+            for (d, r) in dst.iter().zip(raw) {
+                d.slice_set(&r.narrow(2, off, len)?.contiguous()?, 2, slot)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Keys and values (f16) of stored tensors.
+    fn decode(&self, raw: &[Tensor]) -> Result<(Tensor, Tensor)> {
+        match self.format {
+            ExactFormat::F16 => Ok((raw[0].clone(), raw[1].clone())),
+            ExactFormat::Q8 => Ok((q8_decode(&raw[0], &raw[1])?, q8_decode(&raw[2], &raw[3])?)),
+        }
+    }
+
+    /// Rows of positions `range` (all sinks, or all ring positions) of sequence `b`: keys and
+    /// values `[1, heads, range.len(), dim]` f16.
+    pub fn read(&self, b: usize, range: Range<usize>) -> Result<(Tensor, Tensor)> {
+        self.decode(&self.read_raw(b, range)?)
+    }
+
+    /// Every slot's keys and values as f16 `[batch, heads, sinks + ring, dim]`, contiguous
+    /// (fresh tensors for q8_0; the stored ones for f16).
+    pub fn slots_f16(&self) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.decode(&self.parts)?;
+        Ok((k.contiguous()?, v.contiguous()?))
     }
 
     /// Writes keys and values `[1, heads, n, dim]` (row i = position p0 + i) into sequence `b`.
     /// The positions must not span the end of the sinks (write sinks and ring positions apart).
     pub fn write(&self, b: usize, p0: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let n = k.dim(2)?;
-        let (dk, dv) = (self.k.narrow(0, b, 1)?, self.v.narrow(0, b, 1)?);
-        self.pieces(p0..p0 + n, |slot, off, len| {
-            let k16 = k.narrow(2, off, len)?.to_dtype(DType::F16)?.contiguous()?;
-            let v16 = v.narrow(2, off, len)?.to_dtype(DType::F16)?.contiguous()?;
-            dk.slice_set(&k16, 2, slot)?;
-            dv.slice_set(&v16, 2, slot)
-        })
+        let raw = match self.format {
+            ExactFormat::F16 => vec![k.to_dtype(DType::F16)?, v.to_dtype(DType::F16)?],
+            ExactFormat::Q8 => {
+                let (kc, ks) = q8_encode(k)?;
+                let (vc, vs) = q8_encode(v)?;
+                vec![kc, ks, vc, vs]
+            }
+        };
+        self.write_raw(b, p0, &raw)
     }
 
     /// Calls `f(slot, offset in the range, length)` for each run of consecutive slots of

@@ -124,7 +124,7 @@ impl InplaceOp2 for TqAppend {
 /// ends (its window starts).
 #[derive(Debug, Clone)]
 pub struct ExactAttend {
-    /// Sinks and recent tokens in f16 ([`crate::exact`]).
+    /// Sinks and recent tokens in f16 or q8_0 ([`crate::exact`]).
     pub store: ExactStore,
     /// `[batch, tokens]`: query token t of sequence b reads positions `0..min(sinks, vis)` and
     /// `packed_end[b·tokens + t]..vis` from the store, the rest from records
@@ -177,7 +177,10 @@ impl candle_core::CustomOp3 for TqAttend {
             t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
         };
         let exact = match &self.exact {
-            Some(e) => Some((e, host(&e.store.k)?, host(&e.store.v)?)),
+            Some(e) => {
+                let (k, v) = e.store.slots_f16()?;
+                Some((e, host(&k)?, host(&v)?))
+            }
             None => None,
         };
         let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {

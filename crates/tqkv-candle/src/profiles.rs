@@ -36,9 +36,9 @@ pub const PROFILES: &[LayerProfile] = &[LayerProfile {
     shape: (30, 3, 64),
     preset: "tq3.5",
     up: &[23, 8, 20, 24, 17, 7, 18, 5],
-    up_kind: "tqk4v3-had-pn-c-s1-b4.5-r4",
+    up_kind: "tqk4v3-had-pn-c-s1-b4.5-r4-wq8",
     down: &[27, 11, 29, 25, 13, 16, 19, 1],
-    down_kind: "tqk4v2-had-pn-c-s1-b3.5-r4",
+    down_kind: "tqk4v2-had-pn-c-s1-b3.5-r4-wq8",
 }];
 
 /// The profile of `preset` for a model of `shape`, if one is shipped.

@@ -151,7 +151,7 @@ pub struct TurboCache {
     /// `[1, kv_heads, 1, head_dim]` f32: the key scales s ([`KvSpec::key_scale`]): records and
     /// exact copies hold k/s, queries are multiplied by s.
     kscale: Option<Tensor>,
-    /// Sinks and the window in f16 ([`crate::exact`]), for specs that keep exact tokens.
+    /// Sinks and the window in f16 or q8_0 ([`crate::exact`]), for specs that keep exact tokens.
     exact: Option<ExactStore>,
     /// Bytes of a key record + a value record.
     record_bytes: usize,
@@ -192,6 +192,13 @@ impl TurboCache {
         spec.rotations = spec
             .rotations
             .min((MAX_CYCLE_COORDS / coords.max(1)).max(1));
+        if spec.exact_format == tqkv::ExactFormat::Q8 && head_dim % tqkv::ExactFormat::Q8_BLOCK != 0
+        {
+            candle_core::bail!(
+                "exact tokens in q8_0 (-wq8) need a head_dim that is a multiple of {}, not {head_dim}",
+                tqkv::ExactFormat::Q8_BLOCK
+            );
+        }
         if let Some(b) = spec.budget_bits {
             if !(b.is_finite() && b > 0.0 && b <= 16.0) {
                 candle_core::bail!("a window budget of {b} bits per channel is not in (0, 16]");
@@ -369,9 +376,9 @@ impl TurboCache {
         Ok(())
     }
 
-    /// Bytes of one exact token of one KV head: its key and value in f16.
+    /// Bytes of one exact token of one KV head: its key and value (f16 or q8_0).
     fn exact_bytes(&self) -> usize {
-        2 * 2 * self.state.head_dim
+        2 * self.spec.exact_format.vector_bytes(self.state.head_dim)
     }
 
     /// Bytes of the per-layer tables the records need beside themselves (0 before the first
@@ -694,6 +701,15 @@ impl KvCache for TurboCache {
         if k.norm_rule == tqkv::NormRule::Projected {
             s.push_str("-pn");
         }
+        match (
+            k.norm == tqkv::NormFormat::Log8,
+            v.norm == tqkv::NormFormat::Log8,
+        ) {
+            (true, true) => s.push_str("-n8"),
+            (true, false) => s.push_str("-n8k"),
+            (false, true) => s.push_str("-n8v"),
+            (false, false) => {}
+        }
         if self.spec.sinks > 0 {
             s.push_str(&format!("-s{}", self.spec.sinks));
         }
@@ -702,6 +718,9 @@ impl KvCache for TurboCache {
         }
         if let Some(b) = self.spec.budget_bits {
             s.push_str(&format!("-b{b}"));
+        }
+        if self.spec.exact_format == tqkv::ExactFormat::Q8 {
+            s.push_str("-wq8");
         }
         s
     }
@@ -759,6 +778,7 @@ impl TurboCache {
                     ExactStore::with_ring(
                         old.as_ref(),
                         (b, h, d),
+                        self.spec.exact_format,
                         sinks,
                         ring,
                         &keep,
@@ -770,8 +790,9 @@ impl TurboCache {
             None
         };
         // The source rows of the records, `[b, h, rows, d]`, sequence i's from rec[i].start on:
-        // without exact tokens the append itself; else f16-rounded rows (the same whether they
-        // come from the ring or the append, so chunking changes nothing).
+        // without exact tokens the append itself; else the rows as the store holds them (f16 or
+        // q8_0, the same whether they come from the ring or the append, so chunking changes
+        // nothing).
         let (ks, vs, start, count) = match &store {
             None => (k.contiguous()?, v.contiguous()?, have.clone(), new.to_vec()),
             Some(st) => {
@@ -789,12 +810,13 @@ impl TurboCache {
                     }
                     let lo = r.start.max(have[i]);
                     if lo < r.end {
+                        // Rounded as the store would have held them.
                         for (x, parts) in [(k, &mut kparts), (v, &mut vparts)] {
-                            parts.push(
-                                x.narrow(0, i, 1)?
-                                    .narrow(2, lo - have[i], r.end - lo)?
-                                    .to_dtype(DType::F16)?,
-                            );
+                            parts.push(st.round(&x.narrow(0, i, 1)?.narrow(
+                                2,
+                                lo - have[i],
+                                r.end - lo,
+                            )?)?);
                         }
                     }
                     if r.len() < rows {
@@ -850,7 +872,7 @@ impl TurboCache {
             }
         }
         if let Some(st) = &store {
-            // The append's sinks and ring positions, in f16.
+            // The append's sinks and ring positions, into the store.
             for i in 0..b {
                 let (hv, n) = (have[i], total[i]);
                 let sink_end = sinks.min(n);

@@ -65,7 +65,11 @@ fn window_of(spec: &tqkv::KvSpec, n: usize, record_bytes: usize, tables: usize, 
             // The budget holds from BUDGET_FROM tokens on; shorter sequences keep that window.
             let m = n.max(tqkv::spec::BUDGET_FROM);
             let sm = spec.sinks.min(m);
-            let exact = 4 * d;
+            // Key + value of an exact token: f16, or q8_0 (d bytes + an f16 scale per 32).
+            let exact = match spec.exact_format {
+                tqkv::ExactFormat::F16 => 4 * d,
+                tqkv::ExactFormat::Q8 => 2 * (d + 2 * d / 32),
+            };
             (0..=m - sm)
                 .rev()
                 .find(|&w| {
@@ -83,9 +87,28 @@ fn window_of(spec: &tqkv::KvSpec, n: usize, record_bytes: usize, tables: usize, 
     w.min(n - s)
 }
 
-/// The reference: query p of sequence b reads position j from the f16-rounded k, v when
-/// j < sinks or j ≥ p + 1 − window(p + 1), else from the dequantized record of the cache's
-/// quantizer.
+/// llama.cpp's q8_0 round trip of rows of `d` (already f16-rounded), written out in f64: per
+/// block of 32, s = f16(max |x| / 127), x ↦ f16(round(x / s) · s).
+fn q8_round_trip(x: &[f64]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(x.len());
+    for blk in x.chunks(32) {
+        let amax = blk.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let s = half::f16::from_f64(amax / 127.0).to_f64();
+        for &v in blk {
+            let c = if s > 0.0 {
+                (v / s).round().clamp(-127.0, 127.0)
+            } else {
+                0.0
+            };
+            out.push(half::f16::from_f64(c * s).to_f64());
+        }
+    }
+    out
+}
+
+/// The reference: query p of sequence b reads position j from the f16-rounded k, v (for q8_0
+/// exact tokens, their q8_0 round trip) when j < sinks or j ≥ p + 1 − window(p + 1), else from
+/// the dequantized record of the cache's quantizer (written from those same rows).
 #[allow(clippy::too_many_arguments)]
 fn reference(
     cache: &TurboCache,
@@ -100,7 +123,11 @@ fn reference(
     let hk = k.dim(1).unwrap();
     let (kq, vq) = cache.quantizers().unwrap();
     let qf = flat(q);
-    let (k16, v16) = (flat(&f16_round(k)), flat(&f16_round(v)));
+    let (mut k16, mut v16) = (flat(&f16_round(k)), flat(&f16_round(v)));
+    if spec.exact_format == tqkv::ExactFormat::Q8 {
+        k16 = q8_round_trip(&k16);
+        v16 = q8_round_trip(&v16);
+    }
     // Records are written from the f16 rows when the cache keeps exact tokens, else from the
     // vectors as given.
     let (k32, v32) = (flat(k), flat(v));
@@ -193,6 +220,9 @@ fn sinks_and_window_match_the_reference() {
         ("tq3-r3", &[10, 1, 1, 50]),
         ("tqk4v2-had-pn-s1-b4-r4", &[7, 1, 60]),
         ("tq3.5-qjlo-r2-s2-w5", &[33, 1, 1, 1]),
+        ("tqk4v2-had-pn-s1-b4-r4-wq8", &[7, 1, 60]),
+        ("tq3-s3-w7-wq8", &[40, 1, 1, 50]),
+        ("tqk3v1.5-had-pn-s2-b3-wq8", &[1, 1, 97]),
     ] {
         let spec = spec_of(kind);
         let mut cache = TurboCache::new(spec, hk, d, &Device::Cpu, 7, None).unwrap();
@@ -259,6 +289,8 @@ fn chunked_prefill_equals_token_by_token_decoding() {
         "tqk4v2-had-pn-c-s1-b4",
         "tq3.5",
         "tqk3v2-had-ks-fc-r3-s1-w7",
+        "tqk3v1.5-had-pn-c-s1-b3-r4-wq8",
+        "tq3-s2-w9-wq8",
     ] {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let build = || Attention::new(cfg.build(0, hk, d, &Device::Cpu).unwrap(), hq, hk, d);
@@ -334,7 +366,23 @@ fn exact_token_suffixes_parse_and_name_the_cache() {
         .build(0, 1, 64, &Device::Cpu)
         .unwrap();
     assert_eq!(c.kind_name(), "tqk3.5v2-c-pn-s4-w24");
-    for bad in ["tq3.5-s", "tq3.5-w-1", "tq3.5-w99999999999", "tq3.5-sx"] {
+    let q8 = CacheConfig::new("tq3-s2-w5-wq8".parse().unwrap())
+        .build(0, 1, 64, &Device::Cpu)
+        .unwrap();
+    assert_eq!(q8.kind_name(), "tq3-s2-w5-wq8");
+    assert_eq!(spec_of("tq3-w5-wq8").exact_format, tqkv::ExactFormat::Q8);
+    // q8_0 exact tokens need some exact tokens and whole blocks of 32 channels.
+    assert!(CacheConfig::new("tq3-s1-wq8".parse().unwrap())
+        .build(0, 1, 48, &Device::Cpu)
+        .is_err());
+    for bad in [
+        "tq3.5-s",
+        "tq3.5-w-1",
+        "tq3.5-w99999999999",
+        "tq3.5-sx",
+        "tq3-wq8",
+        "tq3-wq9",
+    ] {
         assert!(bad.parse::<CacheKind>().is_err(), "{bad}");
     }
 }
@@ -351,7 +399,15 @@ fn a_budget_window_stays_within_its_budget_at_every_length() {
         ("tqk3.5v2-had-pn-c-s1-b4", 4.0, 1),
         ("tq3-had-pn-b3.5", 3.5, 0),
         ("tq2.5-had-pn-s2-b3", 3.0, 2),
+        ("tqk3v1.5-had-pn-c-s1-b3-r4-wq8", 3.0, 1),
+        ("tqk4v2-had-pn-s1-b4-wq8", 4.0, 1),
     ] {
+        // Bytes of an exact token's key and value: f16, or q8_0 (d + 2 per 32 channels each).
+        let eb = if kind.ends_with("-wq8") {
+            2 * (d + 2 * d / 32)
+        } else {
+            4 * d
+        };
         let mut c = CacheConfig::new(kind.parse().unwrap())
             .build(0, hk, d, &Device::Cpu)
             .unwrap();
@@ -365,10 +421,10 @@ fn a_budget_window_stays_within_its_budget_at_every_length() {
             let f16 = (n * hk * 2 * d * 2) as f64;
             let all_in = (m.logical + m.tables) as f64;
             // Tokens held exactly: each costs 4·d bytes instead of a record.
-            let exact = (m.logical - n * hk * rec) / (hk * (4 * d - rec));
+            let exact = (m.logical - n * hk * rec) / (hk * (eb - rec));
             assert_eq!(
                 m.logical,
-                hk * ((n - exact) * rec + exact * 4 * d),
+                hk * ((n - exact) * rec + exact * eb),
                 "{kind} at {n}"
             );
             let window = exact - sinks.min(n);
@@ -386,7 +442,7 @@ fn a_budget_window_stays_within_its_budget_at_every_length() {
                 );
             }
             // The window takes what the budget leaves: one more exact token would not fit.
-            let more = all_in + (hk * (4 * d - rec)) as f64;
+            let more = all_in + (hk * (eb - rec)) as f64;
             assert!(
                 more * 16.0 / bits > f16,
                 "{kind}: at {n} tokens the window could hold one more token"
@@ -399,7 +455,7 @@ fn a_budget_window_stays_within_its_budget_at_every_length() {
         let xs = x.narrow(2, 0, 100).unwrap();
         short.append(&xs, &xs, None).unwrap();
         let m = short.memory();
-        let exact = (m.logical - 100 * hk * rec) / (hk * (4 * d - rec));
+        let exact = (m.logical - 100 * hk * rec) / (hk * (eb - rec));
         assert_eq!(
             exact,
             (sinks + at_from).min(100),
@@ -408,8 +464,9 @@ fn a_budget_window_stays_within_its_budget_at_every_length() {
         eprintln!(
             "{kind}: window {at_from} at {from}; a window at {windows} lengths of {from}..={len}"
         );
-        // tq2.5 records already take 3 bits per channel: no room for a window.
-        assert_eq!(windows == len - from + 1, bits > 3.0, "{kind}: {windows}");
+        // tq2.5-paper records already take 3 bits per channel: no room for a window.
+        let room = !kind.starts_with("tq2.5");
+        assert_eq!(windows == len - from + 1, room, "{kind}: {windows}");
     }
 }
 
