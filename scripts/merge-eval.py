@@ -8,7 +8,7 @@ table beside it.
 A row of the new run replaces the old row of the same kind; with --rename-old the old row is kept
 under its kind + the suffix (the new row goes right after it).
 """
-import json, sys
+import json, os, sys
 
 
 def table(d):
@@ -38,7 +38,9 @@ def main():
         del args[i : i + 2]
     old_path, new_path = args
     old, new = json.load(open(old_path)), json.load(open(new_path))
-    for key in ("text", "ctx", "windows", "skip", "chunk", "reference"):
+    if os.path.realpath(old.get("text", "")) != os.path.realpath(new.get("text", "")):
+        sys.exit(f"{new_path}: text {new.get('text')!r} is not {old_path}'s {old.get('text')!r}")
+    for key in ("ctx", "windows", "skip", "chunk", "reference"):
         if old.get(key) != new.get(key):
             sys.exit(f"{new_path}: {key} {new.get(key)!r} differs from {old_path}'s {old.get(key)!r}")
     rows = old["rows"]

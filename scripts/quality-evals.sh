@@ -60,7 +60,7 @@ fi
 
 # Ablations at 4 bits per channel all-in (tq3.5's budget), GPL-3: the paper's configuration, then
 # each mechanism added; each mechanism alone against the preset's base; the per-layer profile.
-ladder="tq3.5-paper,tq3.5-had,tq3.5-had-pn,tq3.5-had-pn-c,tqk4v2-had-pn-c-s1-b4,tqk4v2-had-pn-c-s1-b4-r4,tq3.5"
+ladder="tq3.5-paper,tq3.5-had,tq3.5-had-pn,tq3.5-had-pn-c,tqk4v2-had-pn-c-s1-b4,tqk4v2-had-pn-c-s1-b4-r4,tqk4v2-had-pn-c-s1-b4-r4-wq8,tq3.5"
 alone="tqk4v2-had-pn-c-b4,tqk4v2-had-pn-c-s4-b4,tqk4v2-had-pn-c-s1,tqk4v2-had-pn-c-s1-w29,tqk4v2-had-c-s1-b4,tqk4v2-had-pnk-c-s1-b4,tqk4v2-had-pn-s1-b4,tqk4v2-had-pn-c-cv-s1-b4,tqk4v2-had-pn-c-ks0.25-s1-b4,tqk4v2-had-pn-c-ks0.5-s1-b4,tqk4v2-had-pn-c-fc-s1-b4,tqk4v2-pn-c-s1-b4,tqk4v2-had-pn-c-s1-b4-r2,tqk3.5v2.5-had-pn-c-s1-b4-r4,tqk4v2.5-had-pn-c-s1-b4-r4,tqk3v2-had-pn-c-s1-b4-r4,tqk4.5v2-had-pn-c-s1-b4-r4,tqk4v3-had-pn-c-s1-b4-r4"
 if [ "$what" = ablations ] || [ "$what" = all ]; then
   run ablation-ladder-512 /usr/share/common-licenses/GPL-3 512 4 0 "$ladder"
@@ -68,4 +68,11 @@ if [ "$what" = ablations ] || [ "$what" = all ]; then
   run ablation-ladder-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$ladder"
   run ablation-alone-2048 /usr/share/common-licenses/GPL-3 2048 3 0 \
     "tqk4v2-had-pn-c-b4-r4,tqk4v2-had-pn-c-s1-r4,tqk4v2-had-pn-c-s1-w29-r4,tqk4v2-had-pn-c-s1-b4-r2,tqk4v3-had-pn-c-s1-b4-r4,tqk4v2.5-had-pn-c-s1-b4-r4"
+  # q8_0 exact tokens and log8 norms at 3 bits (tq2.5's budget) and with 4-bit keys.
+  three="tqk3v1.5-had-pn-c-s1-b3-r4-wq8,tqk3v1-had-pn-c-s1-b3-r4-wq8,tqk3v1.5-had-pn-c-s1-b3-r4-n8v-wq8,tqk3v1.5-had-pn-c-s1-b3-r4-n8-wq8,tqk3v2-had-pn-c-s1-b3-r4-n8-wq8,tqk3v2-had-pn-c-s1-b3-r4-wq8"
+  run ablation-3bits-512 /usr/share/common-licenses/GPL-3 512 4 0 "$three"
+  run ablation-3bits-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$three"
+  four="tqk4v2-had-pn-c-s1-b4-r4-n8v-wq8,tqk4v3-had-pn-c-s1-b4.25-r4-n8v-wq8"
+  run ablation-4bits-n8v-512 /usr/share/common-licenses/GPL-3 512 4 0 "$four"
+  run ablation-4bits-n8v-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$four"
 fi

@@ -19,6 +19,8 @@ fn tables_reproduce_the_quantizer_records() {
         ("33@4+66@3", "mse", "dense", 99),
         ("3.5", "mse-projected", "hadamard", 64),
         ("2", "prod-projected", "dense", 64),
+        ("1.5", "mse-projected-log8", "hadamard", 64),
+        ("3", "prod-log8", "dense", 96),
     ] {
         // Three heads with different outlier channels, one layer seed.
         let heads = layer_heads(&mut rng, (bits, mode, rot), d, 3, 0.5);

@@ -18,7 +18,7 @@ use tqkv::cuda::{
 };
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
-use tqkv::{QuantSpec, VectorQuantizer};
+use tqkv::{NormFormat, QuantSpec, VectorQuantizer};
 
 fn gpu() -> Option<Arc<CudaStream>> {
     if !tqkv::cuda::driver_present() {
@@ -46,7 +46,7 @@ fn heads(
     layer_heads(rng, (bits, mode, rot), d, h, 0.3)
 }
 
-const CONFIGS: [(&str, &str, &str, usize); 10] = [
+const CONFIGS: [(&str, &str, &str, usize); 12] = [
     ("3.5", "mse", "dense", 128),
     ("2.5", "mse", "hadamard", 128),
     ("4", "prod", "dense", 64),
@@ -57,6 +57,8 @@ const CONFIGS: [(&str, &str, &str, usize); 10] = [
     ("33@4+66@3", "mse", "dense", 99),
     ("3.5", "mse-projected", "dense", 128),
     ("2", "prod-projected", "hadamard", 64),
+    ("1.5", "mse-projected-log8", "hadamard", 64),
+    ("3", "prod-log8", "dense", 64),
 ];
 
 /// Random K/V-like data with per-channel scales and a per-channel offset.

@@ -27,7 +27,8 @@ pub fn dot64(a: &[f32], b: &[f32]) -> f64 {
 /// Per-head quantizers of one layer as the TurboQuant cache builds them: one spec and layer
 /// seed, each head calibrated on 8 Gaussian vectors with its own channel scales drawn from
 /// [min_scale, min_scale + 3) (so each head picks different outlier channels). `mode` is a
-/// `Mode` name, optionally with `-projected` for `NormRule::Projected`.
+/// `Mode` name, optionally with `-projected` for `NormRule::Projected` and then `-log8` for
+/// `NormFormat::Log8` norms (else f16).
 pub fn layer_heads(
     rng: &mut tqkv::rng::Rng,
     (bits, mode, rot): (&str, &str, &str),
@@ -35,6 +36,10 @@ pub fn layer_heads(
     h: usize,
     min_scale: f32,
 ) -> Vec<tqkv::VectorQuantizer> {
+    let (mode, norm) = match mode.strip_suffix("-log8") {
+        Some(m) => (m, tqkv::NormFormat::Log8),
+        None => (mode, tqkv::NormFormat::F16),
+    };
     let (mode, rule) = match mode.strip_suffix("-projected") {
         Some(m) => (m, tqkv::NormRule::Projected),
         None => (mode, tqkv::NormRule::Exact),
@@ -42,7 +47,8 @@ pub fn layer_heads(
     let mut spec = tqkv::QuantSpec::mse(bits.parse().unwrap())
         .with_rotation(rot.parse().unwrap())
         .with_outliers(tqkv::OutlierRule::Magnitude)
-        .with_norm_rule(rule);
+        .with_norm_rule(rule)
+        .with_norm(norm);
     spec.mode = mode.parse().unwrap();
     let seed = rng.next_u64();
     (0..h)

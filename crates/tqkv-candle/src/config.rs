@@ -241,7 +241,7 @@ impl std::str::FromStr for CacheKind {
 /// (3.76×) — the sizes the paper's configurations of those names have. `tq<bits>-paper` is the
 /// paper's configuration (MSE keys and values at those bits, dense rotation, exact norms).
 pub const PRESETS: [(&str, &str); 3] = [
-    ("tq2.5", "tqk3v1.5-had-pn-c-s1-b3-r4-wq8"),
+    ("tq2.5", "tqk3v1.5-had-pn-c-s1-b3-r4-n8v-wq8"),
     ("tq3.5", "tqk4v2-had-pn-c-s1-b4-r4-wq8"),
     ("tq4", "tqk4v3-had-pn-c-s1-b4.25-r4-wq8"),
 ];

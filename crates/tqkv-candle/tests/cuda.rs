@@ -70,6 +70,8 @@ fn turbo_cache_on_cuda_matches_the_cpu_cache() {
         ("tq4-qjl-r2-s3-w5", 64),
         ("tqk3v1.5-had-pn-c-s1-b3-r4-wq8", 64),
         ("tq3-s2-w9-wq8", 128),
+        ("tqk3v1.5-had-pn-c-s1-b3-r4-n8-wq8", 64),
+        ("tq3.5-n8v", 96),
     ] {
         for (dtype, tol_decode, tol_prefill) in [
             (DType::F32, 2e-3, 2e-3),
