@@ -30,32 +30,28 @@ run() { # name text ctx windows skip kinds
 
 # `run`, then its rows merged into the existing file of that name (scripts/merge-eval.py).
 rerun() { # name text ctx windows skip kinds
-  local name=$1 text=$2 ctx=$3 win=$4 skip=$5 kinds=$6
-  echo "== $name (ctx $ctx, $win windows, skip $skip): $kinds, merged" >&2
-  "$tqkv" eval kld --text "$text" --ctx "$ctx" --windows "$win" --skip "$skip" --kv "$kinds" \
-    --json "$out/$name.new.json" | tee "$out/$name.new.md"
-  python3 scripts/merge-eval.py "$out/$name.json" "$out/$name.new.json" --rename-old " (before)"
-  rm -f "$out/$name.new.json" "$out/$name.new.md"
+  run "$1.new" "$2" "$3" "$4" "$5" "$6"
+  python3 scripts/merge-eval.py "$out/$1.json" "$out/$1.new.json" --rename-old " (before)"
+  rm -f "$out/$1.new.json" "$out/$1.new.md"
+}
+
+# The three texts at both lengths: $1 = run or rerun, $2 the kinds at 512 tokens, $3 at 2048.
+texts() {
+  "$1" gpl3-512 /usr/share/common-licenses/GPL-3 512 4 0 "$2"
+  "$1" gfdl13-512 /usr/share/common-licenses/GFDL-1.3 512 4 0 "$2"
+  "$1" gnu-512 "$gnu" 512 4 8192 "$2"
+  "$1" gpl3-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$3"
+  "$1" gfdl13-2048 /usr/share/common-licenses/GFDL-1.3 2048 2 0 "$3"
+  "$1" gnu-2048 "$gnu" 2048 3 8192 "$3"
 }
 
 main512="f32,q8,q5h,q4h,kivi4,kivi4-r0,kivi2,tq4-paper,tq3.5-paper,tq2.5-paper,tq4,tq3.5,tq2.5"
 main2048="q8,q5h,q4h,kivi4,tq3.5-paper,tq4,tq3.5,tq2.5"
 if [ "$what" = presets ]; then
-  p=tq4,tq3.5,tq2.5
-  rerun gpl3-512 /usr/share/common-licenses/GPL-3 512 4 0 "$p"
-  rerun gfdl13-512 /usr/share/common-licenses/GFDL-1.3 512 4 0 "$p"
-  rerun gnu-512 "$gnu" 512 4 8192 "$p"
-  rerun gpl3-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$p"
-  rerun gfdl13-2048 /usr/share/common-licenses/GFDL-1.3 2048 2 0 "$p"
-  rerun gnu-2048 "$gnu" 2048 3 8192 "$p"
+  texts rerun tq4,tq3.5,tq2.5 tq4,tq3.5,tq2.5
 fi
 if [ "$what" = main ] || [ "$what" = all ]; then
-  run gpl3-512 /usr/share/common-licenses/GPL-3 512 4 0 "$main512"
-  run gfdl13-512 /usr/share/common-licenses/GFDL-1.3 512 4 0 "$main512"
-  run gnu-512 "$gnu" 512 4 8192 "$main512"
-  run gpl3-2048 /usr/share/common-licenses/GPL-3 2048 3 0 "$main2048"
-  run gfdl13-2048 /usr/share/common-licenses/GFDL-1.3 2048 2 0 "$main2048"
-  run gnu-2048 "$gnu" 2048 3 8192 "$main2048"
+  texts run "$main512" "$main2048"
 fi
 
 # Ablations at 4 bits per channel all-in (tq3.5's budget), GPL-3: the paper's configuration, then
