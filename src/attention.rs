@@ -21,8 +21,6 @@ use crate::error::{check_len, Error, Result};
 use crate::packing::unpack_codes_unchecked;
 use crate::quantizer::VectorQuantizer;
 use crate::rotation::dot;
-use crate::spec::NormFormat;
-use half::f16;
 
 /// Exact attention of `nq` queries over `n` full-precision keys and values of one KV head.
 ///
@@ -96,14 +94,6 @@ struct Unpacked {
     gammas: Vec<f32>,
 }
 
-fn read_norm(rec: &[u8], off: usize, fmt: NormFormat) -> f32 {
-    match fmt {
-        NormFormat::F16 => f16::from_le_bytes([rec[off], rec[off + 1]]).to_f32(),
-        NormFormat::F32 => f32::from_le_bytes([rec[off], rec[off + 1], rec[off + 2], rec[off + 3]]),
-        NormFormat::Log8 => crate::lognorm::log8_decode(rec[off]),
-    }
-}
-
 fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
     let rb = q.record_bytes();
     let fmt = q.spec().norm;
@@ -132,7 +122,7 @@ fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
                         gl.mse_bits,
                         &mut codes,
                     );
-                    let nrm = read_norm(rec, gl.norm_offset, fmt);
+                    let nrm = fmt.read(rec, gl.norm_offset);
                     for (r, &k) in u.rot[i * gl.dim..(i + 1) * gl.dim].iter_mut().zip(&codes) {
                         *r = nrm * c[k as usize];
                     }
@@ -150,7 +140,7 @@ fn unpack_all(q: &VectorQuantizer, records: &[u8], n: usize) -> Vec<Unpacked> {
                     {
                         *s = if b != 0 { 1.0 } else { -1.0 };
                     }
-                    u.gammas[i] = read_norm(rec, gl.gamma_offset, fmt);
+                    u.gammas[i] = fmt.read(rec, gl.gamma_offset);
                 }
             }
             u

@@ -213,23 +213,9 @@ impl LayerTables {
         }
     }
 
+    /// Stores a norm as the kernel does (saturating where it does not fit; the kernel flags
+    /// that in its status word).
     fn put_norm(&self, rec: &mut [u8], off: usize, v: f32) -> f32 {
-        match self.norm {
-            NormFormat::F16 => {
-                let h = half::f16::from_f32(v);
-                rec[off..off + 2].copy_from_slice(&h.to_le_bytes());
-                h.to_f32()
-            }
-            NormFormat::F32 => {
-                rec[off..off + 4].copy_from_slice(&v.to_le_bytes());
-                v
-            }
-            NormFormat::Log8 => {
-                // Out of range (the quantizer errors there): the largest code.
-                let c = crate::lognorm::log8_encode(v).unwrap_or(255);
-                rec[off] = c;
-                crate::lognorm::log8_decode(c)
-            }
-        }
+        self.norm.write(rec, off, v).0
     }
 }

@@ -17,7 +17,6 @@ use crate::packing::{pack_codes_unchecked, packed_len, unpack_codes_unchecked};
 use crate::qjl::QjlSketch;
 use crate::rng::derive_seed;
 use crate::spec::{BitsSpec, Mode, NormFormat, NormRule, OutlierRule, QuantSpec};
-use half::f16;
 
 /// Byte offsets of one group's fields inside a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,46 +470,19 @@ impl VectorQuantizer {
 
     /// Stores a norm; returns the value as stored (what the decoder will see).
     fn write_norm(&self, record: &mut [u8], offset: usize, v: f32) -> Result<f32> {
-        match self.spec.norm {
-            NormFormat::F16 => {
-                let h = f16::from_f32(v);
-                if !h.is_finite() {
-                    return Err(Error::NormOverflow {
-                        norm: v,
-                        format: "f16",
-                        max: f16::MAX.to_f32(),
-                    });
-                }
-                record[offset..offset + 2].copy_from_slice(&h.to_le_bytes());
-                Ok(h.to_f32())
-            }
-            NormFormat::F32 => {
-                record[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
-                Ok(v)
-            }
-            NormFormat::Log8 => {
-                let c = crate::lognorm::log8_encode(v).ok_or(Error::NormOverflow {
-                    norm: v,
-                    format: "log8",
-                    max: crate::lognorm::log8_decode(255),
-                })?;
-                record[offset] = c;
-                Ok(crate::lognorm::log8_decode(c))
-            }
+        let fmt = self.spec.norm;
+        match fmt.write(record, offset, v) {
+            (stored, true) => Ok(stored),
+            (_, false) => Err(Error::NormOverflow {
+                norm: v,
+                format: fmt.name(),
+                max: fmt.max(),
+            }),
         }
     }
 
     fn read_norm(&self, record: &[u8], offset: usize) -> f32 {
-        match self.spec.norm {
-            NormFormat::F16 => f16::from_le_bytes([record[offset], record[offset + 1]]).to_f32(),
-            NormFormat::F32 => f32::from_le_bytes([
-                record[offset],
-                record[offset + 1],
-                record[offset + 2],
-                record[offset + 3],
-            ]),
-            NormFormat::Log8 => crate::lognorm::log8_decode(record[offset]),
-        }
+        self.spec.norm.read(record, offset)
     }
 }
 

@@ -214,6 +214,57 @@ impl NormFormat {
             NormFormat::Log8 => 1,
         }
     }
+
+    /// The norm stored at `rec[off..off + self.bytes()]`.
+    pub fn read(self, rec: &[u8], off: usize) -> f32 {
+        match self {
+            NormFormat::F16 => half::f16::from_le_bytes([rec[off], rec[off + 1]]).to_f32(),
+            NormFormat::F32 => {
+                f32::from_le_bytes([rec[off], rec[off + 1], rec[off + 2], rec[off + 3]])
+            }
+            NormFormat::Log8 => crate::lognorm::log8_decode(rec[off]),
+        }
+    }
+
+    /// Stores `v` at `rec[off..off + self.bytes()]`; returns the value as stored (what
+    /// [`Self::read`] gives back) and whether `v` fit. A norm that does not fit is stored as
+    /// the format saturates it (f16: infinity, log8: its largest code), as a kernel would.
+    pub fn write(self, rec: &mut [u8], off: usize, v: f32) -> (f32, bool) {
+        match self {
+            NormFormat::F16 => {
+                let h = half::f16::from_f32(v);
+                rec[off..off + 2].copy_from_slice(&h.to_le_bytes());
+                (h.to_f32(), h.is_finite())
+            }
+            NormFormat::F32 => {
+                rec[off..off + 4].copy_from_slice(&v.to_le_bytes());
+                (v, true)
+            }
+            NormFormat::Log8 => {
+                let c = crate::lognorm::log8_encode(v);
+                rec[off] = c.unwrap_or(255);
+                (crate::lognorm::log8_decode(rec[off]), c.is_some())
+            }
+        }
+    }
+
+    /// The largest finite norm the format stores.
+    pub fn max(self) -> f32 {
+        match self {
+            NormFormat::F16 => half::f16::MAX.to_f32(),
+            NormFormat::F32 => f32::MAX,
+            NormFormat::Log8 => crate::lognorm::log8_decode(255),
+        }
+    }
+
+    /// The format's name (as parsed).
+    pub fn name(self) -> &'static str {
+        match self {
+            NormFormat::F16 => "f16",
+            NormFormat::F32 => "f32",
+            NormFormat::Log8 => "log8",
+        }
+    }
 }
 
 impl std::str::FromStr for NormFormat {

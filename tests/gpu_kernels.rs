@@ -76,14 +76,6 @@ fn data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
         .collect()
 }
 
-fn read_norm(rec: &[u8], off: usize, fmt: NormFormat) -> f32 {
-    match fmt {
-        NormFormat::F16 => f16::from_le_bytes([rec[off], rec[off + 1]]).to_f32(),
-        NormFormat::F32 => f32::from_le_bytes(rec[off..off + 4].try_into().unwrap()),
-        NormFormat::Log8 => tqkv::lognorm::log8_decode(rec[off]),
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     codes: usize,
@@ -103,7 +95,7 @@ fn diff_fields(gpu: &[u8], cpu: &[u8], off: usize, n: usize, bits: u8) -> (usize
 
 /// Asserts that the norms stored at byte `off` of both records agree within 1e-3.
 fn same_norm(gpu: &[u8], cpu: &[u8], off: usize, fmt: NormFormat, what: &str) {
-    let (ng, nc) = (read_norm(gpu, off, fmt), read_norm(cpu, off, fmt));
+    let (ng, nc) = (fmt.read(gpu, off), fmt.read(cpu, off));
     // A log8 norm is a code: sums that differ in the last bits may round to the next one.
     let tol = if fmt == NormFormat::Log8 { 0.095 } else { 1e-3 };
     assert!(
