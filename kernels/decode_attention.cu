@@ -20,8 +20,12 @@
 // chunk of `chunk` slots; grid (splits, Hkv · tiles, B). With an exact part, the exact kernel
 // writes `exact->splits` more splits of the same workspace. The merge kernel has grid
 // (Hkv · tiles · R, B) and merges all splits. Query rows that see nothing produce zeros.
+// kernel 1 replaces the split kernel by the tensor-core one of tc_attention.cuh (same
+// workspace, same exact part and merge; R may differ: tqkv_decode_attention_rows), which can
+// also read the cache through a table of 64-slot tiles.
 #include "tqkv_common.cuh"
 #include "exact_attention.cuh"
+#include "tc_attention.cuh"
 #include <cuda_pipeline.h>
 
 // Records of a tile of slots are staged in shared memory by asynchronous 4-byte copies of the
@@ -434,38 +438,96 @@ static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, c
   return (int)cudaGetLastError();
 }
 
-// Rows per block for `rows` query rows per KV head (G · T): the smallest power of two ≥ rows, ≤ 8.
-extern "C" int tqkv_decode_attention_rows(int rows) {
-  return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+// The tensor-core path: queries rotated once (into the f16 area after the float workspace),
+// the tensor-core split kernel, the exact part and the merge as above.
+template <typename T, int R, int D>
+static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
+                        const int* vch, const TqSpecs& ks, const TqSpecs& vs, const TqTiles& tt, int B, int Hq,
+                        int Hkv, int T_, int cap, float scale, int splits, int chunk, const TqExact* exact,
+                        float* ws, long ws_floats, const int* status, float* out, cudaStream_t stream) {
+  const int tiles = (Hq / Hkv * T_ + R - 1) / R;
+  const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
+  __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
+  tq_tc_query_kernel<T, R><<<dim3(Hkv * tiles, B), TQ_THREADS, 0, stream>>>((const T*)q, kch, ks, Hq, Hkv, T_,
+                                                                             tiles, qt);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return (int)e;
+  const int code = tq_tc_split_launch<D, R>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv,
+                                            T_, cap, chunk, tiles, scale, exact ? exact->sinks : 0, splits, total,
+                                            ws, stream);
+  if (code != 0) return code;
+  if (exact) {
+    tq_attn_exact_kernel<T, R><<<dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
+        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return (int)e;
+  }
+  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, vs, Hq, Hkv, T_, tiles, total,
+                                                                           status, out);
+  return (int)cudaGetLastError();
 }
 
-// Largest chunk (slots per split): any length works (online softmax within a split).
+// Rows per block for `rows` query rows per KV head (G · T) and a cycle of `cycle` rotations:
+// kernel 0, the smallest power of two ≥ rows, ≤ 8; kernel 1, the same up to 16 with
+// rows · cycle ≤ 16. 0 for an unknown kernel.
+extern "C" int tqkv_decode_attention_rows(int kernel, int rows, int cycle) {
+  if (kernel == 0) return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+  if (kernel == 1) return tq_tc_rows(rows, cycle);
+  return 0;
+}
+
+// Largest chunk (slots per split): any length works (online softmax within a split); chunks
+// of kernel 1 must be multiples of 64 (its tiles).
 extern "C" int tqkv_decode_attention_max_chunk(int rows) {
   (void)rows;
   return 1 << 30;
 }
 
+// Whether `kernel` handles this layout and cycle (1) or not (0): kernel 0 any layout the
+// launcher accepts, kernel 1 what tq_tc_supports says.
+extern "C" int tqkv_decode_attention_supported(int kernel, const TqSpec* ks, const TqSpec* vs, int cycle) {
+  if (kernel == 0) return 1;
+  if (kernel == 1) return tq_tc_supports(*ks, *vs, cycle) ? 1 : 0;
+  return 0;
+}
+
 // The workspace in floats: B · Hkv · tiles · splits · R · (cycle · Dv + 2) (splits: all of
-// them, those of the exact part included).
-extern "C" long tqkv_decode_attention_workspace(const TqSpec* vs, int cycle, int B, int Hq, int Hkv, int T,
-                                                int splits) {
+// them, those of the exact part included); kernel 1 adds its f16 query rows
+// [B, Hkv, tiles, 16, head_dim] after those (rounded up to whole floats, 16-byte aligned).
+static long tq_attn_ws_floats(const TqSpec* vs, int cycle, int R, int B, int Hq, int Hkv, int T, int splits) {
   int Dv = 0;
   for (int g = 0; g < vs->num_groups; ++g) Dv += (vs->groups[g].mse_bits > 0 ? vs->groups[g].dim : 0) + vs->groups[g].m;
-  const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
   const long tiles = (Hq / Hkv * T + R - 1) / R;
-  return (long)B * Hkv * tiles * splits * R * ((long)cycle * Dv + 2);
+  return ((long)B * Hkv * tiles * splits * R * ((long)cycle * Dv + 2) + 3) / 4 * 4;
+}
+
+extern "C" long tqkv_decode_attention_workspace(int kernel, const TqSpec* vs, int cycle, int B, int Hq, int Hkv,
+                                                int T, int splits) {
+  const int R = tqkv_decode_attention_rows(kernel, Hq / Hkv * T, cycle);
+  if (R == 0 || Hkv <= 0) return -1;
+  const long base = tq_attn_ws_floats(vs, cycle, R, B, Hq, Hkv, T, splits);
+  if (kernel == 0) return base;
+  const long tiles = (Hq / Hkv * T + R - 1) / R;
+  return base + ((long)B * Hkv * tiles * TQ_TC_ROWS * vs->head_dim + 1) / 2;
 }
 
 // ks, vs: `cycle` specs each (1..=TQ_MAX_CYCLE; slot s was written with variant s % cycle).
-extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* kcache, const uint8_t* vcache,
-                                     const int* visible, const int* kch, const int* vch, const TqSpec* ks,
-                                     const TqSpec* vs, int cycle, int B, int Hq, int Hkv, int T, int cap,
-                                     float scale, int splits, int chunk, const TqExact* exact, float* workspace,
-                                     const int* status, float* out, cudaStream_t stream) {
+// kernel: 0 the CUDA-core split kernel, 1 the tensor-core one; tiles: null (the contiguous
+// layout) or a tile table (kernel 1 only). workspace: tqkv_decode_attention_workspace floats.
+extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, const uint8_t* kcache,
+                                     const uint8_t* vcache, const int* visible, const int* kch, const int* vch,
+                                     const TqSpec* ks, const TqSpec* vs, int cycle, int B, int Hq, int Hkv, int T,
+                                     int cap, const TqTiles* tiles, float scale, int splits, int chunk,
+                                     const TqExact* exact, float* workspace, const int* status, float* out,
+                                     cudaStream_t stream) {
   TqSpecs kss, vss;
   if (!tq_specs(ks, cycle, &kss) || !tq_specs(vs, cycle, &vss)) return (int)cudaErrorInvalidValue;
   if (ks->head_dim != vs->head_dim || ks->head_dim > TQ_MAX_DIM || Hkv <= 0 || Hq % Hkv != 0)
     return (int)cudaErrorInvalidValue;
+  if (kernel != 0 && kernel != 1) return (int)cudaErrorInvalidValue;
+  if (kernel == 0 && tiles) return (int)cudaErrorInvalidValue;  // kernel 0 reads the contiguous layout only
+  if (kernel == 1 && (!tq_tc_supports(*ks, *vs, cycle) || chunk % TQ_TC_TILE != 0)) return (int)cudaErrorInvalidValue;
+  if (tiles && (!tiles->table || tiles->per_seq < 1)) return (int)cudaErrorInvalidValue;
   const TqSpec* both[2] = {ks, vs};
   for (const TqSpec* s : both) {
     if (s->num_groups < 1 || s->num_groups > 2) return (int)cudaErrorInvalidValue;
@@ -479,7 +541,7 @@ extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* 
     // variant: 4 coordinates per thread and the merge's acc[2·TQ_MAX_DIM].
     if (cycle * coords > 2 * TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
   }
-  const int R = tqkv_decode_attention_rows(Hq / Hkv * T);
+  const int R = tqkv_decode_attention_rows(kernel, Hq / Hkv * T, cycle);
   if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
   if (exact) {
     // The exact part's values enter the merge through the MSE coordinates of each value group.
@@ -492,6 +554,40 @@ extern "C" int tqkv_decode_attention(const void* q, int q_dtype, const uint8_t* 
   // Staged records: one slot of keys + values must fit the tile buffer.
   if (ks->record_bytes + vs->record_bytes > TQ_ATT_REC_BYTES_MIN) return (int)cudaErrorInvalidValue;
   if (B == 0 || T == 0) return 0;
+  if (kernel == 1) {
+    const TqTiles tt = tiles ? *tiles : TqTiles{nullptr, 0, 0, 0, 0, 0};
+    const int total = splits + (exact ? exact->splits : 0);
+    const long wsf = tq_attn_ws_floats(vs, cycle, R, B, Hq, Hkv, T, total);
+#define TQ_TC_CASE(TY, RR, DD)                                                                                     \
+  return tq_tc_launch<TY, RR, DD>(q, kcache, vcache, visible, kch, vch, kss, vss, tt, B, Hq, Hkv, T, cap, scale,  \
+                                  splits, chunk, exact, workspace, wsf, status, out, stream)
+#define TQ_TC_DIMS(TY, RR)                     \
+  switch (ks->head_dim) {                      \
+    case 64: TQ_TC_CASE(TY, RR, 64);           \
+    case 96: TQ_TC_CASE(TY, RR, 96);           \
+    case 128: TQ_TC_CASE(TY, RR, 128);         \
+    case 256: TQ_TC_CASE(TY, RR, 256);         \
+    default: return (int)cudaErrorInvalidValue; \
+  }
+#define TQ_TC_ROWS_(TY)               \
+  switch (R) {                        \
+    case 1: TQ_TC_DIMS(TY, 1)         \
+    case 2: TQ_TC_DIMS(TY, 2)         \
+    case 4: TQ_TC_DIMS(TY, 4)         \
+    case 8: TQ_TC_DIMS(TY, 8)         \
+    case 16: TQ_TC_DIMS(TY, 16)       \
+    default: return (int)cudaErrorInvalidValue; \
+  }
+    switch (q_dtype) {
+      case 0: TQ_TC_ROWS_(float)
+      case 1: TQ_TC_ROWS_(__half)
+      case 2: TQ_TC_ROWS_(__nv_bfloat16)
+      default: return (int)cudaErrorInvalidValue;
+    }
+#undef TQ_TC_ROWS_
+#undef TQ_TC_DIMS
+#undef TQ_TC_CASE
+  }
 #define TQ_ATT_CASE(TY, RR)                                                                                       \
   return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, kss, vss, B, Hq, Hkv, T, cap, scale,     \
                                 splits, chunk, exact, workspace, status, out, stream)

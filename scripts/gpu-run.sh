@@ -4,15 +4,18 @@
 # Writes logs and JSON into $1 (default $OUT). Stages, in order given (default: all):
 #   tests      the GPU tests of the kernels and of the candle caches
 #   model-test the model on CUDA against the CPU, and greedy answers with each cache (after model)
-#   sanitizer  the kernel tests under compute-sanitizer memcheck and racecheck
-#   bench      tqkv bench attention (Llama-3.1-8B shapes, 4K–128K, batch 1 and 16) + PyTorch SDPA
+#   sanitizer  the kernel tests under compute-sanitizer memcheck, racecheck and initcheck
+#   bench      tqkv bench attention (Llama-3.1-8B shapes, 4K–128K, batch 1 and 16; split and
+#              tensor-core kernels) + the peers and the 1 GiB copy (scripts/bench_sdpa.py)
+#   summary    the table of scripts/gpu-summary.py (× SDPA, % of copy, the targets), last
+#   profile    Nsight Compute on the tensor-core split kernel (batch 16, 128K; not in the default)
 #   model      reassemble the default GGUF (part a kept in /tmp from an earlier call, part b here)
 #   chat       tqkv chat --device cuda with the f16 and tq3.5 caches, one question each
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests sanitizer bench)
+[ ${#stages[@]} -eq 0 ] && stages=(tests sanitizer bench summary)
 mkdir -p "$out"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 bin=/tmp/tqkv-bin
@@ -54,11 +57,18 @@ for s in "${stages[@]}"; do
       run test-model "$bin/test-tqkv-llama-cuda_model" --test-threads=1 --nocapture ;;
     sanitizer)
       run memcheck compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test-tqkv-gpu_kernels" --test-threads=1
-      run racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$bin/test-tqkv-gpu_kernels" --test-threads=1 ;;
+      run racecheck compute-sanitizer --tool racecheck --error-exitcode 9 "$bin/test-tqkv-gpu_kernels" --test-threads=1
+      run initcheck compute-sanitizer --tool initcheck --error-exitcode 9 "$bin/test-tqkv-gpu_kernels" --test-threads=1 attention ;;
     bench)
       run bench "$bin/tqkv" bench attention --device cuda --json "$out/bench.json"
       cp "$out/bench.log" "$out/bench.md"
       run sdpa python3 scripts/bench_sdpa.py --json "$out/sdpa.json" ;;
+    summary)
+      python3 scripts/gpu-summary.py "$out/bench.json" "$out/sdpa.json" --md "$out/summary.md" || fail=1 ;;
+    profile)
+      run profile ncu --clock-control none --set full -k regex:tq_tc_split -c 2 \
+        "$bin/tqkv" bench attention --device cuda --kv tq3.5-paper --batch 16 --contexts 131072 \
+        --iters 1 --prefill-chunk 0 --kernels tc ;;
     chat)
       for kv in f16 tq3.5-paper tq3.5; do
         run "chat-$kv" "$bin/tqkv" chat --device cuda --kv "$kv" --model "$gguf" --temperature 0 \

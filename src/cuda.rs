@@ -15,6 +15,7 @@
 
 use crate::device_tables::LayerTables;
 use crate::error::{Error, Result};
+use crate::kernel::AttentionKernel;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice};
 use std::os::raw::{c_int, c_long, c_void};
 use std::sync::Arc;
@@ -91,6 +92,27 @@ struct TqExact {
     splits: c_int,
 }
 
+/// A per-sequence table of 64-slot tiles (mirrors `TqTiles` in kernels/tc_attention.cuh):
+/// slot s of (sequence b, KV head h) is at byte `table[b·per_seq + s/64]·k_tile + h·k_head +
+/// (s % 64)·record_bytes` of the key cache (values likewise).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct TqTiles {
+    /// Device pointer: `[batch, per_seq]` int.
+    table: *const c_int,
+    per_seq: c_int,
+    k_tile: c_long,
+    k_head: c_long,
+    v_tile: c_long,
+    v_head: c_long,
+}
+
+// The layouts the kernels see (x86-64 / aarch64 Linux: 8-byte pointers and longs).
+const _: () = assert!(std::mem::size_of::<TqTiles>() == 48);
+const _: () = assert!(std::mem::offset_of!(TqTiles, k_tile) == 16);
+const _: () = assert!(std::mem::size_of::<TqExact>() == 40);
+const _: () = assert!(std::mem::offset_of!(TqExact, sinks) == 24);
+
 extern "C" {
     fn tqkv_quantize_append(
         x: *const c_void,
@@ -124,8 +146,15 @@ extern "C" {
     ) -> c_int;
 
     fn tqkv_decode_attention_max_chunk(rows: c_int) -> c_int;
-    fn tqkv_decode_attention_rows(rows: c_int) -> c_int;
+    fn tqkv_decode_attention_rows(kernel: c_int, rows: c_int, cycle: c_int) -> c_int;
+    fn tqkv_decode_attention_supported(
+        kernel: c_int,
+        ks: *const TqSpec,
+        vs: *const TqSpec,
+        cycle: c_int,
+    ) -> c_int;
     fn tqkv_decode_attention_workspace(
+        kernel: c_int,
         vs: *const TqSpec,
         cycle: c_int,
         b: c_int,
@@ -136,6 +165,7 @@ extern "C" {
     ) -> c_long;
 
     fn tqkv_decode_attention(
+        kernel: c_int,
         q: *const c_void,
         q_dtype: c_int,
         kcache: *const u8,
@@ -151,6 +181,7 @@ extern "C" {
         hkv: c_int,
         t: c_int,
         cap: c_int,
+        tiles: *const TqTiles,
         scale: f32,
         splits: c_int,
         chunk: c_int,
@@ -627,21 +658,49 @@ pub struct SplitPlan {
 /// blocks to fill a large GPU a few times over (about 2048), chunks of at least 256 slots, and
 /// at most 128 splits (each costs a query preparation and a share of the merge). Measured on an
 /// H100 (docs/KERNELS.md): batch 16 wants the blocks, batch 1 at 128K the cap, 4K the minimum.
+/// This is the plan of [`AttentionKernel::Split`]; [`plan_attention_for`] gives each kernel's.
 pub fn plan_attention(shape: AttentionShape, max_visible: usize) -> Result<SplitPlan> {
+    plan_attention_for(AttentionKernel::Split, 1, 0, shape, max_visible)
+}
+
+/// The split plan of `kernel` with a rotation cycle of `cycle` on a GPU of `sms`
+/// multiprocessors (0: unknown). [`AttentionKernel::Split`]: as [`plan_attention`].
+/// [`AttentionKernel::TensorCore`]: 16 blocks per multiprocessor (2048 when unknown), chunks
+/// of whole 64-slot tiles, at least 256 slots, at most 128 splits (not yet tuned on a GPU).
+pub fn plan_attention_for(
+    kernel: AttentionKernel,
+    cycle: usize,
+    sms: usize,
+    shape: AttentionShape,
+    max_visible: usize,
+) -> Result<SplitPlan> {
     let g = shape.q_heads / shape.kv_heads.max(1);
     let rows = int("query rows per KV head", g * shape.tokens)?;
-    // SAFETY: pure functions of their integer argument.
+    // SAFETY: pure functions of their integer arguments.
     let (r, max_chunk) = unsafe {
         (
-            tqkv_decode_attention_rows(rows) as usize,
+            tqkv_decode_attention_rows(kernel.code(), rows, int("cycle", cycle)?) as usize,
             tqkv_decode_attention_max_chunk(rows) as usize,
         )
     };
+    if r == 0 {
+        return Err(Error::Config(format!(
+            "the {kernel} attention kernel takes no rotation cycle of {cycle}"
+        )));
+    }
     let tiles = (g * shape.tokens).div_ceil(r);
     let blocks = (shape.batch * shape.kv_heads * tiles).max(1);
-    let want = 2048usize.div_ceil(blocks).clamp(1, 128);
+    let target = match kernel {
+        AttentionKernel::Split => 2048,
+        AttentionKernel::TensorCore if sms > 0 => 16 * sms,
+        AttentionKernel::TensorCore => 2048,
+    };
+    let want = target.div_ceil(blocks).clamp(1, 128);
     let n = max_visible.max(1);
-    let chunk = n.div_ceil(want).clamp(256.min(max_chunk), max_chunk);
+    let mut chunk = n.div_ceil(want).clamp(256.min(max_chunk), max_chunk);
+    if kernel == AttentionKernel::TensorCore {
+        chunk = chunk.div_ceil(TILE_SLOTS) * TILE_SLOTS;
+    }
     let splits = n.div_ceil(chunk);
     if splits > 1024 {
         return Err(Error::Config(format!(
@@ -652,6 +711,66 @@ pub fn plan_attention(shape: AttentionShape, max_visible: usize) -> Result<Split
         )));
     }
     Ok(SplitPlan { splits, chunk })
+}
+
+/// Slots per tile of a [`TileTable`] (and of the tensor-core kernel's staging).
+pub const TILE_SLOTS: usize = 64;
+
+/// A per-sequence table of 64-slot tiles, through which [`AttentionKernel::TensorCore`] reads
+/// the caches (a paged pool shared by many sequences needs no second kernel): slot s of
+/// (sequence b, KV head h) is at byte `table[b·per_seq + s/64]·k_tile + h·k_head +
+/// (s % 64)·record_bytes` of the key cache, values likewise with `v_tile`, `v_head`. A pool
+/// `[tiles, kv_heads, 64, record_bytes]` has `k_tile = kv_heads·64·record_bytes` and
+/// `k_head = 64·record_bytes`. Every tile a query can see must be in the table and in bounds
+/// (the wrapper checks the table's entries against the caches' sizes).
+pub struct TileTable<'a> {
+    /// `[batch, per_seq]` physical tile indices on the device.
+    pub table: &'a CudaSlice<i32>,
+    /// The same table on the host (checked against the caches' sizes before a launch).
+    pub host: &'a [i32],
+    /// Logical tiles per sequence (columns of the table).
+    pub per_seq: usize,
+    /// Key bytes between physical tiles.
+    pub k_tile: usize,
+    /// Key bytes between the KV heads of one tile.
+    pub k_head: usize,
+    /// Value bytes between physical tiles.
+    pub v_tile: usize,
+    /// Value bytes between the KV heads of one tile.
+    pub v_head: usize,
+}
+
+/// How an attention is computed: which split kernel, and (tensor-core kernel only) a tile
+/// table instead of the contiguous `[batch, kv_heads, capacity, record_bytes]` layout.
+#[derive(Default)]
+pub struct AttentionOptions<'a> {
+    /// The split kernel.
+    pub kernel: AttentionKernel,
+    /// A tile table (None: the contiguous layout).
+    pub tiles: Option<TileTable<'a>>,
+}
+
+/// Whether [`AttentionKernel::TensorCore`] takes the layouts of `kt` and `vt` (MSE-only groups
+/// of 1–4 bits, key groups of multiples of 16 channels and value groups of 8, head_dim 64, 96,
+/// 128 or 256); [`AttentionKernel::Split`] takes every layout the tables accept.
+pub fn attention_supported(kernel: AttentionKernel, kt: &DeviceTables, vt: &DeviceTables) -> bool {
+    if kt.cycle() != vt.cycle() {
+        return false;
+    }
+    // SAFETY: reads the two host specs.
+    unsafe {
+        tqkv_decode_attention_supported(kernel.code(), kt.spec(), vt.spec(), kt.cycle() as c_int)
+            == 1
+    }
+}
+
+/// Multiprocessors of the stream's device (0 when the driver does not say).
+fn multiprocessors(stream: &Arc<CudaStream>) -> usize {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
+    stream
+        .context()
+        .attribute(SMS)
+        .map_or(0, |n| n.max(0) as usize)
 }
 
 /// Fused attention over the packed caches: `q` `[batch, q_heads, tokens, head_dim]` in `T`,
@@ -713,6 +832,43 @@ pub fn decode_attention_mixed<T: KernelFloat>(
     status: &StatusWord,
     out: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
+    decode_attention_with(
+        stream,
+        kt,
+        vt,
+        q,
+        kcache,
+        vcache,
+        shape,
+        visible,
+        exact,
+        &AttentionOptions::default(),
+        scale,
+        status,
+        out,
+    )
+}
+
+/// [`decode_attention_mixed`] with a choice of kernel and, for
+/// [`AttentionKernel::TensorCore`], a [`TileTable`] (`capacity` of `shape` is then unused:
+/// the caches are the tables' pools, of any size the table's entries fit). A kernel that does
+/// not take the layout ([`attention_supported`]) is an error, not a silent fallback.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_with<T: KernelFloat>(
+    stream: &Arc<CudaStream>,
+    kt: &DeviceTables,
+    vt: &DeviceTables,
+    q: &impl DevicePtr<T>,
+    kcache: &impl DevicePtr<u8>,
+    vcache: &impl DevicePtr<u8>,
+    shape: AttentionShape,
+    visible: &[usize],
+    exact: Option<&ExactPart>,
+    opts: &AttentionOptions,
+    scale: f32,
+    status: &StatusWord,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
     let AttentionShape {
         batch: b,
         q_heads: hq,
@@ -743,14 +899,29 @@ pub fn decode_attention_mixed<T: KernelFloat>(
         });
     }
     let max_visible = visible.iter().copied().max().unwrap_or(0);
-    if max_visible > cap {
+    let kernel = opts.kernel;
+    if !attention_supported(kernel, kt, vt) {
         return Err(Error::Config(format!(
-            "a query sees {max_visible} slots but the cache has {cap}"
+            "the {kernel} attention kernel does not take this layout (key groups {:?}, value \
+             groups {:?}, head_dim {d}, cycle {})",
+            group_shape(kt.spec()),
+            group_shape(vt.spec()),
+            kt.cycle()
         )));
     }
     need("queries", q, b * hq * t * d)?;
-    need("key cache", kcache, b * hkv * cap * kt.record_bytes())?;
-    need("value cache", vcache, b * hkv * cap * vt.record_bytes())?;
+    match &opts.tiles {
+        None => {
+            if max_visible > cap {
+                return Err(Error::Config(format!(
+                    "a query sees {max_visible} slots but the cache has {cap}"
+                )));
+            }
+            need("key cache", kcache, b * hkv * cap * kt.record_bytes())?;
+            need("value cache", vcache, b * hkv * cap * vt.record_bytes())?;
+        }
+        Some(tt) => check_tiles(tt, kernel, b, hkv, max_visible, kt, vt, kcache, vcache)?,
+    }
     need("attention output", out, b * hq * t * d)?;
     if b == 0 || t == 0 {
         return Ok(());
@@ -806,7 +977,13 @@ pub fn decode_attention_mixed<T: KernelFloat>(
         let positions = e.sinks.min(max_visible) + max_visible.saturating_sub(lo);
         xsplits = positions.div_ceil(256).clamp(1, 64);
     }
-    let plan = plan_attention(shape, max_visible)?;
+    let plan = plan_attention_for(
+        kernel,
+        kt.cycle(),
+        multiprocessors(stream),
+        shape,
+        max_visible,
+    )?;
     let (bi, hqi, hkvi, ti) = (
         int("batch", b)?,
         int("q heads", hq)?,
@@ -824,8 +1001,14 @@ pub fn decode_attention_mixed<T: KernelFloat>(
         )));
     }
     let cycle = kt.cycle() as c_int;
-    let ws_len =
-        unsafe { tqkv_decode_attention_workspace(vt.spec(), cycle, bi, hqi, hkvi, ti, total) };
+    let ws_len = unsafe {
+        tqkv_decode_attention_workspace(kernel.code(), vt.spec(), cycle, bi, hqi, hkvi, ti, total)
+    };
+    if ws_len < 0 {
+        return Err(Error::Config(format!(
+            "the {kernel} attention kernel has no workspace for this shape"
+        )));
+    }
     let mut ws = unsafe { stream.alloc::<f32>(ws_len.max(1) as usize) }.map_err(driver)?;
     let vis_d = ints(stream, visible, "visible length")?;
     let pe_d = match exact {
@@ -843,6 +1026,7 @@ pub fn decode_attention_mixed<T: KernelFloat>(
     let (stp, _g8) = status.0.device_ptr(stream);
     let (op, _g9) = out.device_ptr_mut(stream);
     let mut guards = Vec::new();
+    let mut guards_t = Vec::new();
     let ex = match (exact, &pe_d) {
         (Some(e), Some(pe)) => {
             let (ekp, g1) = e.k.device_ptr(stream);
@@ -860,11 +1044,27 @@ pub fn decode_attention_mixed<T: KernelFloat>(
         }
         _ => None,
     };
+    let tiles = match &opts.tiles {
+        Some(tt) => {
+            let (tp, g) = tt.table.device_ptr(stream);
+            guards_t.push(g);
+            Some(TqTiles {
+                table: raw(tp),
+                per_seq: int("tiles per sequence", tt.per_seq)?,
+                k_tile: tt.k_tile as c_long,
+                k_head: tt.k_head as c_long,
+                v_tile: tt.v_tile as c_long,
+                v_head: tt.v_head as c_long,
+            })
+        }
+        None => None,
+    };
     // SAFETY: sizes checked above; the workspace is sized by the kernel's own formula for all
     // splits; every slot a block writes is fully written before the merge reads it (same
     // stream); the exact part's pointers outlive the launch (guards held).
     let code = unsafe {
         tqkv_decode_attention(
+            kernel.code(),
             raw::<c_void>(qp),
             T::CODE,
             raw(kp),
@@ -880,6 +1080,9 @@ pub fn decode_attention_mixed<T: KernelFloat>(
             hkvi,
             ti,
             int("capacity", cap)?,
+            tiles
+                .as_ref()
+                .map_or(std::ptr::null(), |x| x as *const TqTiles),
             scale,
             si,
             ci,
@@ -892,7 +1095,77 @@ pub fn decode_attention_mixed<T: KernelFloat>(
         )
     };
     drop(guards);
+    drop(guards_t);
     launched("tqkv_decode_attention", code)
+}
+
+/// (dim, code bits, sketch bits) of each group of a spec, for messages.
+fn group_shape(s: &TqSpec) -> Vec<(c_int, c_int, c_int)> {
+    s.groups[..s.num_groups.clamp(0, 2) as usize]
+        .iter()
+        .map(|g| (g.dim, g.mse_bits, g.m))
+        .collect()
+}
+
+/// A tile table's shape and entries against the caches it points into: every tile a query
+/// can see lies inside both caches.
+#[allow(clippy::too_many_arguments)]
+fn check_tiles(
+    tt: &TileTable,
+    kernel: AttentionKernel,
+    b: usize,
+    hkv: usize,
+    max_visible: usize,
+    kt: &DeviceTables,
+    vt: &DeviceTables,
+    kcache: &impl DevicePtr<u8>,
+    vcache: &impl DevicePtr<u8>,
+) -> Result<()> {
+    if kernel != AttentionKernel::TensorCore {
+        return Err(Error::Config(format!(
+            "the {kernel} attention kernel reads the contiguous layout only, not a tile table"
+        )));
+    }
+    if tt.host.len() != b * tt.per_seq || tt.table.len() != tt.host.len() {
+        return Err(Error::Shape {
+            what: "tile table",
+            expected: b * tt.per_seq,
+            got: tt.host.len().min(tt.table.len()),
+        });
+    }
+    let used = max_visible.div_ceil(TILE_SLOTS);
+    if used > tt.per_seq {
+        return Err(Error::Config(format!(
+            "a query sees {max_visible} slots but the tile table has {} tiles of {TILE_SLOTS} per sequence",
+            tt.per_seq
+        )));
+    }
+    let caches = [
+        ("key", kcache.len(), tt.k_tile, tt.k_head, kt.record_bytes()),
+        (
+            "value",
+            vcache.len(),
+            tt.v_tile,
+            tt.v_head,
+            vt.record_bytes(),
+        ),
+    ];
+    for (what, len, tile, head, rb) in caches {
+        for row in tt.host.chunks(tt.per_seq.max(1)) {
+            for &p in &row[..used] {
+                let end = usize::try_from(p)
+                    .ok()
+                    .and_then(|p| p.checked_mul(tile))
+                    .and_then(|o| o.checked_add((hkv - 1) * head + TILE_SLOTS * rb));
+                if end.is_none_or(|e| e > len) {
+                    return Err(Error::Config(format!(
+                        "tile {p} of the table lies outside the {what} cache ({len} bytes)"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether a CUDA driver answers on this machine (false where the driver library is missing

@@ -34,6 +34,7 @@ pub mod cuda;
 pub mod device_tables;
 pub mod distortion;
 pub mod error;
+pub mod kernel;
 pub mod lognorm;
 pub mod mse;
 pub mod packing;
@@ -45,6 +46,7 @@ pub mod spec;
 
 pub use codebook::Codebook;
 pub use error::{Error, Result};
+pub use kernel::AttentionKernel;
 pub use mse::MseQuantizer;
 pub use qjl::QjlSketch;
 pub use quantizer::{select_outliers, PreparedQuery, RecordLayout, VectorQuantizer};

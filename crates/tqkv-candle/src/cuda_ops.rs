@@ -207,9 +207,19 @@ pub fn attend(
         }),
         _ => None,
     };
+    // The chosen kernel where it takes the layout, else the split kernel (documented fallback).
+    let kernel = if tqkv::cuda::attention_supported(op.kernel, &gpu.k, &gpu.v) {
+        op.kernel
+    } else {
+        tqkv::AttentionKernel::Split
+    };
+    let opts = tqkv::cuda::AttentionOptions {
+        kernel,
+        tiles: None,
+    };
     let status = lock(&gpu.status)?;
     let r = with_float_slice!(&q.slice, "tqkv-attend: queries", |x| {
-        tqkv::cuda::decode_attention_mixed(
+        tqkv::cuda::decode_attention_with(
             &stream,
             &gpu.k,
             &gpu.v,
@@ -219,6 +229,7 @@ pub fn attend(
             shape,
             &visible,
             part.as_ref(),
+            &opts,
             op.scale,
             &status,
             &mut out,

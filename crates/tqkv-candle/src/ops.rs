@@ -148,6 +148,8 @@ pub struct TqAttend {
     pub gpu: Option<Arc<GpuTables>>,
     /// Sinks and window in full precision, if the spec keeps any.
     pub exact: Option<ExactAttend>,
+    /// The split kernel on CUDA (a layout it does not take runs on the split kernel).
+    pub kernel: tqkv::AttentionKernel,
 }
 
 impl candle_core::CustomOp3 for TqAttend {

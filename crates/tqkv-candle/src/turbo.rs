@@ -142,6 +142,8 @@ pub struct TurboCache {
     capacity: usize,
     gpu: Option<Arc<GpuTables>>,
     prefill: PrefillPath,
+    /// The split kernel of CUDA attention (from `TQKV_ATTENTION_KERNEL` at construction).
+    kernel: tqkv::AttentionKernel,
     /// `[1, kv_heads, 1, head_dim]` f32: the key mean subtracted before quantizing
     /// ([`KvSpec::center_keys`]), measured with the calibration.
     kmean: Option<Tensor>,
@@ -204,6 +206,7 @@ impl TurboCache {
                 candle_core::bail!("a window budget of {b} bits per channel is not in (0, 16]");
             }
         }
+        let kernel = tqkv::AttentionKernel::from_env().map_err(candle_core::Error::wrap)?;
         Ok(TurboCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
             spec,
@@ -216,6 +219,7 @@ impl TurboCache {
             capacity: 0,
             gpu: None,
             prefill: PrefillPath::default(),
+            kernel,
             kmean: None,
             vmean: None,
             kscale: None,
@@ -227,6 +231,19 @@ impl TurboCache {
     /// Chooses how CUDA prefill chunks attend (no effect on the CPU, which always reads codes).
     pub fn set_prefill_path(&mut self, p: PrefillPath) {
         self.prefill = p;
+    }
+
+    /// Chooses the split kernel of CUDA attention (no effect on the CPU). The default is
+    /// [`tqkv::AttentionKernel::Split`], or what `TQKV_ATTENTION_KERNEL` (`split`, `tc`) said
+    /// when the cache was built. A layout the tensor-core kernel does not take (QJL stages,
+    /// more than 4 bits, head_dim other than 64/96/128/256) falls back to the split kernel.
+    pub fn set_attention_kernel(&mut self, k: tqkv::AttentionKernel) {
+        self.kernel = k;
+    }
+
+    /// The split kernel chosen for CUDA attention ([`Self::set_attention_kernel`]).
+    pub fn attention_kernel(&self) -> tqkv::AttentionKernel {
+        self.kernel
     }
 
     /// On CUDA, reads the device status word that appends set on NaN/Inf keys or values
@@ -621,6 +638,7 @@ impl KvCache for TurboCache {
             scale: scale as f32,
             gpu: self.gpu.clone(),
             exact,
+            kernel: self.kernel,
         };
         let dtype = q.dtype();
         let q = match &self.kscale {

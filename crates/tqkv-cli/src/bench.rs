@@ -46,6 +46,11 @@ pub struct Args {
     /// Query tokens of the prefill-chunk timing (0: skip it). Timed at batch 1 only.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Split kernels of the CUDA attention to time for TurboQuant kinds, comma-separated
+    /// (`split`: the verified CUDA-core kernel; `tc`: the tensor-core one). A kind whose layout
+    /// the tensor-core kernel does not take runs the split kernel and is labelled so.
+    #[arg(long, default_value = "split,tc", value_delimiter = ',')]
+    kernels: Vec<tqkv::AttentionKernel>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -81,6 +86,11 @@ fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok(t0.elapsed().as_secs_f64() * 1e3 / iters as f64)
 }
 
+/// The cache kind of a label (`tq3.5 [tc]` → `tq3.5`).
+fn kind_of(label: &str) -> &str {
+    label.split(" [").next().unwrap_or(label)
+}
+
 /// Device copy bandwidth in GB/s, bytes read + written, over a 1 GiB f16 buffer.
 fn copy_bandwidth(dev: &Device) -> Result<f64> {
     let n = 512 * 1024 * 1024;
@@ -98,16 +108,37 @@ fn build(
     d: usize,
     dev: &Device,
     path: PrefillPath,
+    kernel: tqkv::AttentionKernel,
 ) -> Result<Box<dyn KvCache>> {
     let k: CacheKind = kind.parse()?;
     Ok(match k {
         CacheKind::Turbo(spec) => {
             let mut c = TurboCache::new(spec, hk, d, dev, 0x7e57, None)?;
             c.set_prefill_path(path);
+            c.set_attention_kernel(kernel);
             Box::new(c)
         }
         other => CacheConfig::new(other).build(0, hk, d, dev)?,
     })
+}
+
+/// The (label, kernel) pairs to time for `kind`: every requested kernel for TurboQuant kinds
+/// on CUDA (labelled `kind [tc]` for the tensor-core one), one run otherwise.
+fn variants(
+    kind: &str,
+    kernels: &[tqkv::AttentionKernel],
+    dev: &Device,
+) -> Vec<(String, tqkv::AttentionKernel)> {
+    if !kind.starts_with("tq") || !dev.is_cuda() || kernels.is_empty() {
+        return vec![(kind.to_string(), tqkv::AttentionKernel::Split)];
+    }
+    kernels
+        .iter()
+        .map(|&k| match k {
+            tqkv::AttentionKernel::Split => (kind.to_string(), k),
+            other => (format!("{kind} [{other}]"), k),
+        })
+        .collect()
 }
 
 fn fill(c: &mut dyn KvCache, to: usize, b: usize, hk: usize, d: usize, dev: &Device) -> Result<()> {
@@ -136,77 +167,93 @@ pub fn run(args: Args) -> Result<()> {
     let mut points = Vec::new();
     let mut contexts = args.contexts.clone();
     contexts.sort_unstable();
+    if contexts.first() == Some(&0) {
+        bail!("--contexts must be at least 1 token");
+    }
     for &b in &args.batch {
         for kind in &args.kv {
-            let mut c = build(kind, hk, d, &dev, PrefillPath::Dequantize)?;
-            for &ctx in &contexts {
-                fill(c.as_mut(), ctx - 1, b, hk, d, &dev)?;
-                let one = Tensor::randn(0f32, 1f32, (b, hk, 1, d), &dev)?.to_dtype(DType::F16)?;
-                c.append(&one, &one, None)?;
-                let q = Tensor::randn(0f32, 1f32, (b, hq, 1, d), &dev)?.to_dtype(DType::F16)?;
-                let ms = time(&dev, args.iters, || {
-                    c.attend(&q, scale)?;
-                    Ok(())
-                })?;
-                let bytes = c.memory().logical;
-                let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
-                eprintln!("{kind:>8} decode b={b:<3} ctx={ctx:<7} {ms:9.4} ms  {:8.1} MiB  {gbps:7.0} GB/s ({:.0}% of copy)",
-                    bytes as f64 / (1 << 20) as f64, 100.0 * gbps / bw);
-                points.push(Point {
-                    kind: kind.clone(),
-                    op: "decode".into(),
-                    batch: b,
-                    context: ctx,
-                    ms,
-                    cache_bytes: bytes,
-                    gbps,
-                    frac_copy: gbps / bw,
-                });
-            }
-            drop(c);
-            sync(&dev)?;
-        }
-    }
-    if args.prefill_chunk > 0 {
-        let t = args.prefill_chunk;
-        for kind in &args.kv {
-            let paths: &[PrefillPath] = if kind.starts_with("tq") {
-                &[PrefillPath::Dequantize, PrefillPath::Fused]
-            } else {
-                &[PrefillPath::Dequantize]
-            };
-            for &path in paths {
-                let mut c = build(kind, hk, d, &dev, path)?;
+            for (label, kernel) in variants(kind, &args.kernels, &dev) {
+                let kind = &label;
+                let mut c = build(kind_of(kind), hk, d, &dev, PrefillPath::Dequantize, kernel)?;
                 for &ctx in &contexts {
-                    fill(c.as_mut(), ctx - t, 1, hk, d, &dev)?;
-                    let k = Tensor::randn(0f32, 1f32, (1, hk, t, d), &dev)?.to_dtype(DType::F16)?;
-                    c.append(&k, &k, None)?;
-                    let q = Tensor::randn(0f32, 1f32, (1, hq, t, d), &dev)?.to_dtype(DType::F16)?;
-                    let iters = (args.iters / 4).max(2);
-                    let ms = time(&dev, iters, || {
+                    fill(c.as_mut(), ctx - 1, b, hk, d, &dev)?;
+                    let one =
+                        Tensor::randn(0f32, 1f32, (b, hk, 1, d), &dev)?.to_dtype(DType::F16)?;
+                    c.append(&one, &one, None)?;
+                    let q = Tensor::randn(0f32, 1f32, (b, hq, 1, d), &dev)?.to_dtype(DType::F16)?;
+                    let ms = time(&dev, args.iters, || {
                         c.attend(&q, scale)?;
                         Ok(())
                     })?;
                     let bytes = c.memory().logical;
-                    let op = match path {
-                        _ if !kind.starts_with("tq") => "prefill".to_string(),
-                        PrefillPath::Dequantize => "prefill-dequantize".into(),
-                        PrefillPath::Fused => "prefill-fused".into(),
-                    };
-                    eprintln!("{kind:>8} {op} chunk {t} ctx={ctx:<7} {ms:9.3} ms");
+                    let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
+                    eprintln!("{kind:>8} decode b={b:<3} ctx={ctx:<7} {ms:9.4} ms  {:8.1} MiB  {gbps:7.0} GB/s ({:.0}% of copy)",
+                    bytes as f64 / (1 << 20) as f64, 100.0 * gbps / bw);
                     points.push(Point {
                         kind: kind.clone(),
-                        op,
-                        batch: 1,
+                        op: "decode".into(),
+                        batch: b,
                         context: ctx,
                         ms,
                         cache_bytes: bytes,
-                        gbps: bytes as f64 / (ms * 1e-3) / 1e9,
-                        frac_copy: bytes as f64 / (ms * 1e-3) / 1e9 / bw,
+                        gbps,
+                        frac_copy: gbps / bw,
                     });
                 }
                 drop(c);
                 sync(&dev)?;
+            }
+        }
+    }
+    if args.prefill_chunk > 0 {
+        let t = args.prefill_chunk;
+        for kind0 in &args.kv {
+            for (label, kernel) in variants(kind0, &args.kernels, &dev) {
+                let kind = &label;
+                // The dequantize path uses no attention kernel: time it once per kind.
+                let paths: &[PrefillPath] = if !kind0.starts_with("tq") {
+                    &[PrefillPath::Dequantize]
+                } else if kernel == tqkv::AttentionKernel::Split {
+                    &[PrefillPath::Dequantize, PrefillPath::Fused]
+                } else {
+                    &[PrefillPath::Fused]
+                };
+                for &path in paths {
+                    let mut c = build(kind0, hk, d, &dev, path, kernel)?;
+                    // Contexts that hold the chunk and a past (a shorter one is skipped).
+                    for &ctx in contexts.iter().filter(|&&c| c > t) {
+                        fill(c.as_mut(), ctx - t, 1, hk, d, &dev)?;
+                        let k =
+                            Tensor::randn(0f32, 1f32, (1, hk, t, d), &dev)?.to_dtype(DType::F16)?;
+                        c.append(&k, &k, None)?;
+                        let q =
+                            Tensor::randn(0f32, 1f32, (1, hq, t, d), &dev)?.to_dtype(DType::F16)?;
+                        let iters = (args.iters / 4).max(2);
+                        let ms = time(&dev, iters, || {
+                            c.attend(&q, scale)?;
+                            Ok(())
+                        })?;
+                        let bytes = c.memory().logical;
+                        let op = match path {
+                            _ if !kind.starts_with("tq") => "prefill".to_string(),
+                            PrefillPath::Dequantize => "prefill-dequantize".into(),
+                            PrefillPath::Fused => "prefill-fused".into(),
+                        };
+                        eprintln!("{kind:>8} {op} chunk {t} ctx={ctx:<7} {ms:9.3} ms");
+                        points.push(Point {
+                            kind: kind.clone(),
+                            op,
+                            batch: 1,
+                            context: ctx,
+                            ms,
+                            cache_bytes: bytes,
+                            gbps: bytes as f64 / (ms * 1e-3) / 1e9,
+                            frac_copy: bytes as f64 / (ms * 1e-3) / 1e9 / bw,
+                        });
+                    }
+                    drop(c);
+                    sync(&dev)?;
+                }
             }
         }
     }
