@@ -26,7 +26,9 @@
 #include "tqkv_common.cuh"
 #include "exact_attention.cuh"
 #include "tc_attention.cuh"
+#ifndef TQ_EMU
 #include <cuda_pipeline.h>
+#endif
 
 // Records of a tile of slots are staged in shared memory by asynchronous 4-byte copies of the
 // contiguous slot range, double-buffered (tile k+1 lands while tile k is computed). Slots per
@@ -422,19 +424,28 @@ static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, c
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
   const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
   // With an exact part, the records end at each row's packed_end and start after the sinks.
-  tq_attn_split_kernel<T, R><<<dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
+  {
+    auto k = tq_attn_split_kernel<T, R>;
+    TQ_LAUNCH(k, dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
       (const T*)q, kc, vc, exact ? exact->packed_end : visible, kch, vch, ks, vs, Hq, Hkv, T_, cap, chunk, tiles,
       scale, exact ? exact->sinks : 0, total, ws);
+  }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
   if (exact) {
-    tq_attn_exact_kernel<T, R><<<dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
+    {
+    auto k = tq_attn_exact_kernel<T, R>;
+    TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
         (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+  }
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
   }
-  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, vs, Hq, Hkv, T_, tiles, total,
+  {
+    auto k = tq_attn_merge_kernel<R>;
+    TQ_LAUNCH(k, dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total,
                                                                            status, out);
+  }
   return (int)cudaGetLastError();
 }
 
@@ -448,8 +459,11 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
   const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
   __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
-  tq_tc_query_kernel<T, R><<<dim3(Hkv * tiles, B), TQ_THREADS, 0, stream>>>((const T*)q, kch, ks, Hq, Hkv, T_,
+  {
+    auto k = tq_tc_query_kernel<T, R>;
+    TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_,
                                                                              tiles, qt);
+  }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
   const int code = tq_tc_split_launch<D, R>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv,
@@ -457,13 +471,19 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
                                             ws, stream);
   if (code != 0) return code;
   if (exact) {
-    tq_attn_exact_kernel<T, R><<<dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream>>>(
+    {
+    auto k = tq_attn_exact_kernel<T, R>;
+    TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
         (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+  }
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
   }
-  tq_attn_merge_kernel<R><<<dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream>>>(ws, vch, vs, Hq, Hkv, T_, tiles, total,
+  {
+    auto k = tq_attn_merge_kernel<R>;
+    TQ_LAUNCH(k, dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total,
                                                                            status, out);
+  }
   return (int)cudaGetLastError();
 }
 

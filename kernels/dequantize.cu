@@ -66,13 +66,22 @@ extern "C" int tqkv_dequantize(const uint8_t* cache, void* out, int out_dtype, c
   dim3 grid(n, H, B);
   switch (out_dtype) {
     case 0:
-      tq_dequantize_kernel<float><<<grid, TQ_THREADS, 0, stream>>>(cache, (float*)out, channels, specs, H, cap, n);
+      {
+      auto k = tq_dequantize_kernel<float>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, cache, (float*)out, channels, specs, H, cap, n);
+    }
       break;
     case 1:
-      tq_dequantize_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>(cache, (__half*)out, channels, specs, H, cap, n);
+      {
+      auto k = tq_dequantize_kernel<__half>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, cache, (__half*)out, channels, specs, H, cap, n);
+    }
       break;
     case 2:
-      tq_dequantize_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>(cache, (__nv_bfloat16*)out, channels, specs, H, cap, n);
+      {
+      auto k = tq_dequantize_kernel<__nv_bfloat16>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, cache, (__nv_bfloat16*)out, channels, specs, H, cap, n);
+    }
       break;
     default:
       return (int)cudaErrorInvalidValue;

@@ -129,13 +129,22 @@ extern "C" int tqkv_quantize_append(const void* x, int x_dtype, uint8_t* cache, 
   dim3 grid(T, H, B);
   switch (x_dtype) {
     case 0:
-      tq_quantize_append_kernel<float><<<grid, TQ_THREADS, 0, stream>>>((const float*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+      {
+      auto k = tq_quantize_append_kernel<float>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const float*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+    }
       break;
     case 1:
-      tq_quantize_append_kernel<__half><<<grid, TQ_THREADS, 0, stream>>>((const __half*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+      {
+      auto k = tq_quantize_append_kernel<__half>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const __half*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+    }
       break;
     case 2:
-      tq_quantize_append_kernel<__nv_bfloat16><<<grid, TQ_THREADS, 0, stream>>>((const __nv_bfloat16*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+      {
+      auto k = tq_quantize_append_kernel<__nv_bfloat16>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const __nv_bfloat16*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+    }
       break;
     default:
       return (int)cudaErrorInvalidValue;

@@ -29,7 +29,9 @@
 //   ws       decode_attention.cu's split workspace [B, Hkv, tiles, splits, R, cycle·Dv + 2] f32
 #pragma once
 #include "tqkv_common.cuh"
+#ifndef TQ_EMU
 #include <cuda_pipeline.h>
+#endif
 
 #define TQ_TC_TILE 64  // slots per tile: the unit of the tile table and of the staging
 #define TQ_TC_ROWS 16  // rows of the mma (M of m16n8k16)
@@ -66,6 +68,7 @@ __device__ __forceinline__ void tq_tc_stage(uint8_t* dst, const uint8_t* src, in
   for (int i = body + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
+#ifndef TQ_EMU
 __device__ __forceinline__ uint32_t tq_smem(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void tq_ldsm_x4(uint32_t* r, const void* p) {
@@ -88,6 +91,11 @@ __device__ __forceinline__ void tq_mma(float* c, const uint32_t* a, const uint32
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#else
+inline void tq_ldsm_x4(uint32_t* r, const void* p) { tq_emu::ldmatrix(r, p, 4, false); }
+inline void tq_ldsm_x2_trans(uint32_t* r, const void* p) { tq_emu::ldmatrix(r, p, 2, true); }
+inline void tq_mma(float* c, const uint32_t* a, const uint32_t* b) { tq_emu::mma16816(c, a, b); }
+#endif
 
 // Eight codes of BITS bits at `codes` (BITS bytes, byte-aligned) → eight f16 centroids at dst
 // (16-byte aligned), through `pairs`: the centroids of two codes (low code first) as one half2,
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
                        int T_, int cap, int chunk, int tiles, float scale, int lo, int splits,
                        float* __restrict__ ws) {
   using S = TqTcSmem<D>;
-  extern __shared__ __align__(16) uint8_t smem[];
+  TQ_DYN_SMEM(smem);
   __half* qs = reinterpret_cast<__half*>(smem + S::q);
   __half* ct = reinterpret_cast<__half*>(smem + S::tile);
   float* sc = reinterpret_cast<float*>(smem + S::sc);
@@ -212,7 +220,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
       const int bits = s.groups[g].mse_bits, n = 1 << bits;
       if (pair < n * n) {
         const __half2 hh = __floats2half2_rn(s.groups[g].centroids[pair % n], s.groups[g].centroids[pair / n]);
-        v = *reinterpret_cast<const uint32_t*>(&hh);
+        memcpy(&v, &hh, 4);
       }
     }
     lut[i] = v;
@@ -453,7 +461,10 @@ static int tq_tc_split_launch(const __half* qt, const uint8_t* kc, const uint8_t
       TqTcSmem<D>::bytes(8 + D / 2, 8 + D / 2));
   if (attr != cudaSuccess) return (int)attr;
   if (smem > TqTcSmem<D>::bytes(8 + D / 2, 8 + D / 2)) return (int)cudaErrorInvalidValue;
-  tq_tc_split_kernel<D, R><<<dim3(splits, Hkv * tiles, B), TQ_THREADS, smem, stream>>>(
+  {
+    auto k = tq_tc_split_kernel<D, R>;
+    TQ_LAUNCH(k, dim3(splits, Hkv * tiles, B), TQ_THREADS, smem, stream, 
       qt, kc, vc, visible, ks, vs, tt, Hq, Hkv, T_, cap, chunk, tiles, scale, lo, total_splits, ws);
+  }
   return (int)cudaGetLastError();
 }

@@ -1,9 +1,26 @@
 // Shared device helpers and the host/device description of a TurboQuant record layout.
 // Layouts mirror src/quantizer.rs (RecordLayout) and docs/FORMAT.md exactly.
 #pragma once
+#ifdef TQ_EMU
+// The host emulator (tests/emu/tq_emu.h, scripts/emulate-kernels.sh): the same sources run on
+// a CPU against the CPU reference.
+#include "tq_emu.h"
+#else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
+
+// Every launch goes through TQ_LAUNCH (kernel: a name or a function-pointer variable) so that
+// the emulator can run it; TQ_DYN_SMEM declares a kernel's dynamic shared memory.
+#ifdef TQ_EMU
+#define TQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  tq_emu::launch(grid, block, smem, [&] { kernel(__VA_ARGS__); })
+#define TQ_DYN_SMEM(name) uint8_t* name = tq_emu::dyn_smem()
+#else
+#define TQ_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define TQ_DYN_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
+#endif
 
 #define TQ_MAX_DIM 256   // largest head_dim (and group dim, and sketch dim) handled
 #define TQ_THREADS 128   // threads per block of the per-vector kernels

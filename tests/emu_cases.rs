@@ -1,0 +1,496 @@
+//! Attention cases for the host emulator of the CUDA kernels (tests/emu, run by
+//! scripts/emulate-kernels.sh): each case is a packed cache of fresh random vectors, its
+//! layer tables, queries, an optional exact part and the CPU reference's output
+//! (`tqkv::attention::attend_cycled`), written to `$TQKV_EMU_DIR/<name>.bin`. The harness runs
+//! kernels/decode_attention.cu (both split kernels, several split plans, a shuffled tile table)
+//! on the CPU and compares. Ignored by default: it only writes files; the script runs it.
+mod common;
+use common::{fresh_seed, gaussian_vec};
+use std::io::Write;
+use tqkv::attention::ExactRows;
+use tqkv::device_tables::LayerTables;
+use tqkv::rng::Rng;
+use tqkv::VectorQuantizer;
+
+/// One case file: named little-endian arrays (`[u32 name length][name][u8 kind: 0 i32, 1 f32,
+/// 2 u8, 3 f16][u64 count][data]`), after the magic `TQEMU1\n`.
+struct Case(Vec<u8>);
+
+impl Case {
+    fn new() -> Self {
+        Case(b"TQEMU1\n".to_vec())
+    }
+    fn put(&mut self, name: &str, kind: u8, count: usize, data: &[u8]) {
+        self.0.extend((name.len() as u32).to_le_bytes());
+        self.0.extend(name.as_bytes());
+        self.0.push(kind);
+        self.0.extend((count as u64).to_le_bytes());
+        self.0.extend(data);
+    }
+    fn ints(&mut self, name: &str, v: &[i32]) {
+        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.put(name, 0, v.len(), &b);
+    }
+    fn floats(&mut self, name: &str, v: &[f32]) {
+        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.put(name, 1, v.len(), &b);
+    }
+    fn bytes(&mut self, name: &str, v: &[u8]) {
+        self.put(name, 2, v.len(), v);
+    }
+    fn halves(&mut self, name: &str, v: &[half::f16]) {
+        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.put(name, 3, v.len(), &b);
+    }
+    /// The tables of one spec variant, as `TqSpec` / `TqGroup` need them.
+    fn tables(&mut self, name: &str, t: &LayerTables) {
+        let norm = match t.norm {
+            tqkv::NormFormat::F32 => 0,
+            tqkv::NormFormat::F16 => 1,
+            tqkv::NormFormat::Log8 => 2,
+        };
+        self.ints(
+            &format!("{name}.spec"),
+            &[
+                t.head_dim as i32,
+                t.groups.len() as i32,
+                t.record_bytes as i32,
+                norm,
+                t.projected_norm as i32,
+            ],
+        );
+        for (g, gt) in t.groups.iter().enumerate() {
+            let p = format!("{name}.g{g}");
+            self.ints(
+                &p,
+                &[
+                    gt.dim as i32,
+                    gt.mse_bits as i32,
+                    gt.m as i32,
+                    gt.rot_kind,
+                    gt.had_block as i32,
+                    gt.offsets[0] as i32,
+                    gt.offsets[1] as i32,
+                    gt.offsets[2] as i32,
+                    gt.offsets[3] as i32,
+                ],
+            );
+            self.floats(&format!("{p}.qjl"), &[gt.qjl_scale]);
+            self.floats(&format!("{p}.rot"), &gt.rot);
+            // Πᵀ for dense rotations (the kernels' coalesced forward rotation).
+            let rot_t: Vec<f32> = if gt.rot_kind == 0 && !gt.rot.is_empty() {
+                (0..gt.dim * gt.dim)
+                    .map(|k| gt.rot[(k % gt.dim) * gt.dim + k / gt.dim])
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.floats(&format!("{p}.rot_t"), &rot_t);
+            self.floats(&format!("{p}.boundaries"), &gt.boundaries);
+            self.floats(&format!("{p}.centroids"), &gt.centroids);
+            self.floats(&format!("{p}.sketch"), &gt.sketch);
+        }
+    }
+}
+
+/// Random K/V-like data with per-channel scales and offsets.
+fn data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    let scales: Vec<f32> = (0..d).map(|_| 0.2 + rng.uniform() as f32 * 4.0).collect();
+    let offs: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
+    (0..n)
+        .flat_map(|_| {
+            gaussian_vec(rng, &scales)
+                .into_iter()
+                .zip(&offs)
+                .map(|(x, o)| x + o)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Quantizers `[head][m]` of one layer: each head calibrated (its own outlier channels), then
+/// `cycle − 1` more rotations with the same channels (as `TurboCache` builds a cycle).
+fn layer(
+    rng: &mut Rng,
+    bits: &str,
+    mode: &str,
+    rot: &str,
+    d: usize,
+    h: usize,
+    cycle: usize,
+) -> Vec<Vec<VectorQuantizer>> {
+    let heads = common::layer_heads(rng, (bits, mode, rot), d, h, 0.3);
+    let seed = rng.next_u64();
+    heads
+        .into_iter()
+        .map(|q| {
+            let hi = if q.num_groups() > 1 {
+                q.group_channels(0).to_vec()
+            } else {
+                Vec::new()
+            };
+            let spec = *q.spec();
+            let mut v = vec![q];
+            for r in 1..cycle {
+                let s = tqkv::rng::derive_seed(seed, 1000 + r as u64);
+                v.push(VectorQuantizer::with_channels(spec, d, &hi, s).unwrap());
+            }
+            v
+        })
+        .collect()
+}
+
+struct Shape<'a> {
+    name: &'a str,
+    keys: (&'a str, &'a str, &'a str),
+    vbits: &'a str,
+    vmode: &'a str,
+    d: usize,
+    hkv: usize,
+    g: usize,
+    t: usize,
+    lens: &'a [usize],
+    dtype: i32,
+    cycle: usize,
+    exact: Option<(usize, usize)>,
+}
+
+fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
+    let (d, hkv, g, t, cycle) = (s.d, s.hkv, s.g, s.t, s.cycle);
+    let b = s.lens.len();
+    let hq = hkv * g;
+    let cap = s.lens.iter().max().unwrap() + 9;
+    let kq = layer(rng, s.keys.0, s.keys.1, s.keys.2, d, hkv, cycle);
+    let vq = layer(rng, s.vbits, s.vmode, s.keys.2, d, hkv, cycle);
+    let kt: Vec<LayerTables> = (0..cycle)
+        .map(|m| LayerTables::new(&kq.iter().map(|v| v[m].clone()).collect::<Vec<_>>()).unwrap())
+        .collect();
+    let vt: Vec<LayerTables> = (0..cycle)
+        .map(|m| LayerTables::new(&vq.iter().map(|v| v[m].clone()).collect::<Vec<_>>()).unwrap())
+        .collect();
+    let (rbk, rbv) = (kt[0].record_bytes, vt[0].record_bytes);
+    let (sinks, window) = s.exact.unwrap_or((0, 0));
+    let ring = if s.exact.is_some() { window + t } else { 0 };
+    let slots = sinks + ring;
+    // Slots no query reads hold random bytes.
+    let mut kc: Vec<u8> = (0..b * hkv * cap * rbk)
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    let mut vc: Vec<u8> = (0..b * hkv * cap * rbv)
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    // Causal visibility of the last t tokens; each query's records end at its window.
+    let visible: Vec<usize> = s
+        .lens
+        .iter()
+        .flat_map(|&len| (0..t).map(move |ti| (len + ti + 1).saturating_sub(t)))
+        .collect();
+    let packed_end: Vec<usize> = visible
+        .iter()
+        .map(|&vis| sinks.min(vis).max(vis.saturating_sub(window)))
+        .collect();
+    let slot = |p: usize| {
+        if p < sinks {
+            p
+        } else {
+            sinks + p % ring.max(1)
+        }
+    };
+    let mut ek = vec![half::f16::ZERO; b * hkv * slots * d];
+    let mut ev = vec![half::f16::ZERO; b * hkv * slots * d];
+    for (bi, &len) in s.lens.iter().enumerate() {
+        for h in 0..hkv {
+            let k = data(rng, len, d);
+            let v = data(rng, len, d);
+            for p in 0..len {
+                let i = (bi * hkv + h) * cap + p;
+                let m = p % cycle;
+                kq[h][m]
+                    .quantize(&k[p * d..(p + 1) * d], &mut kc[i * rbk..(i + 1) * rbk])
+                    .unwrap();
+                vq[h][m]
+                    .quantize(&v[p * d..(p + 1) * d], &mut vc[i * rbv..(i + 1) * rbv])
+                    .unwrap();
+            }
+            if s.exact.is_none() {
+                continue;
+            }
+            for p in (0..sinks.min(len)).chain(sinks.max(len.saturating_sub(window + t))..len) {
+                let o = ((bi * hkv + h) * slots + slot(p)) * d;
+                for j in 0..d {
+                    ek[o + j] = half::f16::from_f64(rng.gaussian());
+                    ev[o + j] = half::f16::from_f64(rng.gaussian());
+                }
+            }
+            // Records no query reads: garbage.
+            let last = packed_end[bi * t + t - 1];
+            for p in (0..sinks.min(len)).chain(last..len) {
+                let i = (bi * hkv + h) * cap + p;
+                kc[i * rbk..(i + 1) * rbk]
+                    .iter_mut()
+                    .for_each(|x| *x = rng.next_u64() as u8);
+                vc[i * rbv..(i + 1) * rbv]
+                    .iter_mut()
+                    .for_each(|x| *x = rng.next_u64() as u8);
+            }
+        }
+    }
+    let q = data(rng, b * hq * t, d);
+    // The queries as the kernel sees them (rounded to its input dtype).
+    let q: Vec<f32> = match s.dtype {
+        1 => q.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        2 => q
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect(),
+        _ => q,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut want = vec![0f32; b * hq * t * d];
+    for bi in 0..b {
+        let n = s.lens[bi];
+        for h in 0..hkv {
+            let kr = &kc[(bi * hkv + h) * cap * rbk..][..n * rbk];
+            let vr = &vc[(bi * hkv + h) * cap * rbv..][..n * rbv];
+            let (mut qq, mut vis, mut ends) = (Vec::new(), Vec::new(), Vec::new());
+            for ti in 0..t {
+                for gi in 0..g {
+                    let o = ((bi * hq + h * g + gi) * t + ti) * d;
+                    qq.extend_from_slice(&q[o..o + d]);
+                    vis.push(visible[bi * t + ti]);
+                    ends.push(packed_end[bi * t + ti]);
+                }
+            }
+            let row = |x: &[half::f16], p: usize| -> Vec<f32> {
+                let o = ((bi * hkv + h) * slots + slot(p)) * d;
+                x[o..o + d].iter().map(|v| v.to_f32()).collect()
+            };
+            let lo = ends
+                .iter()
+                .zip(&vis)
+                .filter(|(e, v)| e < v)
+                .map(|(&e, _)| e)
+                .min()
+                .unwrap_or(n);
+            let gather = |x: &[half::f16], r: std::ops::Range<usize>| -> Vec<f32> {
+                r.flat_map(|p| row(x, p)).collect()
+            };
+            let (sk, sv) = (gather(&ek, 0..sinks.min(n)), gather(&ev, 0..sinks.min(n)));
+            let (wk, wv) = (gather(&ek, lo..n), gather(&ev, lo..n));
+            let rows = ExactRows {
+                sinks,
+                packed_end: &ends,
+                sink_k: &sk,
+                sink_v: &sv,
+                win_start: lo,
+                win_k: &wk,
+                win_v: &wv,
+            };
+            let mut out = vec![0f32; qq.len()];
+            tqkv::attention::attend_cycled(
+                &kq[h],
+                &vq[h],
+                &qq,
+                kr,
+                vr,
+                s.exact.map(|_| &rows),
+                &vis,
+                scale,
+                &mut out,
+            )
+            .unwrap();
+            for ti in 0..t {
+                for gi in 0..g {
+                    let o = ((bi * hq + h * g + gi) * t + ti) * d;
+                    want[o..o + d].copy_from_slice(&out[(ti * g + gi) * d..][..d]);
+                }
+            }
+        }
+    }
+    let mut c = Case::new();
+    c.ints(
+        "dims",
+        &[
+            b as i32,
+            hq as i32,
+            hkv as i32,
+            t as i32,
+            cap as i32,
+            cycle as i32,
+            s.dtype,
+            sinks as i32,
+            ring as i32,
+            s.exact.is_some() as i32,
+            d as i32,
+        ],
+    );
+    c.floats("scale", &[scale]);
+    for m in 0..cycle {
+        c.tables(&format!("k{m}"), &kt[m]);
+        c.tables(&format!("v{m}"), &vt[m]);
+    }
+    c.ints("kch", &kt[0].channels);
+    c.ints("vch", &vt[0].channels);
+    c.bytes("kc", &kc);
+    c.bytes("vc", &vc);
+    c.floats("q", &q);
+    c.ints(
+        "visible",
+        &visible.iter().map(|&x| x as i32).collect::<Vec<_>>(),
+    );
+    c.ints(
+        "packed_end",
+        &packed_end.iter().map(|&x| x as i32).collect::<Vec<_>>(),
+    );
+    c.halves("ek", &ek);
+    c.halves("ev", &ev);
+    c.floats("want", &want);
+    let path = dir.join(format!("{}.bin", s.name));
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&c.0)
+        .unwrap();
+    eprintln!("wrote {} ({} bytes)", path.display(), c.0.len());
+}
+
+#[test]
+#[ignore = "writes the emulator's cases; run by scripts/emulate-kernels.sh"]
+fn write_emulator_cases() {
+    let dir = std::path::PathBuf::from(std::env::var("TQKV_EMU_DIR").expect("TQKV_EMU_DIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = Rng::new(fresh_seed("emulator cases"));
+    let m = "mse";
+    for s in [
+        // Decode, GQA 4: the paper's 3.5 split (two groups of 64) and the presets' 4/2 bits.
+        Shape {
+            name: "d128-3.5-dense-g4",
+            keys: ("3.5", m, "dense"),
+            vbits: "3.5",
+            vmode: m,
+            d: 128,
+            hkv: 2,
+            g: 4,
+            t: 1,
+            lens: &[1, 7, 99, 700],
+            dtype: 1,
+            cycle: 1,
+            exact: None,
+        },
+        Shape {
+            name: "d128-k4v2-had-g4-r4",
+            keys: ("4", m, "hadamard"),
+            vbits: "2",
+            vmode: m,
+            d: 128,
+            hkv: 2,
+            g: 4,
+            t: 1,
+            lens: &[63, 64, 65, 300],
+            dtype: 1,
+            cycle: 4,
+            exact: None,
+        },
+        Shape {
+            name: "d64-k4v2-had-g3-r4-exact",
+            keys: ("4", "mse-projected", "hadamard"),
+            vbits: "2",
+            vmode: "mse-projected",
+            d: 64,
+            hkv: 3,
+            g: 3,
+            t: 1,
+            lens: &[600, 3, 31],
+            dtype: 0,
+            cycle: 4,
+            exact: Some((1, 29)),
+        },
+        Shape {
+            name: "d64-k3v1.5-log8-r2-exact",
+            keys: ("3", m, "hadamard"),
+            vbits: "1.5",
+            vmode: "mse-projected-log8",
+            d: 64,
+            hkv: 1,
+            g: 3,
+            t: 1,
+            lens: &[200, 9],
+            dtype: 2,
+            cycle: 2,
+            exact: Some((2, 40)),
+        },
+        Shape {
+            name: "d96-2.5-dense-g7",
+            keys: ("2.5", m, "dense"),
+            vbits: "2.5",
+            vmode: m,
+            d: 96,
+            hkv: 1,
+            g: 7,
+            t: 1,
+            lens: &[150],
+            dtype: 0,
+            cycle: 1,
+            exact: None,
+        },
+        Shape {
+            name: "d256-2.5-had-g2",
+            keys: ("2.5", m, "hadamard"),
+            vbits: "3",
+            vmode: m,
+            d: 256,
+            hkv: 1,
+            g: 2,
+            t: 1,
+            lens: &[130, 1],
+            dtype: 1,
+            cycle: 1,
+            exact: None,
+        },
+        // Several query tokens (prefill rows, causal): 16 rows per block, and with a cycle.
+        Shape {
+            name: "d128-3.5-prefill-t5",
+            keys: ("3.5", m, "dense"),
+            vbits: "3.5",
+            vmode: m,
+            d: 128,
+            hkv: 2,
+            g: 4,
+            t: 5,
+            lens: &[9, 200],
+            dtype: 2,
+            cycle: 1,
+            exact: None,
+        },
+        Shape {
+            name: "d64-k4v2-prefill-t3-r2-exact",
+            keys: ("4", m, "hadamard"),
+            vbits: "2",
+            vmode: m,
+            d: 64,
+            hkv: 1,
+            g: 3,
+            t: 3,
+            lens: &[90, 4],
+            dtype: 1,
+            cycle: 2,
+            exact: Some((1, 20)),
+        },
+        // Not on the tensor-core path (QJL keys, d = 99): the split kernel only.
+        Shape {
+            name: "d64-qjl-split-only",
+            keys: ("4", "prod", "dense"),
+            vbits: "3",
+            vmode: m,
+            d: 64,
+            hkv: 2,
+            g: 1,
+            t: 1,
+            lens: &[77, 2],
+            dtype: 0,
+            cycle: 1,
+            exact: None,
+        },
+    ] {
+        write_case(&dir, &mut rng, &s);
+    }
+}
