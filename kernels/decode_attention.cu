@@ -12,7 +12,7 @@
 //            then reads records only for slots sinks..packed_end[b·T + t]
 //   kch, vch [Hkv, head_dim] int  per-head channel order of keys / values
 //   status   [1] int  the cache's status word: non-zero (bad input was appended) → NaN output
-//   out      [B, Hq, T, head_dim] f32
+//   out      [B, Hq, T, head_dim] f32 / f16 / bf16 (out_dtype 0 / 1 / 2)
 //   ks, vs   `cycle` specs each (TqSpecs): slot s was written with variant s % cycle
 //   ws       workspace: [B, Hkv, tiles, splits, R, cycle·Dv + 2] f32 (Dv = rotated value
 //            coordinates of one variant; variant m's value sums at m·Dv)
@@ -337,10 +337,10 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
 
 // Merges the splits of each row, adds the sketch term Sᵀ(Σ p γ z)/(mκ), un-rotates per value
 // group and scatters to the head's channels. One block per (b, KV head, tile, row).
-template <int R>
+template <typename TO, int R>
 __global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __restrict__ vch, TqSpecs vss,
                                      int Hq, int Hkv, int T_, int tiles, int splits, const int* __restrict__ status,
-                                     float* __restrict__ out) {
+                                     TO* __restrict__ out) {
   const int b = blockIdx.y, r = blockIdx.x % R, h = blockIdx.x / R / tiles, tile = blockIdx.x / R % tiles;
   const TqSpec& vs = vss.v[0];
   const int NC = vss.n;  // variants of the cycle
@@ -357,7 +357,7 @@ __global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __
     const int gr = tile * R + r;
     if (gr >= G * T_) return;
     const int t = gr / G, qh = h * G + gr % G;
-    float* o = out + (((long)b * Hq + qh) * T_ + t) * d;
+    TO* o = out + (((long)b * Hq + qh) * T_ + t) * d;
     const long base = (((long)b * Hkv + h) * tiles + tile) * splits * R * (W + 2) + (long)r * (W + 2);
     const long stride = (long)R * (W + 2);
     // Split weights exp(m_s − M), in chunks of 1024 splits at most (the launcher checks).
@@ -409,18 +409,47 @@ __global__ void tq_attn_merge_kernel(const float* __restrict__ ws, const int* __
         __syncthreads();
       }
       for (int j = threadIdx.x; j < gdim; j += blockDim.x)
-        o[vch[(long)h * d + chbase + j]] = poisoned ? NAN : xsum[j];
+        tq_store<TO>(o, vch[(long)h * d + chbase + j], poisoned ? NAN : xsum[j]);
       __syncthreads();
       chbase += gdim;
     }
   }
 }
 
+// The merge in the output dtype (0 f32, 1 f16, 2 bf16): grid (Hkv · tiles · R, B).
+template <int R>
+static int tq_attn_merge_launch(const float* ws, const int* vch, const TqSpecs& vs, int Hq, int Hkv, int T_,
+                                int tiles, int total, const int* status, void* out, int out_dtype, int B,
+                                cudaStream_t stream) {
+  const dim3 grid(Hkv * tiles * R, B);
+  switch (out_dtype) {
+    case 0: {
+      auto k = tq_attn_merge_kernel<float, R>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total, status, (float*)out);
+      break;
+    }
+    case 1: {
+      auto k = tq_attn_merge_kernel<__half, R>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total, status, (__half*)out);
+      break;
+    }
+    case 2: {
+      auto k = tq_attn_merge_kernel<__nv_bfloat16, R>;
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total, status,
+                (__nv_bfloat16*)out);
+      break;
+    }
+    default:
+      return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}
+
 template <typename T, int R>
 static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
                           const int* vch, const TqSpecs& ks, const TqSpecs& vs, int B, int Hq, int Hkv, int T_,
                           int cap, float scale, int splits, int chunk, const TqExact* exact, float* ws,
-                          const int* status, float* out, cudaStream_t stream) {
+                          const int* status, void* out, int out_dtype, cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
   const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
   // With an exact part, the records end at each row's packed_end and start after the sinks.
@@ -441,12 +470,7 @@ static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, c
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
   }
-  {
-    auto k = tq_attn_merge_kernel<R>;
-    TQ_LAUNCH(k, dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total,
-                                                                           status, out);
-  }
-  return (int)cudaGetLastError();
+  return tq_attn_merge_launch<R>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
 }
 
 // The tensor-core path: queries rotated once (into the f16 area after the float workspace),
@@ -455,7 +479,8 @@ template <typename T, int R, int D>
 static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
                         const int* vch, const TqSpecs& ks, const TqSpecs& vs, const TqTiles& tt, int B, int Hq,
                         int Hkv, int T_, int cap, float scale, int splits, int chunk, const TqExact* exact,
-                        float* ws, long ws_floats, const int* status, float* out, cudaStream_t stream) {
+                        float* ws, long ws_floats, const int* status, void* out, int out_dtype,
+                        cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
   const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
   __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
@@ -479,12 +504,7 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
   }
-  {
-    auto k = tq_attn_merge_kernel<R>;
-    TQ_LAUNCH(k, dim3(Hkv * tiles * R, B), TQ_THREADS, 0, stream, ws, vch, vs, Hq, Hkv, T_, tiles, total,
-                                                                           status, out);
-  }
-  return (int)cudaGetLastError();
+  return tq_attn_merge_launch<R>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
 }
 
 // Rows per block for `rows` query rows per KV head (G · T) and a cycle of `cycle` rotations:
@@ -533,18 +553,20 @@ extern "C" long tqkv_decode_attention_workspace(int kernel, const TqSpec* vs, in
 
 // ks, vs: `cycle` specs each (1..=TQ_MAX_CYCLE; slot s was written with variant s % cycle).
 // kernel: 0 the CUDA-core split kernel, 1 the tensor-core one; tiles: null (the contiguous
-// layout) or a tile table (kernel 1 only). workspace: tqkv_decode_attention_workspace floats.
+// layout) or a tile table (kernel 1 only). workspace: tqkv_decode_attention_workspace floats;
+// out in out_dtype (0 f32, 1 f16, 2 bf16), every element written.
 extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, const uint8_t* kcache,
                                      const uint8_t* vcache, const int* visible, const int* kch, const int* vch,
                                      const TqSpec* ks, const TqSpec* vs, int cycle, int B, int Hq, int Hkv, int T,
                                      int cap, const TqTiles* tiles, float scale, int splits, int chunk,
-                                     const TqExact* exact, float* workspace, const int* status, float* out,
-                                     cudaStream_t stream) {
+                                     const TqExact* exact, float* workspace, const int* status, void* out,
+                                     int out_dtype, cudaStream_t stream) {
   TqSpecs kss, vss;
   if (!tq_specs(ks, cycle, &kss) || !tq_specs(vs, cycle, &vss)) return (int)cudaErrorInvalidValue;
   if (ks->head_dim != vs->head_dim || ks->head_dim > TQ_MAX_DIM || Hkv <= 0 || Hq % Hkv != 0)
     return (int)cudaErrorInvalidValue;
   if (kernel != 0 && kernel != 1) return (int)cudaErrorInvalidValue;
+  if (out_dtype < 0 || out_dtype > 2) return (int)cudaErrorInvalidValue;
   if (kernel == 0 && tiles) return (int)cudaErrorInvalidValue;  // kernel 0 reads the contiguous layout only
   if (kernel == 1 && (!tq_tc_supports(*ks, *vs, cycle) || chunk % TQ_TC_TILE != 0)) return (int)cudaErrorInvalidValue;
   if (tiles && (!tiles->table || tiles->per_seq < 1)) return (int)cudaErrorInvalidValue;
@@ -580,7 +602,7 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
     const long wsf = tq_attn_ws_floats(vs, cycle, R, B, Hq, Hkv, T, total);
 #define TQ_TC_CASE(TY, RR, DD)                                                                                     \
   return tq_tc_launch<TY, RR, DD>(q, kcache, vcache, visible, kch, vch, kss, vss, tt, B, Hq, Hkv, T, cap, scale,  \
-                                  splits, chunk, exact, workspace, wsf, status, out, stream)
+                                  splits, chunk, exact, workspace, wsf, status, out, out_dtype, stream)
 #define TQ_TC_DIMS(TY, RR)                     \
   switch (ks->head_dim) {                      \
     case 64: TQ_TC_CASE(TY, RR, 64);           \
@@ -610,7 +632,7 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
   }
 #define TQ_ATT_CASE(TY, RR)                                                                                       \
   return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, kss, vss, B, Hq, Hkv, T, cap, scale,     \
-                                splits, chunk, exact, workspace, status, out, stream)
+                                splits, chunk, exact, workspace, status, out, out_dtype, stream)
 #define TQ_ATT_ROWS(TY)      \
   switch (R) {               \
     case 1: TQ_ATT_CASE(TY, 1); \

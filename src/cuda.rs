@@ -188,7 +188,16 @@ extern "C" {
         exact: *const TqExact,
         workspace: *mut f32,
         status: *const c_int,
-        out: *mut f32,
+        out: *mut c_void,
+        out_dtype: c_int,
+        stream: *mut c_void,
+    ) -> c_int;
+
+    fn tqkv_check_finite(
+        x: *const c_void,
+        dtype: c_int,
+        n: c_long,
+        status: *mut c_int,
         stream: *mut c_void,
     ) -> c_int;
 }
@@ -748,6 +757,8 @@ pub struct AttentionOptions<'a> {
     pub kernel: AttentionKernel,
     /// A tile table (None: the contiguous layout).
     pub tiles: Option<TileTable<'a>>,
+    /// Buffers to reuse (None: allocated per call).
+    pub workspace: Option<&'a std::sync::Mutex<Workspace>>,
 }
 
 /// Whether [`AttentionKernel::TensorCore`] takes the layouts of `kt` and `vt` (MSE-only groups
@@ -764,6 +775,68 @@ pub fn attention_supported(kernel: AttentionKernel, kt: &DeviceTables, vt: &Devi
     }
 }
 
+/// Device buffers an attention call can reuse instead of allocating them (one per layer, as
+/// the candle layer keeps it): the split workspace and the per-query lengths, grown on demand
+/// (by a quarter more than asked), never shrunk. Calls that share one must run on one stream.
+#[derive(Default)]
+pub struct Workspace {
+    floats: Option<CudaSlice<f32>>,
+    ints: Option<CudaSlice<i32>>,
+}
+
+impl Workspace {
+    /// Makes room for `floats` workspace floats and `ints` lengths.
+    fn reserve(&mut self, stream: &Arc<CudaStream>, floats: usize, ints: usize) -> Result<()> {
+        fn grow<T: DeviceRepr>(
+            buf: &mut Option<CudaSlice<T>>,
+            stream: &Arc<CudaStream>,
+            n: usize,
+        ) -> Result<()> {
+            if buf.as_ref().is_none_or(|b| b.len() < n) {
+                let want = n.max(1) + n / 4;
+                // SAFETY: every element a launch reads is written first (workspace: by the
+                // split kernels before the merge; lengths: by the copy before the launch).
+                *buf = Some(unsafe { stream.alloc::<T>(want) }.map_err(driver)?);
+            }
+            Ok(())
+        }
+        grow(&mut self.floats, stream, floats)?;
+        grow(&mut self.ints, stream, ints.max(1))
+    }
+
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> usize {
+        self.floats.as_ref().map_or(0, |b| b.len() * 4)
+            + self.ints.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+/// Sets `status` (without a host round trip) when `x` holds a NaN or ±Inf: the device-side
+/// check of values that reach a cache without the quantize-append kernel (exact tokens,
+/// full-precision caches). `n` elements of `x`, contiguous.
+pub fn check_finite<T: KernelFloat>(
+    stream: &Arc<CudaStream>,
+    x: &impl DevicePtr<T>,
+    n: usize,
+    status: &mut StatusWord,
+) -> Result<()> {
+    need("checked values", x, n)?;
+    stream.context().bind_to_thread().map_err(driver)?;
+    let (xp, _g1) = x.device_ptr(stream);
+    let (sp, _g2) = status.0.device_ptr_mut(stream);
+    // SAFETY: n elements of x exist (checked); the status word is one int.
+    let code = unsafe {
+        tqkv_check_finite(
+            raw::<c_void>(xp),
+            T::CODE,
+            n as c_long,
+            raw_mut(sp),
+            stream.cu_stream() as *mut c_void,
+        )
+    };
+    launched("tqkv_check_finite", code)
+}
+
 /// Multiprocessors of the stream's device (0 when the driver does not say).
 fn multiprocessors(stream: &Arc<CudaStream>) -> usize {
     use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
@@ -776,9 +849,10 @@ fn multiprocessors(stream: &Arc<CudaStream>) -> usize {
 /// Fused attention over the packed caches: `q` `[batch, q_heads, tokens, head_dim]` in `T`,
 /// `kcache`/`vcache` `[batch, kv_heads, capacity, record_bytes]`, `visible` `[batch, tokens]`
 /// on the host (query (b, t) sees slots `0..visible[b·tokens + t]`), `out`
-/// `[batch, q_heads, tokens, head_dim]` f32; softmax(scale · q·Kᵀ)·V computed from the codes.
+/// `[batch, q_heads, tokens, head_dim]` in `O` (f32, f16 or bf16); softmax(scale · q·Kᵀ)·V
+/// computed from the codes.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention<T: KernelFloat>(
+pub fn decode_attention<T: KernelFloat, O: KernelFloat>(
     stream: &Arc<CudaStream>,
     kt: &DeviceTables,
     vt: &DeviceTables,
@@ -789,7 +863,7 @@ pub fn decode_attention<T: KernelFloat>(
     visible: &[usize],
     scale: f32,
     status: &StatusWord,
-    out: &mut impl DevicePtrMut<f32>,
+    out: &mut impl DevicePtrMut<O>,
 ) -> Result<()> {
     decode_attention_mixed(
         stream, kt, vt, q, kcache, vcache, shape, visible, None, scale, status, out,
@@ -818,7 +892,7 @@ pub struct ExactPart<'a> {
 /// [`ExactPart`] (one softmax over all; the CPU reference is
 /// [`crate::attention::attend_mixed`]); `None` is [`decode_attention`].
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention_mixed<T: KernelFloat>(
+pub fn decode_attention_mixed<T: KernelFloat, O: KernelFloat>(
     stream: &Arc<CudaStream>,
     kt: &DeviceTables,
     vt: &DeviceTables,
@@ -830,7 +904,7 @@ pub fn decode_attention_mixed<T: KernelFloat>(
     exact: Option<&ExactPart>,
     scale: f32,
     status: &StatusWord,
-    out: &mut impl DevicePtrMut<f32>,
+    out: &mut impl DevicePtrMut<O>,
 ) -> Result<()> {
     decode_attention_with(
         stream,
@@ -854,7 +928,7 @@ pub fn decode_attention_mixed<T: KernelFloat>(
 /// the caches are the tables' pools, of any size the table's entries fit). A kernel that does
 /// not take the layout ([`attention_supported`]) is an error, not a silent fallback.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention_with<T: KernelFloat>(
+pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
     stream: &Arc<CudaStream>,
     kt: &DeviceTables,
     vt: &DeviceTables,
@@ -867,7 +941,7 @@ pub fn decode_attention_with<T: KernelFloat>(
     opts: &AttentionOptions,
     scale: f32,
     status: &StatusWord,
-    out: &mut impl DevicePtrMut<f32>,
+    out: &mut impl DevicePtrMut<O>,
 ) -> Result<()> {
     let AttentionShape {
         batch: b,
@@ -1009,17 +1083,35 @@ pub fn decode_attention_with<T: KernelFloat>(
             "the {kernel} attention kernel has no workspace for this shape"
         )));
     }
-    let mut ws = unsafe { stream.alloc::<f32>(ws_len.max(1) as usize) }.map_err(driver)?;
-    let vis_d = ints(stream, visible, "visible length")?;
-    let pe_d = match exact {
-        Some(e) => Some(ints(stream, e.packed_end, "packed end")?),
+    // The workspace and the per-query lengths (visible, then packed ends): the caller's
+    // cached buffers when given, else fresh ones.
+    let host_ints = visible
+        .iter()
+        .chain(exact.map_or(&[][..], |e| e.packed_end))
+        .map(|&x| int("visible length", x))
+        .collect::<Result<Vec<_>>>()?;
+    let mut cached = match opts.workspace {
+        Some(w) => Some(
+            w.lock()
+                .map_err(|_| Error::Config("the attention workspace lock is poisoned".into()))?,
+        ),
         None => None,
     };
+    let mut local = Workspace::default();
+    let wsp: &mut Workspace = cached.as_deref_mut().unwrap_or(&mut local);
+    wsp.reserve(stream, ws_len.max(1) as usize, host_ints.len())?;
+    let (Some(ws), Some(ints_d)) = (wsp.floats.as_mut(), wsp.ints.as_mut()) else {
+        unreachable!("reserved above")
+    };
+    stream
+        .memcpy_htod(&host_ints, &mut ints_d.slice_mut(0..host_ints.len()))
+        .map_err(driver)?;
     stream.context().bind_to_thread().map_err(driver)?;
     let (qp, _g1) = q.device_ptr(stream);
     let (kp, _g2) = kcache.device_ptr(stream);
     let (vp, _g3) = vcache.device_ptr(stream);
-    let (visp, _g4) = vis_d.device_ptr(stream);
+    let (visp, _g4) = ints_d.device_ptr(stream);
+    let pep = visp + (b * t * std::mem::size_of::<c_int>()) as u64;
     let (kchp, _g5) = kt.channels.device_ptr(stream);
     let (vchp, _g6) = vt.channels.device_ptr(stream);
     let (wp, _g7) = ws.device_ptr_mut(stream);
@@ -1027,12 +1119,11 @@ pub fn decode_attention_with<T: KernelFloat>(
     let (op, _g9) = out.device_ptr_mut(stream);
     let mut guards = Vec::new();
     let mut guards_t = Vec::new();
-    let ex = match (exact, &pe_d) {
-        (Some(e), Some(pe)) => {
+    let ex = match exact {
+        Some(e) => {
             let (ekp, g1) = e.k.device_ptr(stream);
             let (evp, g2) = e.v.device_ptr(stream);
-            let (pep, g3) = pe.device_ptr(stream);
-            guards.push((g1, g2, g3));
+            guards.push((g1, g2));
             Some(TqExact {
                 k: raw(ekp),
                 v: raw(evp),
@@ -1042,7 +1133,7 @@ pub fn decode_attention_with<T: KernelFloat>(
                 splits: int("exact splits", xsplits)?,
             })
         }
-        _ => None,
+        None => None,
     };
     let tiles = match &opts.tiles {
         Some(tt) => {
@@ -1090,7 +1181,8 @@ pub fn decode_attention_with<T: KernelFloat>(
                 .map_or(std::ptr::null(), |x| x as *const TqExact),
             raw_mut(wp),
             raw(stp),
-            raw_mut(op),
+            raw_mut::<c_void>(op),
+            O::CODE,
             stream.cu_stream() as *mut c_void,
         )
     };

@@ -498,11 +498,14 @@ fn mixed_attention_case(
     // through a tile table over a shuffled pool (then bit-equal to its contiguous run).
     let mut runs = vec![("split", stream.clone_dtoh(&out).unwrap(), 1e-3)];
     if attention_supported(AttentionKernel::TensorCore, &kd, &vd) {
+        // One cached workspace for both runs (as a layer reuses it).
+        let ws = std::sync::Mutex::new(tqkv::cuda::Workspace::default());
         let run = |tiles: Option<TileTable>, kc: &CudaSlice<u8>, vc: &CudaSlice<u8>| {
             let mut o = stream.alloc_zeros::<f32>(b * hq * t * d).unwrap();
             let opts = AttentionOptions {
                 kernel: AttentionKernel::TensorCore,
                 tiles,
+                workspace: Some(&ws),
             };
             with_input_as!(stream, dtype, &q, |qd| decode_attention_with(
                 stream, &kd, &vd, &qd, kc, vc, shape, &visible, part, &opts, scale, &status,

@@ -189,7 +189,7 @@ int main(int argc, char** argv) {
           const int rc = tqkv_decode_attention(
               kernel, q, qd, use_table ? kp.data() : kc.data.data(), use_table ? vp.data() : vc.data.data(), visible,
               kch, vch, ks.data(), vs.data(), cycle, B, Hq, Hkv, T, cap, use_table ? &tt : nullptr, scale, splits,
-              chunk, has_exact ? &ex : nullptr, ws.data(), &status, out.data(), nullptr);
+              chunk, has_exact ? &ex : nullptr, ws.data(), &status, out.data(), 0, nullptr);
           ++runs;
           if (rc != 0) {
             printf("%-36s kernel %d chunk %d: launcher returned %d\n", argv[a], kernel, chunk, rc);
@@ -217,6 +217,25 @@ int main(int argc, char** argv) {
                 if (!(rel <= tol)) ++bad_rows;
                 worst = std::isnan(rel) ? INFINITY : max(worst, rel);
               }
+          if (pi == 0 && !use_table) {
+            // The same plan with f16 output: the f32 output rounded, element for element.
+            std::vector<__half> o16(nq, __float2half_rn(NAN));
+            std::vector<float> ws2(wsf, NAN);
+            const int rc2 = tqkv_decode_attention(kernel, q, qd, kc.data.data(), vc.data.data(), visible, kch, vch,
+                                                  ks.data(), vs.data(), cycle, B, Hq, Hkv, T, cap, nullptr, scale,
+                                                  splits, chunk, has_exact ? &ex : nullptr, ws2.data(), &status,
+                                                  o16.data(), 1, nullptr);
+            long diff = 0;
+            for (long i = 0; i < nq; ++i) {
+              const __half r = __float2half_rn(out[i]);
+              diff += memcmp(&r, &o16[i], 2) != 0;
+            }
+            if (rc2 != 0 || diff != 0) {
+              printf("%-36s kernel %d: f16 output differs from the rounded f32 output in %ld elements (rc %d)  FAIL\n",
+                     argv[a], kernel, diff, rc2);
+              ++failures;
+            }
+          }
           if (kernel == 1 && pi == 0 && !use_table) tc_plain = out;
           bool same = true;
           if (kernel == 1 && pi == 0 && use_table)

@@ -7,9 +7,10 @@
 //!
 //! Layouts are those of [`crate::ops`]: caches u8 `[batch, kv_heads, capacity, record_bytes]`
 //! (contiguous, offset 0), inputs and queries f32/f16/bf16 `[batch, heads, tokens, head_dim]`
-//! (contiguous), attention output f32 `[batch, q_heads, tokens, head_dim]`.
+//! (contiguous), attention output `[batch, q_heads, tokens, head_dim]` in the queries' dtype.
 
 use crate::ops::{TqAppend, TqAttend, TqDequantize};
+use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
@@ -45,6 +46,8 @@ pub struct GpuTables {
     k: DeviceTables,
     v: DeviceTables,
     status: Mutex<StatusWord>,
+    /// The attention's workspace and lengths, reused by every call of this layer.
+    workspace: Mutex<tqkv::cuda::Workspace>,
 }
 
 impl GpuTables {
@@ -71,6 +74,7 @@ impl GpuTables {
             k: upload(kq)?,
             v: upload(vq)?,
             status: Mutex::new(StatusWord::new(&stream).map_err(wrap)?),
+            workspace: Mutex::new(tqkv::cuda::Workspace::default()),
         })
     }
 
@@ -181,9 +185,6 @@ pub fn attend(
         tokens: t,
         capacity: op.capacity,
     };
-    let mut out = stream
-        .alloc_zeros::<f32>(b * hq * t * d)
-        .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))?;
     // The exact part in f16 (fresh allocations: contiguous, offset 0): the store's tensors, or
     // for q8_0 its slots decoded (the fused kernel reads f16 rows).
     let slots = match &op.exact {
@@ -216,9 +217,13 @@ pub fn attend(
     let opts = tqkv::cuda::AttentionOptions {
         kernel,
         tiles: None,
+        workspace: Some(&gpu.workspace),
     };
     let status = lock(&gpu.status)?;
-    let r = with_float_slice!(&q.slice, "tqkv-attend: queries", |x| {
+    let n = b * hq * t * d;
+    // The output in the queries' dtype, every element written by the kernel (no memset).
+    let storage = with_float_slice!(&q.slice, "tqkv-attend: queries", |x| {
+        let mut out = uninit_like(x, &stream, n)?;
         tqkv::cuda::decode_attention_with(
             &stream,
             &gpu.k,
@@ -234,12 +239,76 @@ pub fn attend(
             &status,
             &mut out,
         )
+        .map_err(wrap)?;
+        CudaStorage::wrap_cuda_slice(out, q.device.clone())
     });
-    r.map_err(wrap)?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, q.device.clone()),
-        Shape::from((b, hq, t, d)),
-    ))
+    Ok((storage, Shape::from((b, hq, t, d))))
+}
+
+/// `n` uninitialised elements of `x`'s type on `stream`.
+fn uninit_like<T: cudarc::driver::DeviceRepr>(
+    _x: &CudaSlice<T>,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: the caller's kernel writes every element before anything reads it.
+    unsafe { stream.alloc::<T>(n) }
+        .map_err(|e| candle_core::Error::msg(format!("tqkv-attend: {e}")))
+}
+
+/// Sets the layer's status word, without a host round trip, when `t` (a CUDA tensor) holds
+/// NaN or ±Inf: the device-side check of exact tokens appended by decode steps.
+pub fn check_finite(t: &candle_core::Tensor, gpu: &GpuTables) -> Result<()> {
+    finite_into(t, &gpu.status)
+}
+
+fn finite_into(t: &candle_core::Tensor, status: &Mutex<StatusWord>) -> Result<()> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(c) = &*st else {
+        candle_core::bail!("check_finite: not a CUDA tensor")
+    };
+    let (s, e) = offsets(l, "checked values")?;
+    let stream = c.device.cuda_stream();
+    let mut status = lock(status)?;
+    let r = with_float_slice!(&c.slice, "checked values", |x| tqkv::cuda::check_finite(
+        &stream,
+        &x.slice(s..e),
+        e - s,
+        &mut status
+    ));
+    r.map_err(wrap)
+}
+
+/// A device status word for a cache without GPU tables (the full-precision caches): decode
+/// steps check their keys and values into it on the device, [`DeviceStatus::check`] reads it.
+pub struct DeviceStatus(Mutex<StatusWord>);
+
+impl std::fmt::Debug for DeviceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceStatus")
+    }
+}
+
+impl DeviceStatus {
+    /// A clear status word on `device` (a CUDA device).
+    pub fn new(device: &candle_core::Device) -> Result<Self> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        Ok(DeviceStatus(Mutex::new(
+            StatusWord::new(&stream).map_err(wrap)?,
+        )))
+    }
+
+    /// Sets the word when `t` holds NaN or ±Inf (no host round trip).
+    pub fn check_finite(&self, t: &candle_core::Tensor) -> Result<()> {
+        finite_into(t, &self.0)
+    }
+
+    /// Reads the word (synchronizes): an error if bad values were appended since the last read.
+    pub fn check(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        lock(&self.0)?.read(&stream).map_err(wrap)
+    }
 }
 
 /// The f16 slice of a fresh (contiguous, offset 0) CUDA tensor's storage.

@@ -61,3 +61,29 @@ pub fn attend(
 pub fn dequantize(_: &TqDequantize, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
     Err(off())
 }
+
+/// Always an error without `cuda`.
+pub fn check_finite(_: &candle_core::Tensor, _: &GpuTables) -> Result<()> {
+    Err(off())
+}
+
+/// Never built without `cuda`.
+#[derive(Debug)]
+pub struct DeviceStatus;
+
+impl DeviceStatus {
+    /// Always an error without `cuda`.
+    pub fn new(_: &candle_core::Device) -> Result<Self> {
+        Err(off())
+    }
+
+    /// Always an error without `cuda`.
+    pub fn check_finite(&self, _: &candle_core::Tensor) -> Result<()> {
+        Err(off())
+    }
+
+    /// Always an error without `cuda`.
+    pub fn check(&self, _: &candle_core::Device) -> Result<()> {
+        Err(off())
+    }
+}

@@ -19,9 +19,22 @@ pub struct FullCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     capacity: usize,
+    /// CUDA: the status word decode steps check their keys and values into (no host round
+    /// trip per token; [`FullCache::check_status`] reads it).
+    status: Option<std::sync::Arc<crate::cuda_ops::DeviceStatus>>,
 }
 
 impl FullCache {
+    /// On CUDA, reads the status word single-token appends set on NaN/Inf keys or values
+    /// (synchronizes; attention over such a cache returns NaN meanwhile). Prefill appends, and
+    /// every append on the CPU, check at once and leave the cache unchanged on error.
+    pub fn check_status(&self) -> Result<()> {
+        match &self.status {
+            Some(s) => s.check(&self.device),
+            None => Ok(()),
+        }
+    }
+
     /// A cache for `kv_heads` heads of `head_dim` in `dtype` (f32, f16 or bf16) on `device`.
     pub fn new(
         kv_heads: usize,
@@ -40,6 +53,7 @@ impl FullCache {
             k: None,
             v: None,
             capacity: 0,
+            status: None,
         })
     }
 
@@ -97,25 +111,31 @@ pub(crate) fn dense_attention(
         .matmul(&k.t()?)?
         .to_dtype(DType::F32)?
         .reshape((b, hk, g, t, l))?;
-    // Mask [b, 1, 1, t, l]: 0 where visible, -1e30 elsewhere; row weights zero padding rows.
-    let mut mask = vec![0.0f32; b * t * l];
-    let mut rows = vec![0.0f32; b * t];
-    for i in 0..b {
-        for r in 0..t {
-            let vis = state.visible(i, r);
-            rows[i * t + r] = if vis > 0 { 1.0 } else { 0.0 };
-            for j in vis..l {
-                mask[(i * t + r) * l + j] = -1e30;
-            }
-        }
+    // Mask [b, 1, 1, t, l]: 0 where visible, -1e30 elsewhere, built on the device from the
+    // b·t visible lengths (none at all when every row sees all l positions, as in a decode
+    // step of equal lengths); row weights zero padding rows (only when there are any).
+    let vis: Vec<u32> = (0..b)
+        .flat_map(|i| (0..t).map(move |r| (i, r)))
+        .map(|(i, r)| state.visible(i, r) as u32)
+        .collect();
+    let dev = q.device();
+    let mut scores = scores;
+    if vis.iter().any(|&x| x as usize != l) {
+        let vt = Tensor::from_vec(vis.clone(), (b, 1, 1, t, 1), dev)?;
+        let pos = Tensor::arange(0u32, l as u32, dev)?.reshape((1, 1, 1, 1, l))?;
+        let mask = pos
+            .broadcast_lt(&vt)?
+            .to_dtype(DType::F32)?
+            .affine(1e30, -1e30)?;
+        scores = scores.broadcast_add(&mask)?;
     }
-    let mask = Tensor::from_vec(mask, (b, 1, 1, t, l), q.device())?;
-    let rows = Tensor::from_vec(rows, (b, 1, 1, t, 1), q.device())?;
-    let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-    let p = p
-        .broadcast_mul(&rows)?
-        .reshape((b, hk, g * t, l))?
-        .to_dtype(dtype)?;
+    let mut p = candle_nn::ops::softmax_last_dim(&scores)?;
+    if vis.contains(&0) {
+        let rows: Vec<f32> = vis.iter().map(|&x| f32::from(x > 0)).collect();
+        let rows = Tensor::from_vec(rows, (b, 1, 1, t, 1), dev)?;
+        p = p.broadcast_mul(&rows)?;
+    }
+    let p = p.reshape((b, hk, g * t, l))?.to_dtype(dtype)?;
     let out = p.matmul(&v.contiguous()?)?;
     out.reshape((b, hq, t, d))?.to_dtype(qd)
 }
@@ -130,8 +150,20 @@ impl KvCache for FullCache {
                 self.device.location()
             );
         }
-        check_finite_tensor("keys", k)?;
-        check_finite_tensor("values", v)?;
+        if t == 1 && self.device.is_cuda() {
+            // A decode step on CUDA: checked on the device, no host round trip per token.
+            if self.status.is_none() {
+                self.status = Some(std::sync::Arc::new(crate::cuda_ops::DeviceStatus::new(
+                    &self.device,
+                )?));
+            }
+            let s = self.status.as_ref().unwrap();
+            s.check_finite(k)?;
+            s.check_finite(v)?;
+        } else {
+            check_finite_tensor("keys", k)?;
+            check_finite_tensor("values", v)?;
+        }
         let have: Vec<usize> = (0..b)
             .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
             .collect();
@@ -167,6 +199,7 @@ impl KvCache for FullCache {
         self.k = None;
         self.v = None;
         self.capacity = 0;
+        self.status = None;
     }
 
     fn memory(&self) -> MemoryUsage {

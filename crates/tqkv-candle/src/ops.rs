@@ -6,8 +6,9 @@
 //!   Token t < new[b] of sequence b, head h goes to slot `start[b] + t`; padding is skipped.
 //! * [`TqAttend`] (`CustomOp3`): attention of the queries over the packed K and V caches.
 //!   q: f32 / f16 / bf16 `[batch, q_heads, tokens, head_dim]`, contiguous; k, v: the caches above.
-//!   out: f32 `[batch, q_heads, tokens, head_dim]`. Query row t of sequence b sees slots
-//!   `0..visible(b, t)` (causal, per-sequence lengths; 0 for padding rows → zeros).
+//!   out: `[batch, q_heads, tokens, head_dim]`, f32 on the CPU, the queries' dtype on CUDA.
+//!   Query row t of sequence b sees slots `0..visible(b, t)` (causal, per-sequence lengths; 0
+//!   for padding rows → zeros).
 //!
 //! * [`TqDequantize`] (`CustomOp1`): the first `n` slots of a cache back to vectors
 //!   `[batch, kv_heads, n, head_dim]` in f32 / f16 / bf16 (the CUDA prefill path feeds them to

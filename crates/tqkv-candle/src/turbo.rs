@@ -451,12 +451,13 @@ impl TurboCache {
     /// that see something (padding rows stay zeros).
     fn add_value_mean(&self, out: Tensor, mean: &Tensor, hq: usize) -> Result<Tensor> {
         let (b, _, t, _) = out.dims4()?;
-        let per_q = self.per_query_head(mean, hq)?;
+        // In the output's dtype (f32 from the CPU op, the queries' dtype from the CUDA op).
+        let per_q = self.per_query_head(mean, hq)?.to_dtype(out.dtype())?;
         let rows: Vec<f32> = (0..b)
             .flat_map(|i| (0..t).map(move |r| (i, r)))
             .map(|(i, r)| f32::from(self.state.visible(i, r) > 0))
             .collect();
-        let rows = Tensor::from_vec(rows, (b, 1, t, 1), out.device())?;
+        let rows = Tensor::from_vec(rows, (b, 1, t, 1), out.device())?.to_dtype(out.dtype())?;
         out.broadcast_add(&per_q.broadcast_mul(&rows)?)
     }
 
@@ -493,10 +494,17 @@ impl KvCache for TurboCache {
             );
         }
         let has_exact = self.spec.has_exact();
-        if has_exact {
-            // Exact tokens are copied, not quantized: check them here.
+        // Exact tokens are copied, not quantized: check them here — on the device for CUDA
+        // decode steps (the status word, read by `check_status` and at prefill; no host round
+        // trip per token), else at once.
+        let device_check = has_exact && t == 1 && self.device.is_cuda() && self.gpu.is_some();
+        if has_exact && !device_check {
             crate::full::check_finite_tensor("keys", k)?;
             crate::full::check_finite_tensor("values", v)?;
+        }
+        if let (true, Some(g)) = (device_check, &self.gpu) {
+            crate::cuda_ops::check_finite(k, g)?;
+            crate::cuda_ops::check_finite(v, g)?;
         }
         // Calibration of a fresh cache, committed only once the append succeeds.
         let fresh = self.kq.is_none();
