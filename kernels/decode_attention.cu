@@ -587,8 +587,12 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
   if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
   if (exact) {
     // The exact part's values enter the merge through the MSE coordinates of each value group.
-    if (!exact->k || !exact->v || !exact->packed_end || exact->sinks < 0 || exact->ring < 0 ||
-        exact->splits < 1 || splits + exact->splits > 1024)
+    const bool rows = exact->format == 0 ? (exact->k && exact->v)
+                      : exact->format == 1 ? (exact->kq && exact->kqs && exact->vq && exact->vqs &&
+                                              ks->head_dim % 32 == 0)
+                                           : false;
+    if (!rows || !exact->packed_end || exact->sinks < 0 || exact->ring < 0 || exact->splits < 1 ||
+        splits + exact->splits > 1024)
       return (int)cudaErrorInvalidValue;
     for (int g = 0; g < vs->num_groups; ++g)
       if (vs->groups[g].mse_bits == 0) return (int)cudaErrorInvalidValue;

@@ -5,7 +5,8 @@
 //
 // Layouts (row-major, contiguous):
 //   k, v        [B, Hkv, sinks + ring, head_dim] f16; position p < sinks at slot p, position
-//               p ≥ sinks at slot sinks + p % ring
+//               p ≥ sinks at slot sinks + p % ring; or (format 1) llama.cpp's q8_0 in the same
+//               slots: codes [.., head_dim] u8 and scales [.., head_dim / 32] f16 per part
 //   visible     [B, T] int  query (b, t) sees positions 0..visible[b·T + t]
 //   packed_end  [B, T] int  ... of which it reads sinks 0..min(sinks, vis) and the window
 //               packed_end..vis from here, the positions between from the records
@@ -22,13 +23,29 @@
 
 // The full-precision part of an attention (mirrored by tqkv::cuda::TqExact).
 struct TqExact {
-  const __half* k;         // [B, Hkv, sinks + ring, head_dim]
+  const __half* k;         // format 0: [B, Hkv, sinks + ring, head_dim] f16
   const __half* v;         // same layout
   const int* packed_end;   // [B, T]
   int sinks;               // sink slots
   int ring;                // ring slots after the sinks (0: sinks only)
   int splits;              // blocks along the exact positions (≥ 1)
+  int format;              // 0: f16 rows in k, v; 1: q8_0 in the four arrays below
+  const uint8_t* kq;       // format 1: key codes [B, Hkv, sinks + ring, head_dim] u8 (code + 128)
+  const __half* kqs;       // format 1: key scales [B, Hkv, sinks + ring, head_dim / 32] f16
+  const uint8_t* vq;       // format 1: value codes, same layout
+  const __half* vqs;       // format 1: value scales, same layout
 };
+
+// Element j of row `row` (= (b·Hkv + h)·slots + slot) of the keys or values, as the store's
+// reader sees it: the f16 value, or the q8_0 code decoded as f16((code − 128)·scale) — the
+// rounding of crates/tqkv-candle/src/exact.rs::q8_decode, bit for bit.
+__device__ __forceinline__ float tq_exact_at(const TqExact& ex, bool value, long row, int d, int j) {
+  if (ex.format == 0) return __half2float((value ? ex.v : ex.k)[row * d + j]);
+  const uint8_t* c = value ? ex.vq : ex.kq;
+  const __half* s = value ? ex.vqs : ex.kqs;
+  const float x = ((float)c[row * d + j] - 128.f) * __half2float(s[row * (d / 32) + j / 32]);
+  return __half2float(__float2half_rn(x));
+}
 
 #define TQ_EX_TILE 32  // positions per tile: 4 threads per position (TQ_THREADS = 128)
 
@@ -107,13 +124,12 @@ __global__ void __launch_bounds__(TQ_THREADS)
       const bool valid = i < n;
       const int p = valid ? pos_of[i] : 0;
       const int slot = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
-      const __half* kr = ex.k + (head + slot) * d;
       float dot[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) dot[r] = 0.f;
       if (valid)
         for (int j = part; j < d; j += 4) {
-          const float kj = __half2float(kr[j]);
+          const float kj = tq_exact_at(ex, false, head + slot, d, j);
 #pragma unroll
           for (int r = 0; r < R; ++r) dot[r] = fmaf(qs[j * R + r], kj, dot[r]);
         }
@@ -142,7 +158,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
       for (int i = 0; i < n; ++i) {
         const int p = pos_of[i];
         const int slot = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
-        const float x = __half2float(ex.v[(head + slot) * d + c]);
+        const float x = tq_exact_at(ex, true, head + slot, d, c);
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[k][r] = fmaf(sc[i * R + r], x, acc[k][r]);
       }

@@ -90,6 +90,16 @@ struct TqExact {
     ring: c_int,
     /// Blocks along the exact positions.
     splits: c_int,
+    /// 0: f16 rows in `k`, `v`; 1: q8_0 in `kq`, `kqs`, `vq`, `vqs`.
+    format: c_int,
+    /// Device pointer: key codes `[B, Hkv, sinks + ring, head_dim]` u8 (q8_0).
+    kq: *const u8,
+    /// Device pointer: key scales `[B, Hkv, sinks + ring, head_dim / 32]` f16 (q8_0).
+    kqs: *const half::f16,
+    /// Device pointer: value codes (q8_0).
+    vq: *const u8,
+    /// Device pointer: value scales (q8_0).
+    vqs: *const half::f16,
 }
 
 /// A per-sequence table of 64-slot tiles (mirrors `TqTiles` in kernels/tc_attention.cuh):
@@ -110,8 +120,9 @@ struct TqTiles {
 // The layouts the kernels see (x86-64 / aarch64 Linux: 8-byte pointers and longs).
 const _: () = assert!(std::mem::size_of::<TqTiles>() == 48);
 const _: () = assert!(std::mem::offset_of!(TqTiles, k_tile) == 16);
-const _: () = assert!(std::mem::size_of::<TqExact>() == 40);
+const _: () = assert!(std::mem::size_of::<TqExact>() == 72);
 const _: () = assert!(std::mem::offset_of!(TqExact, sinks) == 24);
+const _: () = assert!(std::mem::offset_of!(TqExact, kq) == 40);
 
 extern "C" {
     fn tqkv_quantize_append(
@@ -873,19 +884,40 @@ pub fn decode_attention<T: KernelFloat, O: KernelFloat>(
 /// The full-precision part of an attention ([`decode_attention_mixed`]): sinks and windows of
 /// exact recent tokens in f16.
 pub struct ExactPart<'a> {
-    /// Keys `[batch, kv_heads, sinks + ring, head_dim]` f16: position p < sinks at slot p,
-    /// position p ≥ sinks at slot `sinks + p % ring`.
-    pub k: &'a CudaSlice<half::f16>,
-    /// Values, same layout.
-    pub v: &'a CudaSlice<half::f16>,
+    /// The stored rows: position p < sinks at slot p, position p ≥ sinks at slot
+    /// `sinks + p % ring`, per (sequence, KV head) `sinks + ring` slots.
+    pub rows: ExactRows<'a>,
     /// Sink slots.
     pub sinks: usize,
     /// Ring slots after the sinks (0: sinks only).
     pub ring: usize,
     /// `[batch, tokens]` on the host: query (b, t) reads the records of positions
     /// `sinks..packed_end[b·tokens + t]`, and positions `0..min(sinks, vis)` and
-    /// `packed_end..vis` from `k`, `v` (each in `min(sinks, vis)..=vis`).
+    /// `packed_end..vis` from the rows (each in `min(sinks, vis)..=vis`).
     pub packed_end: &'a [usize],
+}
+
+/// The rows of an [`ExactPart`], as the cache's exact store holds them.
+pub enum ExactRows<'a> {
+    /// Keys and values `[batch, kv_heads, sinks + ring, head_dim]` f16.
+    F16 {
+        /// Keys.
+        k: &'a CudaSlice<half::f16>,
+        /// Values.
+        v: &'a CudaSlice<half::f16>,
+    },
+    /// llama.cpp's q8_0 (head_dim a multiple of 32): codes `[.., head_dim]` u8 (code + 128)
+    /// and scales `[.., head_dim / 32]` f16, read as f16((code − 128)·scale).
+    Q8 {
+        /// Key codes.
+        k: &'a CudaSlice<u8>,
+        /// Key scales.
+        k_scales: &'a CudaSlice<half::f16>,
+        /// Value codes.
+        v: &'a CudaSlice<u8>,
+        /// Value scales.
+        v_scales: &'a CudaSlice<half::f16>,
+    },
 }
 
 /// [`decode_attention`] where some positions are read in full precision from an
@@ -1037,8 +1069,29 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
                 e.ring
             )));
         }
-        need("exact keys", e.k, b * hkv * (e.sinks + e.ring) * d)?;
-        need("exact values", e.v, b * hkv * (e.sinks + e.ring) * d)?;
+        let rows = b * hkv * (e.sinks + e.ring);
+        match &e.rows {
+            ExactRows::F16 { k, v } => {
+                need("exact keys", *k, rows * d)?;
+                need("exact values", *v, rows * d)?;
+            }
+            ExactRows::Q8 {
+                k,
+                k_scales,
+                v,
+                v_scales,
+            } => {
+                if d % 32 != 0 {
+                    return Err(Error::Config(format!(
+                        "q8_0 exact rows need a head_dim that is a multiple of 32, not {d}"
+                    )));
+                }
+                need("exact key codes", *k, rows * d)?;
+                need("exact key scales", *k_scales, rows * d / 32)?;
+                need("exact value codes", *v, rows * d)?;
+                need("exact value scales", *v_scales, rows * d / 32)?;
+            }
+        }
         // Positions a block may read: its sinks, then window starts to visible ends.
         let lo = e
             .packed_end
@@ -1121,16 +1174,45 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
     let mut guards_t = Vec::new();
     let ex = match exact {
         Some(e) => {
-            let (ekp, g1) = e.k.device_ptr(stream);
-            let (evp, g2) = e.v.device_ptr(stream);
-            guards.push((g1, g2));
+            let null16 = std::ptr::null::<half::f16>();
+            let (mut x, mut q8) = (
+                (null16, null16),
+                (std::ptr::null::<u8>(), null16, std::ptr::null(), null16),
+            );
+            let format = match &e.rows {
+                ExactRows::F16 { k, v } => {
+                    let ((kp, g1), (vp, g2)) = (k.device_ptr(stream), v.device_ptr(stream));
+                    guards.push(vec![g1, g2]);
+                    x = (raw(kp), raw(vp));
+                    0
+                }
+                ExactRows::Q8 {
+                    k,
+                    k_scales,
+                    v,
+                    v_scales,
+                } => {
+                    let (kp, g1) = k.device_ptr(stream);
+                    let (ksp, g2) = k_scales.device_ptr(stream);
+                    let (vp, g3) = v.device_ptr(stream);
+                    let (vsp, g4) = v_scales.device_ptr(stream);
+                    guards.push(vec![g1, g2, g3, g4]);
+                    q8 = (raw(kp), raw(ksp), raw(vp), raw(vsp));
+                    1
+                }
+            };
             Some(TqExact {
-                k: raw(ekp),
-                v: raw(evp),
+                k: x.0,
+                v: x.1,
                 packed_end: raw(pep),
                 sinks: int("sinks", e.sinks)?,
                 ring: int("ring", e.ring)?,
                 splits: int("exact splits", xsplits)?,
+                format,
+                kq: q8.0,
+                kqs: q8.1,
+                vq: q8.2,
+                vqs: q8.3,
             })
         }
         None => None,

@@ -153,6 +153,32 @@ struct Shape<'a> {
     dtype: i32,
     cycle: usize,
     exact: Option<(usize, usize)>,
+    /// The exact rows in q8_0 (the kernel decodes codes and scales) instead of f16.
+    q8: bool,
+}
+
+/// llama.cpp's q8_0 of one row as crates/tqkv-candle/src/exact.rs writes it (the f16-rounded
+/// vector, per 32 channels s = f16(max |x| / 127), code = round(x / s) + 128), and the row as a
+/// reader decodes it: f16((code − 128)·s).
+fn q8_row(x: &[f32]) -> (Vec<u8>, Vec<half::f16>, Vec<half::f16>) {
+    let (mut codes, mut scales, mut back) = (Vec::new(), Vec::new(), Vec::new());
+    for blk in x.chunks(32) {
+        let xs: Vec<f32> = blk
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        let m = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let s16 = half::f16::from_f32(m / 127.0);
+        let s = s16.to_f32();
+        let safe = if s == 0.0 { 1.0 } else { s };
+        scales.push(s16);
+        for &v in &xs {
+            let c = ((v / safe).round().clamp(-127.0, 127.0) + 128.0) as u8;
+            codes.push(c);
+            back.push(half::f16::from_f32((c as f32 - 128.0) * s));
+        }
+    }
+    (codes, scales, back)
 }
 
 fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
@@ -197,6 +223,15 @@ fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
         }
     };
     let mut ek = vec![half::f16::ZERO; b * hkv * slots * d];
+    // q8_0 rows (used when s.q8): codes 128 and scales 0 decode to zeros.
+    let (mut ekq, mut evq) = (
+        vec![128u8; b * hkv * slots * d],
+        vec![128u8; b * hkv * slots * d],
+    );
+    let (mut eks, mut evs) = (
+        vec![half::f16::ZERO; b * hkv * slots * d / 32],
+        vec![half::f16::ZERO; b * hkv * slots * d / 32],
+    );
     let mut ev = vec![half::f16::ZERO; b * hkv * slots * d];
     for (bi, &len) in s.lens.iter().enumerate() {
         for h in 0..hkv {
@@ -217,9 +252,20 @@ fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
             }
             for p in (0..sinks.min(len)).chain(sinks.max(len.saturating_sub(window + t))..len) {
                 let o = ((bi * hkv + h) * slots + slot(p)) * d;
-                for j in 0..d {
-                    ek[o + j] = half::f16::from_f64(rng.gaussian());
-                    ev[o + j] = half::f16::from_f64(rng.gaussian());
+                for (store, q8, q8s) in
+                    [(&mut ek, &mut ekq, &mut eks), (&mut ev, &mut evq, &mut evs)]
+                {
+                    let x: Vec<f32> = (0..d).map(|_| 2.0 * rng.gaussian() as f32).collect();
+                    if s.q8 {
+                        let (c, sc, back) = q8_row(&x);
+                        q8[o..o + d].copy_from_slice(&c);
+                        q8s[o / 32..o / 32 + d / 32].copy_from_slice(&sc);
+                        store[o..o + d].copy_from_slice(&back);
+                    } else {
+                        for j in 0..d {
+                            store[o + j] = half::f16::from_f32(x[j]);
+                        }
+                    }
                 }
             }
             // Records no query reads: garbage.
@@ -322,6 +368,7 @@ fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
             ring as i32,
             s.exact.is_some() as i32,
             d as i32,
+            s.q8 as i32,
         ],
     );
     c.floats("scale", &[scale]);
@@ -342,6 +389,10 @@ fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
         "packed_end",
         &packed_end.iter().map(|&x| x as i32).collect::<Vec<_>>(),
     );
+    c.bytes("ekq", &ekq);
+    c.halves("eks", &eks);
+    c.bytes("evq", &evq);
+    c.halves("evs", &evs);
     c.halves("ek", &ek);
     c.halves("ev", &ev);
     c.floats("want", &want);
@@ -375,6 +426,7 @@ fn write_emulator_cases() {
             dtype: 1,
             cycle: 1,
             exact: None,
+            q8: false,
         },
         Shape {
             name: "d128-k4v2-had-g4-r4",
@@ -389,6 +441,7 @@ fn write_emulator_cases() {
             dtype: 1,
             cycle: 4,
             exact: None,
+            q8: false,
         },
         Shape {
             name: "d64-k4v2-had-g3-r4-exact",
@@ -403,6 +456,7 @@ fn write_emulator_cases() {
             dtype: 0,
             cycle: 4,
             exact: Some((1, 29)),
+            q8: true,
         },
         Shape {
             name: "d64-k3v1.5-log8-r2-exact",
@@ -417,6 +471,7 @@ fn write_emulator_cases() {
             dtype: 2,
             cycle: 2,
             exact: Some((2, 40)),
+            q8: false,
         },
         Shape {
             name: "d96-2.5-dense-g7",
@@ -431,6 +486,7 @@ fn write_emulator_cases() {
             dtype: 0,
             cycle: 1,
             exact: None,
+            q8: false,
         },
         Shape {
             name: "d256-2.5-had-g2",
@@ -445,6 +501,7 @@ fn write_emulator_cases() {
             dtype: 1,
             cycle: 1,
             exact: None,
+            q8: false,
         },
         // Several query tokens (prefill rows, causal): 16 rows per block, and with a cycle.
         Shape {
@@ -460,6 +517,7 @@ fn write_emulator_cases() {
             dtype: 2,
             cycle: 1,
             exact: None,
+            q8: false,
         },
         Shape {
             name: "d64-k4v2-prefill-t3-r2-exact",
@@ -474,6 +532,7 @@ fn write_emulator_cases() {
             dtype: 1,
             cycle: 2,
             exact: Some((1, 20)),
+            q8: true,
         },
         // Not on the tensor-core path (QJL keys, d = 99): the split kernel only.
         Shape {
@@ -489,6 +548,7 @@ fn write_emulator_cases() {
             dtype: 0,
             cycle: 1,
             exact: None,
+            q8: false,
         },
     ] {
         write_case(&dir, &mut rng, &s);

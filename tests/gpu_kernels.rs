@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tqkv::cuda::{
     attention_supported, decode_attention, decode_attention_mixed, decode_attention_with,
     dequantize, quantize_append, AppendShape, AttentionOptions, AttentionShape, DeviceTables,
-    ExactPart, StatusWord, TileTable, TILE_SLOTS,
+    ExactPart, ExactRows, StatusWord, TileTable, TILE_SLOTS,
 };
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
@@ -482,8 +482,7 @@ fn mixed_attention_case(
         stream.clone_htod(&ev).unwrap(),
     );
     let part = ExactPart {
-        k: &ekd,
-        v: &evd,
+        rows: ExactRows::F16 { k: &ekd, v: &evd },
         sinks,
         ring,
         packed_end: &packed_end,

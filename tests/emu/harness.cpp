@@ -141,8 +141,16 @@ int main(int argc, char** argv) {
     if (lo == 1 << 30) lo = maxvis;
     TqExact ex{};
     if (has_exact) {
-      ex.k = get(m, "ek").as<__half>();
-      ex.v = get(m, "ev").as<__half>();
+      ex.format = dm[11];
+      if (ex.format == 1) {
+        ex.kq = get(m, "ekq").as<uint8_t>();
+        ex.kqs = get(m, "eks").as<__half>();
+        ex.vq = get(m, "evq").as<uint8_t>();
+        ex.vqs = get(m, "evs").as<__half>();
+      } else {
+        ex.k = get(m, "ek").as<__half>();
+        ex.v = get(m, "ev").as<__half>();
+      }
       ex.packed_end = packed_end;
       ex.sinks = sinks;
       ex.ring = ring;

@@ -185,28 +185,36 @@ pub fn attend(
         tokens: t,
         capacity: op.capacity,
     };
-    // The exact part in f16 (fresh allocations: contiguous, offset 0): the store's tensors, or
-    // for q8_0 its slots decoded (the fused kernel reads f16 rows).
-    let slots = match &op.exact {
-        Some(x) => Some(x.store.slots_f16()?),
+    // The exact part straight from the store's tensors (contiguous, offset 0): f16 rows, or
+    // q8_0 codes and scales, which the kernel decodes itself.
+    let guards: Vec<_> = op
+        .exact
+        .iter()
+        .flat_map(|x| x.store.parts.iter().map(|t| t.storage_and_layout()))
+        .collect();
+    let part = match &op.exact {
+        Some(x) => {
+            let rows = match (x.store.format, &guards[..]) {
+                (tqkv::ExactFormat::F16, [k, v]) => tqkv::cuda::ExactRows::F16 {
+                    k: store_slice(&k.0, k.1)?,
+                    v: store_slice(&v.0, v.1)?,
+                },
+                (tqkv::ExactFormat::Q8, [kc, ks, vc, vs]) => tqkv::cuda::ExactRows::Q8 {
+                    k: store_slice(&kc.0, kc.1)?,
+                    k_scales: store_slice(&ks.0, ks.1)?,
+                    v: store_slice(&vc.0, vc.1)?,
+                    v_scales: store_slice(&vs.0, vs.1)?,
+                },
+                (f, p) => candle_core::bail!("tqkv-attend: a {f:?} store of {} parts", p.len()),
+            };
+            Some(tqkv::cuda::ExactPart {
+                rows,
+                sinks: x.store.sinks,
+                ring: x.store.ring,
+                packed_end: &x.packed_end,
+            })
+        }
         None => None,
-    };
-    let guards = slots
-        .as_ref()
-        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
-    let exact_slices = match &guards {
-        Some((gk, gv)) => Some((f16_slice(&gk.0, gk.1)?, f16_slice(&gv.0, gv.1)?)),
-        None => None,
-    };
-    let part = match (&op.exact, &exact_slices) {
-        (Some(x), Some((k16, v16))) => Some(tqkv::cuda::ExactPart {
-            k: k16,
-            v: v16,
-            sinks: x.store.sinks,
-            ring: x.store.ring,
-            packed_end: &x.packed_end,
-        }),
-        _ => None,
     };
     // The chosen kernel where it takes the layout, else the split kernel (documented fallback).
     let kernel = if tqkv::cuda::attention_supported(op.kernel, &gpu.k, &gpu.v) {
@@ -311,12 +319,15 @@ impl DeviceStatus {
     }
 }
 
-/// The f16 slice of a fresh (contiguous, offset 0) CUDA tensor's storage.
-fn f16_slice<'a>(st: &'a candle_core::Storage, l: &Layout) -> Result<&'a CudaSlice<half::f16>> {
+/// The slice of one of the exact store's tensors (contiguous, offset 0, on the cache's device).
+fn store_slice<'a, T: candle_core::cuda_backend::CudaDType>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+) -> Result<&'a CudaSlice<T>> {
     match (st, l.contiguous_offsets()) {
-        (candle_core::Storage::Cuda(c), Some((0, _))) => c.as_cuda_slice::<half::f16>(),
+        (candle_core::Storage::Cuda(c), Some((0, _))) => c.as_cuda_slice::<T>(),
         _ => candle_core::bail!(
-            "tqkv-attend: the exact store must be contiguous f16 on the cache's device"
+            "tqkv-attend: the exact store must be contiguous at offset 0 on the cache's device"
         ),
     }
 }
