@@ -26,6 +26,7 @@
 #include "tqkv_common.cuh"
 #include "exact_attention.cuh"
 #include "tc_attention.cuh"
+#include "tc_prefill.cuh"
 #ifndef TQ_EMU
 #include <cuda_pipeline.h>
 #endif
@@ -465,7 +466,7 @@ static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, c
     {
     auto k = tq_attn_exact_kernel<T, R>;
     TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
-        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, R, ws);
   }
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
@@ -485,9 +486,9 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
   const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
   __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
   {
-    auto k = tq_tc_query_kernel<T, R>;
-    TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_,
-                                                                             tiles, qt);
+    auto k = tq_tc_query_kernel<T>;
+    TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_, tiles,
+              TQ_TC_ROWS, R, R, qt);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
@@ -499,7 +500,7 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
     {
     auto k = tq_attn_exact_kernel<T, R>;
     TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
-        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, ws);
+        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, R, ws);
   }
     e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
@@ -507,12 +508,47 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
   return tq_attn_merge_launch<R>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
 }
 
-// Rows per block for `rows` query rows per KV head (G · T) and a cycle of `cycle` rotations:
-// kernel 0, the smallest power of two ≥ rows, ≤ 8; kernel 1, the same up to 16 with
-// rows · cycle ≤ 16. 0 for an unknown kernel.
-extern "C" int tqkv_decode_attention_rows(int kernel, int rows, int cycle) {
+// The tensor-core path for many query rows (tc_prefill.cuh): row tiles of RB = 64 / M query
+// rows, queries rotated into 64 mma rows, the rows kernel, the exact part in blocks of 16 rows
+// of a tile, the merge.
+template <typename T, int D, int M>
+static int tq_tc_rows_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible,
+                             const int* kch, const int* vch, const TqSpecs& ks, const TqSpecs& vs,
+                             const TqTiles& tt, int B, int Hq, int Hkv, int T_, int cap, float scale, int splits,
+                             int chunk, const TqExact* exact, float* ws, long ws_floats, const int* status,
+                             void* out, int out_dtype, cudaStream_t stream) {
+  constexpr int RB = 64 / M;
+  const int tiles = (Hq / Hkv * T_ + RB - 1) / RB;
+  const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
+  __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
+  {
+    auto k = tq_tc_query_kernel<T>;
+    TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_, tiles, 64,
+              16 / M, RB, qt);
+  }
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return (int)e;
+  const int code = tq_tc_rows_split_launch<D, M>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq,
+                                                 Hkv, T_, cap, chunk, tiles, scale, exact ? exact->sinks : 0, splits,
+                                                 total, ws, stream);
+  if (code != 0) return code;
+  if (exact) {
+    auto k = tq_attn_exact_kernel<T, 16>;
+    TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles * (RB / 16), B), TQ_THREADS, 0, stream, (const T*)q, visible, *exact,
+              vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, RB, ws);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return (int)e;
+  }
+  return tq_attn_merge_launch<RB>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
+}
+
+// Query rows per row tile for `rows` query rows per KV head (G · T), a cycle of `cycle`
+// rotations and head_dim d: kernel 0, the smallest power of two ≥ rows, ≤ 8; kernel 1, 64 /
+// cycle where the rows kernel takes the shape (tq_tc_rows_fit), else the smallest power of two
+// ≥ rows with rows · cycle ≤ 16. 0 for an unknown kernel.
+extern "C" int tqkv_decode_attention_rows(int kernel, int rows, int cycle, int d) {
   if (kernel == 0) return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
-  if (kernel == 1) return tq_tc_rows(rows, cycle);
+  if (kernel == 1) return tq_tc_rows_fit(rows, cycle, d) ? 64 / cycle : tq_tc_rows(rows, cycle);
   return 0;
 }
 
@@ -543,12 +579,13 @@ static long tq_attn_ws_floats(const TqSpec* vs, int cycle, int R, int B, int Hq,
 
 extern "C" long tqkv_decode_attention_workspace(int kernel, const TqSpec* vs, int cycle, int B, int Hq, int Hkv,
                                                 int T, int splits) {
-  const int R = tqkv_decode_attention_rows(kernel, Hq / Hkv * T, cycle);
+  const int R = tqkv_decode_attention_rows(kernel, Hq / Hkv * T, cycle, vs->head_dim);
   if (R == 0 || Hkv <= 0) return -1;
   const long base = tq_attn_ws_floats(vs, cycle, R, B, Hq, Hkv, T, splits);
   if (kernel == 0) return base;
   const long tiles = (Hq / Hkv * T + R - 1) / R;
-  return base + ((long)B * Hkv * tiles * TQ_TC_ROWS * vs->head_dim + 1) / 2;
+  const int mr = tq_tc_rows_fit(Hq / Hkv * T, cycle, vs->head_dim) ? 64 : TQ_TC_ROWS;
+  return base + ((long)B * Hkv * tiles * TQ_TC_QTERMS * mr * vs->head_dim + 1) / 2;
 }
 
 // ks, vs: `cycle` specs each (1..=TQ_MAX_CYCLE; slot s was written with variant s % cycle).
@@ -583,7 +620,7 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
     // variant: 4 coordinates per thread and the merge's acc[2·TQ_MAX_DIM].
     if (cycle * coords > 2 * TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
   }
-  const int R = tqkv_decode_attention_rows(kernel, Hq / Hkv * T, cycle);
+  const int R = tqkv_decode_attention_rows(kernel, Hq / Hkv * T, cycle, vs->head_dim);
   if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
   if (exact) {
     // The exact part's values enter the merge through the MSE coordinates of each value group.
@@ -624,6 +661,34 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
     case 16: TQ_TC_DIMS(TY, 16)       \
     default: return (int)cudaErrorInvalidValue; \
   }
+    if (tq_tc_rows_fit(Hq / Hkv * T, cycle, ks->head_dim)) {
+#define TQ_TCR_CASE(TY, DD, MM)                                                                                  \
+  return tq_tc_rows_launch<TY, DD, MM>(q, kcache, vcache, visible, kch, vch, kss, vss, tt, B, Hq, Hkv, T, cap,     \
+                                       scale, splits, chunk, exact, workspace, wsf, status, out, out_dtype, stream)
+#define TQ_TCR_CYCLE(TY, DD)                     \
+  switch (cycle) {                               \
+    case 1: TQ_TCR_CASE(TY, DD, 1);              \
+    case 2: TQ_TCR_CASE(TY, DD, 2);              \
+    case 4: TQ_TCR_CASE(TY, DD, 4);              \
+    default: return (int)cudaErrorInvalidValue;  \
+  }
+#define TQ_TCR_DIMS(TY)                          \
+  switch (ks->head_dim) {                        \
+    case 64: TQ_TCR_CYCLE(TY, 64)                \
+    case 96: TQ_TCR_CYCLE(TY, 96)                \
+    case 128: TQ_TCR_CYCLE(TY, 128)              \
+    default: return (int)cudaErrorInvalidValue;  \
+  }
+      switch (q_dtype) {
+        case 0: TQ_TCR_DIMS(float)
+        case 1: TQ_TCR_DIMS(__half)
+        case 2: TQ_TCR_DIMS(__nv_bfloat16)
+        default: return (int)cudaErrorInvalidValue;
+      }
+#undef TQ_TCR_DIMS
+#undef TQ_TCR_CYCLE
+#undef TQ_TCR_CASE
+    }
     switch (q_dtype) {
       case 0: TQ_TC_ROWS_(float)
       case 1: TQ_TC_ROWS_(__half)

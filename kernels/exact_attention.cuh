@@ -15,8 +15,8 @@
 //               rotated into the coordinates of the cycle's first value variant (Π_g of each
 //               group's channels; its sign coordinates and every other variant's 0), then the
 //               running max m and sum l of the scores.
-// Grid (exact splits, Hkv · tiles, B); R query rows (row = t·G + g) per block, as the split
-// kernel. The exact positions of a block (the sinks its rows see, then the window positions
+// Grid (exact splits, Hkv · tiles · RT / R, B); R query rows (row = t·G + g) per block: the
+// split kernel's row tiles of RT rows, RT / R blocks each. The exact positions of a block (the sinks its rows see, then the window positions
 // from the earliest window start to the latest visible end) are cut into gridDim.x chunks.
 #pragma once
 #include "tqkv_common.cuh"
@@ -53,10 +53,13 @@ template <typename T, int R>
 __global__ void __launch_bounds__(TQ_THREADS)
     tq_attn_exact_kernel(const T* __restrict__ q, const int* __restrict__ visible, TqExact ex,
                          const int* __restrict__ vch, TqSpecs vss, int Hq, int Hkv, int T_, int tiles,
-                         int first_split, int total_splits, float scale, float* __restrict__ ws) {
+                         int first_split, int total_splits, float scale, int RT, float* __restrict__ ws) {
   const TqSpec& vs = vss.v[0];
   const int xs = blockIdx.x, b = blockIdx.z;
-  const int h = blockIdx.y / tiles, tile = blockIdx.y % tiles;
+  // Grid y: (KV head, row tile, sub-tile of R rows): a row tile of RT rows (the split
+  // kernel's, a multiple of R) is covered by RT / R blocks; this one holds rows r0 .. r0 + R.
+  const int subs = RT / R, sub = blockIdx.y % subs, r0 = sub * R;
+  const int h = blockIdx.y / subs / tiles, tile = blockIdx.y / subs % tiles;
   const int G = Hq / Hkv, d = vs.head_dim;
   const int slots = ex.sinks + ex.ring;
   __shared__ float qs[TQ_MAX_DIM * R];          // [coordinate][R]
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
   __shared__ int range[3];                      // sinks seen, window start, window end
   __shared__ float xrow[TQ_MAX_DIM], xg[TQ_MAX_DIM], rot[TQ_MAX_DIM];
   if (threadIdx.x < R) {
-    const int gr = tile * R + threadIdx.x;
+    const int gr = tile * RT + r0 + threadIdx.x;
     const bool real = gr < G * T_;
     vis[threadIdx.x] = real ? visible[b * T_ + gr / G] : 0;
     pend[threadIdx.x] = real ? ex.packed_end[b * T_ + gr / G] : 0;
@@ -90,7 +93,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
   }
   // Query rows in the original domain.
   for (int i = threadIdx.x; i < d * R; i += blockDim.x) {
-    const int j = i / R, r = i % R, gr = tile * R + r;
+    const int j = i / R, r = i % R, gr = tile * RT + r0 + r;
     float x = 0.f;
     if (gr < G * T_) {
       const int t = gr / G, qh = h * G + gr % G;
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
     Dv += vs.groups[g].m;
   }
   const int W = vss.n * Dv;  // value coordinates of all variants
-  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * total_splits + first_split + xs) * R * (W + 2);
+  const long wbase = ((((long)b * Hkv + h) * tiles + tile) * total_splits + first_split + xs) * RT * (W + 2);
   for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
       if (c < d) xrow[c] = acc[k][r];
     }
     __syncthreads();
-    float* w = ws + wbase + (long)r * (W + 2);
+    float* w = ws + wbase + (long)(r0 + r) * (W + 2);
     for (int c = Dv + threadIdx.x; c < W; c += blockDim.x) w[c] = 0.f;
     int base = 0;
     for (int g = 0; g < vs.num_groups; ++g) {

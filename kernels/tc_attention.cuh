@@ -35,6 +35,10 @@
 
 #define TQ_TC_TILE 64  // slots per tile: the unit of the tile table and of the staging
 #define TQ_TC_ROWS 16  // rows of the mma (M of m16n8k16)
+// Each rotated query row is stored as TQ_TC_QTERMS f16 rows whose sum is the f32 row (hi, then
+// lo = f16(x − hi)): the score product runs once per term. Two terms give the query ~22 bits,
+// so the scores' error is the centroids' f16 rounding alone (docs/KERNELS.md).
+#define TQ_TC_QTERMS 2
 
 // A per-sequence table of 64-slot tiles (mirrored by tqkv::cuda::TqTiles). table == null: the
 // contiguous cache layout.
@@ -124,14 +128,64 @@ __device__ __forceinline__ void tq_tc_decode8_any(int bits, const uint8_t* codes
   }
 }
 
+// The f16 centroids of a staged tile of `spec` records (64 slots, `rb` bytes each) into
+// ct[slot][QS] (coordinates: group 0's, then group 1's), by the pair tables of its groups
+// (pairs + g·256); all threads of the block. A warp decodes one 8-coordinate column of 32
+// slots, so the group and the code width are uniform across it.
+template <int D, int QS>
+__device__ __forceinline__ void tq_tc_decode_tile(const TqSpec& sp, const uint8_t* recs, int rb, const uint32_t* pairs,
+                                                  __half* ct) {
+  const int d0 = sp.groups[0].dim;
+  for (int u = threadIdx.x; u < TQ_TC_TILE * D / 8; u += blockDim.x) {
+    const int s = u % TQ_TC_TILE, j = (u / TQ_TC_TILE) * 8;
+    const int g = (sp.num_groups > 1 && j >= d0) ? 1 : 0;
+    const TqGroup& gg = sp.groups[g];
+    const int jl = j - (g ? d0 : 0);
+    tq_tc_decode8_any(gg.mse_bits, recs + s * rb + gg.codes_off + jl / 8 * gg.mse_bits, pairs + g * 256, ct + s * QS + j);
+  }
+}
+
+// The norms of the staged keys and values of slots t0 .. t0 + 63 that some row may read
+// (slot < n and position ≥ lo; 0 elsewhere) into nrm[4][64]: key group 0, key group 1,
+// value group 0, value group 1. Threads 0..127 (one slot of keys or values each).
+__device__ __forceinline__ void tq_tc_norms(const TqSpec& ks, const TqSpec& vs, const uint8_t* krec, int rbk,
+                                            const uint8_t* vrec, int rbv, int n, int t0, int lo, float* nrm) {
+  const int s = threadIdx.x % TQ_TC_TILE, which = threadIdx.x / TQ_TC_TILE;  // 0: keys, 1: values
+  if (which > 1) return;
+  const bool valid = s < n && t0 + s >= lo;
+  const TqSpec& sp = which ? vs : ks;
+  const uint8_t* rec = which ? vrec + s * rbv : krec + s * rbk;
+  for (int g = 0; g < 2; ++g)
+    nrm[(which * 2 + g) * TQ_TC_TILE + s] =
+        (valid && g < sp.num_groups) ? tq_read_norm(rec, sp.groups[g].norm_off, sp.norm_format) : 0.f;
+}
+
+// Pair tables of both specs: lut[spec·2 + g][c0 | c1 << bits] = (c[c0], c[c1]) as half2.
+__device__ __forceinline__ void tq_tc_pair_tables(const TqSpec& ks, const TqSpec& vs, uint32_t* lut) {
+  for (int i = threadIdx.x; i < 4 * 256; i += blockDim.x) {
+    const int t = i / 256, pair = i % 256;
+    const TqSpec& s = t < 2 ? ks : vs;
+    const int g = t % 2;
+    uint32_t v = 0;
+    if (g < s.num_groups) {
+      const int bits = s.groups[g].mse_bits, n = 1 << bits;
+      if (pair < n * n) {
+        const __half2 hh = __floats2half2_rn(s.groups[g].centroids[pair % n], s.groups[g].centroids[pair / n]);
+        memcpy(&v, &hh, 4);
+      }
+    }
+    lut[i] = v;
+  }
+}
+
 // Shared memory of the split kernel, carved from one dynamic buffer (16-byte aligned parts).
 template <int D>
 struct TqTcSmem {
   static constexpr int QS = D + 8;                 // f16 row stride of the query and code tiles
   static constexpr int SS = TQ_TC_TILE + 4;         // f32 row stride of the scores
   static constexpr int PS = TQ_TC_TILE + 8;         // f16 row stride of the value weights
-  static constexpr int q = 0;                                    // half [16][QS]
-  static constexpr int tile = q + TQ_TC_ROWS * QS * 2;           // half [64][QS] centroids
+  static constexpr int q = 0;                                    // half [terms][16][QS]
+  static constexpr int tile = q + TQ_TC_QTERMS * TQ_TC_ROWS * QS * 2;  // half [64][QS] centroids
   static constexpr int sc = tile + TQ_TC_TILE * QS * 2;          // float [16][SS]
   static constexpr int pw = sc + TQ_TC_ROWS * SS * 4;            // half [2][16][PS]
   static constexpr int lut = pw + 2 * TQ_TC_ROWS * PS * 2;       // uint32 [4][256] pair tables
@@ -144,21 +198,26 @@ struct TqTcSmem {
   static __host__ __device__ int bytes(int rk, int rv) { return recs + 2 * rec_buf(rk, rv); }
 };
 
-// Rotated queries of one row tile as f16 rows: grid (Hkv · tiles, B), TQ_THREADS threads.
-template <typename T, int R>
+// Rotated queries of one row tile as f16 mma rows: grid (Hkv · tiles, B), TQ_THREADS threads.
+// A tile of RT query rows has MR mma rows (16 for the 16-row kernel, 64 for the rows kernel of
+// tc_prefill.cuh) in groups of 16: row rho of the tile is group rho / 16, variant
+// m = (rho % 16) / RW of query row grp·RW + (rho % 16) % RW (RW query rows per group); zero
+// where m ≥ cycle or the query row does not exist. Layout [tiles][term][MR][d] (TQ_TC_QTERMS).
+template <typename T>
 __global__ void __launch_bounds__(TQ_THREADS)
     tq_tc_query_kernel(const T* __restrict__ q, const int* __restrict__ kch, TqSpecs kss, int Hq, int Hkv, int T_,
-                       int tiles, __half* __restrict__ qt) {
+                       int tiles, int MR, int RW, int RT, __half* __restrict__ qt) {
   const int b = blockIdx.y, h = blockIdx.x / tiles, tile = blockIdx.x % tiles;
   const TqSpec& ks = kss.v[0];
   const int G = Hq / Hkv, d = ks.head_dim, M = kss.n;
   __shared__ float xs[TQ_MAX_DIM], rot[TQ_MAX_DIM];
-  __half* dst = qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_ROWS * d;
-  for (int rho = 0; rho < TQ_TC_ROWS; ++rho) {
-    const int m = rho / R, r = rho % R, gr = tile * R + r;
+  __half* dst = qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_QTERMS * MR * d;
+  for (int rho = 0; rho < MR; ++rho) {
+    const int grp = rho / 16, m = (rho % 16) / RW, r = grp * RW + (rho % 16) % RW, gr = tile * RT + r;
     __half* row = dst + (long)rho * d;
-    if (m >= M || gr >= G * T_) {  // uniform across the block
-      for (int j = threadIdx.x; j < d; j += blockDim.x) row[j] = __float2half_rn(0.f);
+    if (m >= M || r >= RT || gr >= G * T_) {  // uniform across the block
+      for (int j = threadIdx.x; j < d; j += blockDim.x)
+        for (int term = 0; term < TQ_TC_QTERMS; ++term) row[(long)term * MR * d + j] = __float2half_rn(0.f);
       continue;
     }
     const int t = gr / G, qh = h * G + gr % G;
@@ -170,7 +229,11 @@ __global__ void __launch_bounds__(TQ_THREADS)
       for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) xs[j] = tq_load<T>(q, qoff + ch[base + j]);
       __syncthreads();
       tq_rotate(kg, xs, rot);
-      for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) row[base + j] = __float2half_rn(rot[j]);
+      for (int j = threadIdx.x; j < kg.dim; j += blockDim.x) {
+        const __half hi = __float2half_rn(rot[j]);
+        row[base + j] = hi;
+        if (TQ_TC_QTERMS > 1) row[(long)MR * d + base + j] = __float2half_rn(rot[j] - __half2float(hi));
+      }
       __syncthreads();
       base += kg.dim;
     }
@@ -210,24 +273,10 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int kd0 = ks.groups[0].dim, vd0 = vs.groups[0].dim;
 
-  // Pair tables: lut[spec·2 + g][c0 | c1 << bits] = (c[c0], c[c1]) as half2.
-  for (int i = threadIdx.x; i < 4 * 256; i += blockDim.x) {
-    const int t = i / 256, pair = i % 256;
-    const TqSpec& s = t < 2 ? ks : vs;
-    const int g = t % 2;
-    uint32_t v = 0;
-    if (g < s.num_groups) {
-      const int bits = s.groups[g].mse_bits, n = 1 << bits;
-      if (pair < n * n) {
-        const __half2 hh = __floats2half2_rn(s.groups[g].centroids[pair % n], s.groups[g].centroids[pair / n]);
-        memcpy(&v, &hh, 4);
-      }
-    }
-    lut[i] = v;
-  }
+  tq_tc_pair_tables(ks, vs, lut);
   // The rotated query rows of this row tile; value weights of unused rows stay zero.
-  const __half* qsrc = qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_ROWS * D;
-  for (int i = threadIdx.x; i < TQ_TC_ROWS * D / 8; i += blockDim.x) {
+  const __half* qsrc = qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_QTERMS * TQ_TC_ROWS * D;
+  for (int i = threadIdx.x; i < TQ_TC_QTERMS * TQ_TC_ROWS * D / 8; i += blockDim.x) {
     const int row = i / (D / 8), c8 = i % (D / 8);
     *reinterpret_cast<uint4*>(qs + row * S::QS + c8 * 8) = *reinterpret_cast<const uint4*>(qsrc + row * D + c8 * 8);
   }
@@ -270,23 +319,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
     const uint8_t* krec = recs + cur * rbuf;
     const uint8_t* vrec = krec + voff;
     // A. Key centroids, and the norms of slots some row may read (0 elsewhere).
-    for (int u = threadIdx.x; u < TQ_TC_TILE * D / 8; u += blockDim.x) {
-      const int s = u % TQ_TC_TILE, j = (u / TQ_TC_TILE) * 8;
-      const int g = (ks.num_groups > 1 && j >= kd0) ? 1 : 0;
-      const TqGroup& kg = ks.groups[g];
-      const int jl = j - (g ? kd0 : 0);
-      tq_tc_decode8_any(kg.mse_bits, krec + s * rbk + kg.codes_off + jl / 8 * kg.mse_bits, lut + g * 256,
-                        ct + s * S::QS + j);
-    }
-    {
-      const int s = threadIdx.x % TQ_TC_TILE, which = threadIdx.x / TQ_TC_TILE;  // 0: keys, 1: values
-      const bool valid = s < n && t0 + s >= lo;
-      const TqSpec& sp = which ? vs : ks;
-      const uint8_t* rec = (which ? vrec + s * rbv : krec + s * rbk);
-      for (int g = 0; g < 2; ++g)
-        nrm[(which * 2 + g) * TQ_TC_TILE + s] =
-            (valid && g < sp.num_groups) ? tq_read_norm(rec, sp.groups[g].norm_off, sp.norm_format) : 0.f;
-    }
+    tq_tc_decode_tile<D, S::QS>(ks, krec, rbk, lut, ct);
+    tq_tc_norms(ks, vs, krec, rbk, vrec, rbv, n, t0, lo, nrm);
     __syncthreads();
     // B. Scores of slots 16·warp .. +15: per key group one accumulator, times that group's norm.
     {
@@ -299,16 +333,20 @@ __global__ void __launch_bounds__(TQ_THREADS)
           for (int k = 0; k < 4; ++k) sg[g][j][k] = 0.f;
 #pragma unroll
       for (int k0 = 0; k0 < D; k0 += 16) {
-        uint32_t a[4], bb[4];
-        tq_ldsm_x4(a, qs + (lane % 16) * S::QS + k0 + 8 * (lane / 16));
+        uint32_t bb[4];
         const int idx = lane / 8;  // matrices: (slots +0..7, k lo), (+0..7, k hi), (+8..15, lo), (+8..15, hi)
         tq_ldsm_x4(bb, ct + (16 * warp + 8 * (idx / 2) + lane % 8) * S::QS + k0 + 8 * (idx % 2));
-        if (ks.num_groups > 1 && k0 >= kd0) {
-          tq_mma(sg[1][0], a, bb);
-          tq_mma(sg[1][1], a, bb + 2);
-        } else {
-          tq_mma(sg[0][0], a, bb);
-          tq_mma(sg[0][1], a, bb + 2);
+#pragma unroll
+        for (int term = 0; term < TQ_TC_QTERMS; ++term) {
+          uint32_t a[4];
+          tq_ldsm_x4(a, qs + (term * TQ_TC_ROWS + lane % 16) * S::QS + k0 + 8 * (lane / 16));
+          if (ks.num_groups > 1 && k0 >= kd0) {
+            tq_mma(sg[1][0], a, bb);
+            tq_mma(sg[1][1], a, bb + 2);
+          } else {
+            tq_mma(sg[0][0], a, bb);
+            tq_mma(sg[0][1], a, bb + 2);
+          }
         }
       }
 #pragma unroll
@@ -359,14 +397,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
         run_m[r] = m_new;
       }
     }
-    for (int u = threadIdx.x; u < TQ_TC_TILE * D / 8; u += blockDim.x) {
-      const int s = u % TQ_TC_TILE, j = (u / TQ_TC_TILE) * 8;
-      const int g = (vs.num_groups > 1 && j >= vd0) ? 1 : 0;
-      const TqGroup& vg = vs.groups[g];
-      const int jl = j - (g ? vd0 : 0);
-      tq_tc_decode8_any(vg.mse_bits, vrec + s * rbv + vg.codes_off + jl / 8 * vg.mse_bits, lut + (2 + g) * 256,
-                        ct + s * S::QS + j);
-    }
+    tq_tc_decode_tile<D, S::QS>(vs, vrec, rbv, lut + 2 * 256, ct);
     __syncthreads();
     // D. Values: acc[rho][c] = acc · alpha + Σ_s w_g[rho][s] · c[s][c] (g: the group of c).
     {

@@ -8,14 +8,14 @@
 #   bench      tqkv bench attention (Llama-3.1-8B shapes, 4K–128K, batch 1 and 16; split and
 #              tensor-core kernels) + the peers and the 1 GiB copy (scripts/bench_sdpa.py)
 #   summary    the table of scripts/gpu-summary.py (× SDPA, % of copy, the targets), last
-#   profile    Nsight Compute on the tensor-core split kernel (batch 16, 128K; not in the default)
+#   profile    Nsight Compute on the tensor-core split kernel (batch 16, 128K)
 #   model      reassemble the default GGUF (part a kept in /tmp from an earlier call, part b here)
 #   chat       tqkv chat --device cuda with the f16 and tq3.5 caches, one question each
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests sanitizer bench summary)
+[ ${#stages[@]} -eq 0 ] && stages=(tests sanitizer bench profile summary)
 mkdir -p "$out"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 bin=/tmp/tqkv-bin

@@ -157,7 +157,12 @@ extern "C" {
     ) -> c_int;
 
     fn tqkv_decode_attention_max_chunk(rows: c_int) -> c_int;
-    fn tqkv_decode_attention_rows(kernel: c_int, rows: c_int, cycle: c_int) -> c_int;
+    fn tqkv_decode_attention_rows(
+        kernel: c_int,
+        rows: c_int,
+        cycle: c_int,
+        head_dim: c_int,
+    ) -> c_int;
     fn tqkv_decode_attention_supported(
         kernel: c_int,
         ks: *const TqSpec,
@@ -680,16 +685,17 @@ pub struct SplitPlan {
 /// H100 (docs/KERNELS.md): batch 16 wants the blocks, batch 1 at 128K the cap, 4K the minimum.
 /// This is the plan of [`AttentionKernel::Split`]; [`plan_attention_for`] gives each kernel's.
 pub fn plan_attention(shape: AttentionShape, max_visible: usize) -> Result<SplitPlan> {
-    plan_attention_for(AttentionKernel::Split, 1, 0, shape, max_visible)
+    plan_attention_for(AttentionKernel::Split, 1, 0, 0, shape, max_visible)
 }
 
-/// The split plan of `kernel` with a rotation cycle of `cycle` on a GPU of `sms`
+/// The split plan of `kernel` with a rotation cycle of `cycle` at `head_dim` on a GPU of `sms`
 /// multiprocessors (0: unknown). [`AttentionKernel::Split`]: as [`plan_attention`].
 /// [`AttentionKernel::TensorCore`]: 16 blocks per multiprocessor (2048 when unknown), chunks
 /// of whole 64-slot tiles, at least 256 slots, at most 128 splits (not yet tuned on a GPU).
 pub fn plan_attention_for(
     kernel: AttentionKernel,
     cycle: usize,
+    head_dim: usize,
     sms: usize,
     shape: AttentionShape,
     max_visible: usize,
@@ -699,7 +705,12 @@ pub fn plan_attention_for(
     // SAFETY: pure functions of their integer arguments.
     let (r, max_chunk) = unsafe {
         (
-            tqkv_decode_attention_rows(kernel.code(), rows, int("cycle", cycle)?) as usize,
+            tqkv_decode_attention_rows(
+                kernel.code(),
+                rows,
+                int("cycle", cycle)?,
+                int("head_dim", head_dim)?,
+            ) as usize,
             tqkv_decode_attention_max_chunk(rows) as usize,
         )
     };
@@ -1107,6 +1118,7 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
     let plan = plan_attention_for(
         kernel,
         kt.cycle(),
+        d,
         multiprocessors(stream),
         shape,
         max_visible,

@@ -222,7 +222,12 @@ int main(int argc, char** argv) {
                 } else {
                   rel = sqrt(num / max(den, 1e-30));
                 }
-                if (!(rel <= tol)) ++bad_rows;
+                if (!(rel <= tol)) {
+                  if (bad_rows < 3)
+                    printf("  row (b %d, head %d, t %d) sees %d: |want| %.3e |err| %.3e rel %.2e\n", b, hq, t,
+                           visible[b * T + t], sqrt(den), sqrt(num), rel);
+                  ++bad_rows;
+                }
                 worst = std::isnan(rel) ? INFINITY : max(worst, rel);
               }
           if (pi == 0 && !use_table) {
