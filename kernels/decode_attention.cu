@@ -446,36 +446,55 @@ static int tq_attn_merge_launch(const float* ws, const int* vch, const TqSpecs& 
   return (int)cudaGetLastError();
 }
 
+// After a split kernel has written its splits: the exact part's splits (blocks of RX ≤ 16 rows
+// of each row tile of RT rows) and the merge, in the output dtype.
+template <typename T, int RT>
+static int tq_attn_finish(const void* q, const int* visible, const TqExact* exact, const int* vch,
+                          const TqSpecs& vs, int B, int Hq, int Hkv, int T_, int tiles, int splits, float scale,
+                          float* ws, const int* status, void* out, int out_dtype, cudaStream_t stream) {
+  constexpr int RX = RT < 16 ? RT : 16;
+  const int total = splits + (exact ? exact->splits : 0);
+  if (exact) {
+    auto k = tq_attn_exact_kernel<T, RX>;
+    TQ_LAUNCH(k, dim3(exact->splits, Hkv * tiles * (RT / RX), B), TQ_THREADS, 0, stream, (const T*)q, visible,
+              *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return (int)e;
+  }
+  return tq_attn_merge_launch<RT>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
+}
+
+// The rotated queries of the tensor-core kernels: MR mma rows per row tile of RT query rows, RW
+// query rows per 16-row group, into the f16 area after the float workspace.
+template <typename T>
+static int tq_tc_queries(const void* q, const int* kch, const TqSpecs& ks, int B, int Hq, int Hkv, int T_,
+                         int tiles, int MR, int RW, int RT, __half* qt, cudaStream_t stream) {
+  auto k = tq_tc_query_kernel<T>;
+  TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_, tiles, MR, RW, RT,
+            qt);
+  return (int)cudaGetLastError();
+}
+
 template <typename T, int R>
 static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
                           const int* vch, const TqSpecs& ks, const TqSpecs& vs, int B, int Hq, int Hkv, int T_,
                           int cap, float scale, int splits, int chunk, const TqExact* exact, float* ws,
                           const int* status, void* out, int out_dtype, cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
-  const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
+  const int total = splits + (exact ? exact->splits : 0);
   // With an exact part, the records end at each row's packed_end and start after the sinks.
-  {
-    auto k = tq_attn_split_kernel<T, R>;
-    TQ_LAUNCH(k, dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
-      (const T*)q, kc, vc, exact ? exact->packed_end : visible, kch, vch, ks, vs, Hq, Hkv, T_, cap, chunk, tiles,
-      scale, exact ? exact->sinks : 0, total, ws);
-  }
-  cudaError_t e = cudaGetLastError();
+  auto k = tq_attn_split_kernel<T, R>;
+  TQ_LAUNCH(k, dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kc, vc,
+            exact ? exact->packed_end : visible, kch, vch, ks, vs, Hq, Hkv, T_, cap, chunk, tiles, scale,
+            exact ? exact->sinks : 0, total, ws);
+  const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
-  if (exact) {
-    {
-    auto k = tq_attn_exact_kernel<T, R>;
-    TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
-        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, R, ws);
-  }
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return (int)e;
-  }
-  return tq_attn_merge_launch<R>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
+  return tq_attn_finish<T, R>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status, out,
+                              out_dtype, stream);
 }
 
-// The tensor-core path: queries rotated once (into the f16 area after the float workspace),
-// the tensor-core split kernel, the exact part and the merge as above.
+// The tensor-core path: queries rotated once, the 16-row tensor-core split kernel, the exact
+// part and the merge as above.
 template <typename T, int R, int D>
 static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
                         const int* vch, const TqSpecs& ks, const TqSpecs& vs, const TqTiles& tt, int B, int Hq,
@@ -483,29 +502,15 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
                         float* ws, long ws_floats, const int* status, void* out, int out_dtype,
                         cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
-  const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
+  const int total = splits + (exact ? exact->splits : 0);
   __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
-  {
-    auto k = tq_tc_query_kernel<T>;
-    TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_, tiles,
-              TQ_TC_ROWS, R, R, qt);
-  }
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return (int)e;
-  const int code = tq_tc_split_launch<D, R>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv,
-                                            T_, cap, chunk, tiles, scale, exact ? exact->sinks : 0, splits, total,
-                                            ws, stream);
+  int code = tq_tc_queries<T>(q, kch, ks, B, Hq, Hkv, T_, tiles, TQ_TC_ROWS, R, R, qt, stream);
   if (code != 0) return code;
-  if (exact) {
-    {
-    auto k = tq_attn_exact_kernel<T, R>;
-    TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles, B), TQ_THREADS, 0, stream, 
-        (const T*)q, visible, *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, R, ws);
-  }
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return (int)e;
-  }
-  return tq_attn_merge_launch<R>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
+  code = tq_tc_split_launch<D, R>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv, T_, cap,
+                                  chunk, tiles, scale, exact ? exact->sinks : 0, splits, total, ws, stream);
+  if (code != 0) return code;
+  return tq_attn_finish<T, R>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status, out,
+                              out_dtype, stream);
 }
 
 // The tensor-core path for many query rows (tc_prefill.cuh): row tiles of RB = 64 / M query
@@ -519,27 +524,15 @@ static int tq_tc_rows_launch(const void* q, const uint8_t* kc, const uint8_t* vc
                              void* out, int out_dtype, cudaStream_t stream) {
   constexpr int RB = 64 / M;
   const int tiles = (Hq / Hkv * T_ + RB - 1) / RB;
-  const int xsplits = exact ? exact->splits : 0, total = splits + xsplits;
+  const int total = splits + (exact ? exact->splits : 0);
   __half* qt = reinterpret_cast<__half*>(ws + ws_floats);
-  {
-    auto k = tq_tc_query_kernel<T>;
-    TQ_LAUNCH(k, dim3(Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kch, ks, Hq, Hkv, T_, tiles, 64,
-              16 / M, RB, qt);
-  }
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return (int)e;
-  const int code = tq_tc_rows_split_launch<D, M>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq,
-                                                 Hkv, T_, cap, chunk, tiles, scale, exact ? exact->sinks : 0, splits,
-                                                 total, ws, stream);
+  int code = tq_tc_queries<T>(q, kch, ks, B, Hq, Hkv, T_, tiles, 64, 16 / M, RB, qt, stream);
   if (code != 0) return code;
-  if (exact) {
-    auto k = tq_attn_exact_kernel<T, 16>;
-    TQ_LAUNCH(k, dim3(xsplits, Hkv * tiles * (RB / 16), B), TQ_THREADS, 0, stream, (const T*)q, visible, *exact,
-              vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, RB, ws);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return (int)e;
-  }
-  return tq_attn_merge_launch<RB>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
+  code = tq_tc_rows_split_launch<D, M>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv, T_,
+                                       cap, chunk, tiles, scale, exact ? exact->sinks : 0, splits, total, ws, stream);
+  if (code != 0) return code;
+  return tq_attn_finish<T, RB>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status, out,
+                               out_dtype, stream);
 }
 
 // Query rows per row tile for `rows` query rows per KV head (G · T), a cycle of `cycle`

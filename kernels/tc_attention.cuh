@@ -178,6 +178,36 @@ __device__ __forceinline__ void tq_tc_pair_tables(const TqSpec& ks, const TqSpec
   }
 }
 
+// `rows` f16 rows of D (16-byte aligned) from global src (stride D) into shared dst (stride QS).
+template <int D, int QS>
+__device__ __forceinline__ void tq_tc_load_rows(__half* dst, const __half* src, int rows) {
+  for (int i = threadIdx.x; i < rows * D / 8; i += blockDim.x) {
+    const int row = i / (D / 8), c8 = i % (D / 8);
+    *reinterpret_cast<uint4*>(dst + row * QS + c8 * 8) = *reinterpret_cast<const uint4*>(src + row * D + c8 * 8);
+  }
+}
+
+// The slots split `split` (chunk slots from split·chunk) reads for rows that see up to
+// vis[0..rows): tiles from *start (a multiple of 64, from lo's tile on) while below *hi.
+__device__ __forceinline__ void tq_tc_range(const int* vis, int rows, int split, int chunk, int lo, int* start,
+                                            int* hi) {
+  const int s0 = split * chunk;
+  int h = 0;
+  for (int r = 0; r < rows; ++r) h = max(h, min(vis[r], s0 + chunk));
+  *hi = h;
+  *start = max(s0, lo / TQ_TC_TILE * TQ_TC_TILE);
+}
+
+// Stages the key and value records of slots t0 .. min(t0 + 64, hi) of (b, h) into a record
+// buffer: keys at dst, values at dst + voff.
+__device__ __forceinline__ void tq_tc_stage_tile(uint8_t* dst, int voff, const uint8_t* kc, const uint8_t* vc,
+                                                 const TqTiles& tt, int b, int h, int Hkv, int cap, int rbk, int rbv,
+                                                 int t0, int hi) {
+  const int n = min(TQ_TC_TILE, hi - t0);
+  tq_tc_stage(dst, kc + tq_tc_slot(tt, true, b, h, Hkv, cap, rbk, t0), n * rbk);
+  tq_tc_stage(dst + voff, vc + tq_tc_slot(tt, false, b, h, Hkv, cap, rbv, t0), n * rbv);
+}
+
 // Shared memory of the split kernel, carved from one dynamic buffer (16-byte aligned parts).
 template <int D>
 struct TqTcSmem {
@@ -275,11 +305,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
 
   tq_tc_pair_tables(ks, vs, lut);
   // The rotated query rows of this row tile; value weights of unused rows stay zero.
-  const __half* qsrc = qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_QTERMS * TQ_TC_ROWS * D;
-  for (int i = threadIdx.x; i < TQ_TC_QTERMS * TQ_TC_ROWS * D / 8; i += blockDim.x) {
-    const int row = i / (D / 8), c8 = i % (D / 8);
-    *reinterpret_cast<uint4*>(qs + row * S::QS + c8 * 8) = *reinterpret_cast<const uint4*>(qsrc + row * D + c8 * 8);
-  }
+  tq_tc_load_rows<D, S::QS>(qs, qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_QTERMS * TQ_TC_ROWS * D,
+                            TQ_TC_QTERMS * TQ_TC_ROWS);
   for (int i = threadIdx.x; i < 2 * TQ_TC_ROWS * S::PS; i += blockDim.x) pw[i] = __float2half_rn(0.f);
   if (threadIdx.x < R) {
     const int gr = tile * R + threadIdx.x;
@@ -289,10 +316,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
   }
   __syncthreads();
 
-  const int s0 = split * chunk;
-  int hi = 0;
-  for (int r = 0; r < R; ++r) hi = max(hi, min(vis[r], s0 + chunk));
-  const int start = max(s0, lo / TQ_TC_TILE * TQ_TC_TILE);
+  int start, hi;
+  tq_tc_range(vis, R, split, chunk, lo, &start, &hi);
 
   constexpr int NT = D / 32;  // value n-tiles (8 coordinates) per warp
   float acc[NT][4];
@@ -302,10 +327,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
     for (int k = 0; k < 4; ++k) acc[j][k] = 0.f;
 
   auto stage = [&](int buf, int t0) {
-    const int n = min(TQ_TC_TILE, hi - t0);
-    uint8_t* dst = recs + buf * rbuf;
-    tq_tc_stage(dst, kc + tq_tc_slot(tt, true, b, h, Hkv, cap, rbk, t0), n * rbk);
-    tq_tc_stage(dst + voff, vc + tq_tc_slot(tt, false, b, h, Hkv, cap, rbv, t0), n * rbv);
+    tq_tc_stage_tile(recs + buf * rbuf, voff, kc, vc, tt, b, h, Hkv, cap, rbk, rbv, t0, hi);
   };
   if (start < hi) stage(0, start);
   __pipeline_commit();

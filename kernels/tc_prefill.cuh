@@ -54,11 +54,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int kd0 = ks.groups[0].dim, vd0 = vs.groups[0].dim;
 
   tq_tc_pair_tables(ks, vs, lut);
-  const __half* qsrc = qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_QTERMS * 64 * D;
-  for (int i = threadIdx.x; i < TQ_TC_QTERMS * 64 * D / 8; i += blockDim.x) {
-    const int row = i / (D / 8), c8 = i % (D / 8);
-    *reinterpret_cast<uint4*>(qs + row * S::QS + c8 * 8) = *reinterpret_cast<const uint4*>(qsrc + row * D + c8 * 8);
-  }
+  tq_tc_load_rows<D, S::QS>(qs, qt + (((long)b * Hkv + h) * tiles + tile) * TQ_TC_QTERMS * 64 * D,
+                            TQ_TC_QTERMS * 64);
   for (int r = threadIdx.x; r < RB; r += blockDim.x) {
     const int gr = tile * RB + r;
     vis[r] = gr < G * T_ ? visible[b * T_ + gr / G] : 0;
@@ -71,10 +68,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int vis0 = vis[warp * RW + r0], vis1 = vis[warp * RW + r1];
   float rm[2] = {-INFINITY, -INFINITY}, rl[2] = {0.f, 0.f};
 
-  const int s0 = split * chunk;
-  int hi = 0;
-  for (int r = 0; r < RB; ++r) hi = max(hi, min(vis[r], s0 + chunk));
-  const int start = max(s0, lo / TQ_TC_TILE * TQ_TC_TILE);
+  int start, hi;
+  tq_tc_range(vis, RB, split, chunk, lo, &start, &hi);
 
   constexpr int NO = D / 8;  // value n-tiles of a warp's rows (all coordinates)
   float o[NO][4];
@@ -84,10 +79,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
     for (int k = 0; k < 4; ++k) o[j][k] = 0.f;
 
   auto stage = [&](int buf, int t0) {
-    const int n = min(TQ_TC_TILE, hi - t0);
-    uint8_t* dst = recs + buf * rbuf;
-    tq_tc_stage(dst, kc + tq_tc_slot(tt, true, b, h, Hkv, cap, rbk, t0), n * rbk);
-    tq_tc_stage(dst + voff, vc + tq_tc_slot(tt, false, b, h, Hkv, cap, rbv, t0), n * rbv);
+    tq_tc_stage_tile(recs + buf * rbuf, voff, kc, vc, tt, b, h, Hkv, cap, rbk, rbv, t0, hi);
   };
   if (start < hi) stage(0, start);
   __pipeline_commit();

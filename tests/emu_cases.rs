@@ -5,9 +5,8 @@
 //! kernels/decode_attention.cu (both split kernels, several split plans, a shuffled tile table)
 //! on the CPU and compares. Ignored by default: it only writes files; the script runs it.
 mod common;
-use common::{fresh_seed, gaussian_vec};
+use common::{fresh_seed, kv_data as data};
 use std::io::Write;
-use tqkv::attention::ExactRows;
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
 use tqkv::VectorQuantizer;
@@ -91,21 +90,6 @@ impl Case {
             self.floats(&format!("{p}.sketch"), &gt.sketch);
         }
     }
-}
-
-/// Random K/V-like data with per-channel scales and offsets.
-fn data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
-    let scales: Vec<f32> = (0..d).map(|_| 0.2 + rng.uniform() as f32 * 4.0).collect();
-    let offs: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
-    (0..n)
-        .flat_map(|_| {
-            gaussian_vec(rng, &scales)
-                .into_iter()
-                .zip(&offs)
-                .map(|(x, o)| x + o)
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// Quantizers `[head][m]` of one layer: each head calibrated (its own outlier channels), then
@@ -292,59 +276,25 @@ fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
         _ => q,
     };
     let scale = 1.0 / (d as f32).sqrt();
+    let case = common::PackedCase {
+        q: &q,
+        kc: &kc,
+        vc: &vc,
+        ek: &ek,
+        ev: &ev,
+        visible: &visible,
+        packed_end: &packed_end,
+        lens: s.lens,
+        dims: (hq, hkv, t, d, cap),
+        sinks,
+        ring,
+        exact: s.exact.is_some(),
+        scale,
+    };
     let mut want = vec![0f32; b * hq * t * d];
     for bi in 0..b {
-        let n = s.lens[bi];
         for h in 0..hkv {
-            let kr = &kc[(bi * hkv + h) * cap * rbk..][..n * rbk];
-            let vr = &vc[(bi * hkv + h) * cap * rbv..][..n * rbv];
-            let (mut qq, mut vis, mut ends) = (Vec::new(), Vec::new(), Vec::new());
-            for ti in 0..t {
-                for gi in 0..g {
-                    let o = ((bi * hq + h * g + gi) * t + ti) * d;
-                    qq.extend_from_slice(&q[o..o + d]);
-                    vis.push(visible[bi * t + ti]);
-                    ends.push(packed_end[bi * t + ti]);
-                }
-            }
-            let row = |x: &[half::f16], p: usize| -> Vec<f32> {
-                let o = ((bi * hkv + h) * slots + slot(p)) * d;
-                x[o..o + d].iter().map(|v| v.to_f32()).collect()
-            };
-            let lo = ends
-                .iter()
-                .zip(&vis)
-                .filter(|(e, v)| e < v)
-                .map(|(&e, _)| e)
-                .min()
-                .unwrap_or(n);
-            let gather = |x: &[half::f16], r: std::ops::Range<usize>| -> Vec<f32> {
-                r.flat_map(|p| row(x, p)).collect()
-            };
-            let (sk, sv) = (gather(&ek, 0..sinks.min(n)), gather(&ev, 0..sinks.min(n)));
-            let (wk, wv) = (gather(&ek, lo..n), gather(&ev, lo..n));
-            let rows = ExactRows {
-                sinks,
-                packed_end: &ends,
-                sink_k: &sk,
-                sink_v: &sv,
-                win_start: lo,
-                win_k: &wk,
-                win_v: &wv,
-            };
-            let mut out = vec![0f32; qq.len()];
-            tqkv::attention::attend_cycled(
-                &kq[h],
-                &vq[h],
-                &qq,
-                kr,
-                vr,
-                s.exact.map(|_| &rows),
-                &vis,
-                scale,
-                &mut out,
-            )
-            .unwrap();
+            let (out, _) = case.reference_head(&kq[h], &vq[h], bi, h);
             for ti in 0..t {
                 for gi in 0..g {
                     let o = ((bi * hq + h * g + gi) * t + ti) * d;
@@ -404,6 +354,19 @@ fn write_case(dir: &std::path::Path, rng: &mut Rng, s: &Shape) {
     eprintln!("wrote {} ({} bytes)", path.display(), c.0.len());
 }
 
+/// (name, keys, values, dims, lengths, query dtype, cycle, exact, q8): one row of the case table.
+type CaseRow<'a> = (
+    &'a str,
+    (&'a str, &'a str, &'a str),
+    (&'a str, &'a str),
+    (usize, usize, usize, usize),
+    &'a [usize],
+    i32,
+    usize,
+    Option<(usize, usize)>,
+    bool,
+);
+
 #[test]
 #[ignore = "writes the emulator's cases; run by scripts/emulate-kernels.sh"]
 fn write_emulator_cases() {
@@ -411,193 +374,42 @@ fn write_emulator_cases() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut rng = Rng::new(fresh_seed("emulator cases"));
     let m = "mse";
-    for s in [
-        // Decode, GQA 4: the paper's 3.5 split (two groups of 64) and the presets' 4/2 bits.
-        Shape {
-            name: "d128-3.5-dense-g4",
-            keys: ("3.5", m, "dense"),
-            vbits: "3.5",
-            vmode: m,
-            d: 128,
-            hkv: 2,
-            g: 4,
-            t: 1,
-            lens: &[1, 7, 99, 700],
-            dtype: 1,
-            cycle: 1,
-            exact: None,
-            q8: false,
-        },
-        Shape {
-            name: "d128-k4v2-had-g4-r4",
-            keys: ("4", m, "hadamard"),
-            vbits: "2",
-            vmode: m,
-            d: 128,
-            hkv: 2,
-            g: 4,
-            t: 1,
-            lens: &[63, 64, 65, 300],
-            dtype: 1,
-            cycle: 4,
-            exact: None,
-            q8: false,
-        },
-        Shape {
-            name: "d64-k4v2-had-g3-r4-exact",
-            keys: ("4", "mse-projected", "hadamard"),
-            vbits: "2",
-            vmode: "mse-projected",
-            d: 64,
-            hkv: 3,
-            g: 3,
-            t: 1,
-            lens: &[600, 3, 31],
-            dtype: 0,
-            cycle: 4,
-            exact: Some((1, 29)),
-            q8: true,
-        },
-        Shape {
-            name: "d64-k3v1.5-log8-r2-exact",
-            keys: ("3", m, "hadamard"),
-            vbits: "1.5",
-            vmode: "mse-projected-log8",
-            d: 64,
-            hkv: 1,
-            g: 3,
-            t: 1,
-            lens: &[200, 9],
-            dtype: 2,
-            cycle: 2,
-            exact: Some((2, 40)),
-            q8: false,
-        },
-        Shape {
-            name: "d96-2.5-dense-g7",
-            keys: ("2.5", m, "dense"),
-            vbits: "2.5",
-            vmode: m,
-            d: 96,
-            hkv: 1,
-            g: 7,
-            t: 1,
-            lens: &[150],
-            dtype: 0,
-            cycle: 1,
-            exact: None,
-            q8: false,
-        },
-        Shape {
-            name: "d256-2.5-had-g2",
-            keys: ("2.5", m, "hadamard"),
-            vbits: "3",
-            vmode: m,
-            d: 256,
-            hkv: 1,
-            g: 2,
-            t: 1,
-            lens: &[130, 1],
-            dtype: 1,
-            cycle: 1,
-            exact: None,
-            q8: false,
-        },
-        // Several query tokens (prefill rows, causal): 16 rows per block, and with a cycle.
-        Shape {
-            name: "d128-3.5-prefill-t5",
-            keys: ("3.5", m, "dense"),
-            vbits: "3.5",
-            vmode: m,
-            d: 128,
-            hkv: 2,
-            g: 4,
-            t: 5,
-            lens: &[9, 200],
-            dtype: 2,
-            cycle: 1,
-            exact: None,
-            q8: false,
-        },
-        Shape {
-            name: "d64-k4v2-prefill-t3-r2-exact",
-            keys: ("4", m, "hadamard"),
-            vbits: "2",
-            vmode: m,
-            d: 64,
-            hkv: 1,
-            g: 3,
-            t: 3,
-            lens: &[90, 4],
-            dtype: 1,
-            cycle: 2,
-            exact: Some((1, 20)),
-            q8: true,
-        },
-        // The rows kernel (more than 16 query rows per KV head): cycles 4, 2 and 1 (row tiles of
-        // 16, 32 and 64 query rows), with q8_0 / f16 exact parts.
-        Shape {
-            name: "d128-k4v2-rows-t9-r4-q8",
-            keys: ("4", "mse-projected", "hadamard"),
-            vbits: "2",
-            vmode: "mse-projected",
-            d: 128,
-            hkv: 2,
-            g: 4,
-            t: 9,
-            lens: &[100, 700],
-            dtype: 1,
-            cycle: 4,
-            exact: Some((1, 40)),
-            q8: true,
-        },
-        Shape {
-            name: "d64-3.5-rows-t20-r2-exact",
-            keys: ("3.5", m, "dense"),
-            vbits: "2.5",
-            vmode: m,
-            d: 64,
-            hkv: 1,
-            g: 3,
-            t: 20,
-            lens: &[70, 5, 300],
-            dtype: 0,
-            cycle: 2,
-            exact: Some((2, 30)),
-            q8: false,
-        },
-        Shape {
-            name: "d96-2.5-rows-t40",
-            keys: ("2.5", m, "hadamard"),
-            vbits: "3",
-            vmode: m,
-            d: 96,
-            hkv: 1,
-            g: 2,
-            t: 40,
-            lens: &[150],
-            dtype: 2,
-            cycle: 1,
-            exact: None,
-            q8: false,
-        },
-        // Not on the tensor-core path (QJL keys, d = 99): the split kernel only.
-        Shape {
-            name: "d64-qjl-split-only",
-            keys: ("4", "prod", "dense"),
-            vbits: "3",
-            vmode: m,
-            d: 64,
-            hkv: 2,
-            g: 1,
-            t: 1,
-            lens: &[77, 2],
-            dtype: 0,
-            cycle: 1,
-            exact: None,
-            q8: false,
-        },
-    ] {
+    // (name, keys (bits, mode, rotation), values (bits, mode), (d, kv heads, GQA group, query
+    // tokens), lengths, query dtype, cycle, exact (sinks, window), exact rows in q8_0):
+    // decode at GQA 4 with the paper's 3.5 split and the presets' 4/2 bits, cycles 2 and 4,
+    // log8 norms, d = 96 and 256; prefill rows for both tensor-core kernels (the rows kernel from
+    // 17 rows per KV head, row tiles of 16, 32, 64); a layout only the split kernel takes.
+    #[rustfmt::skip]
+    let cases: &[CaseRow] = &[
+        ("d128-3.5-dense-g4", ("3.5", m, "dense"), ("3.5", m), (128, 2, 4, 1), &[1, 7, 99, 700], 1, 1, None, false),
+        ("d128-k4v2-had-g4-r4", ("4", m, "hadamard"), ("2", m), (128, 2, 4, 1), &[63, 64, 65, 300], 1, 4, None, false),
+        ("d64-k4v2-had-g3-r4-exact", ("4", "mse-projected", "hadamard"), ("2", "mse-projected"), (64, 3, 3, 1), &[600, 3, 31], 0, 4, Some((1, 29)), true),
+        ("d64-k3v1.5-log8-r2-exact", ("3", m, "hadamard"), ("1.5", "mse-projected-log8"), (64, 1, 3, 1), &[200, 9], 2, 2, Some((2, 40)), false),
+        ("d96-2.5-dense-g7", ("2.5", m, "dense"), ("2.5", m), (96, 1, 7, 1), &[150], 0, 1, None, false),
+        ("d256-2.5-had-g2", ("2.5", m, "hadamard"), ("3", m), (256, 1, 2, 1), &[130, 1], 1, 1, None, false),
+        ("d128-3.5-prefill-t5", ("3.5", m, "dense"), ("3.5", m), (128, 2, 4, 5), &[9, 200], 2, 1, None, false),
+        ("d64-k4v2-prefill-t3-r2-exact", ("4", m, "hadamard"), ("2", m), (64, 1, 3, 3), &[90, 4], 1, 2, Some((1, 20)), true),
+        ("d128-k4v2-rows-t9-r4-q8", ("4", "mse-projected", "hadamard"), ("2", "mse-projected"), (128, 2, 4, 9), &[100, 700], 1, 4, Some((1, 40)), true),
+        ("d64-3.5-rows-t20-r2-exact", ("3.5", m, "dense"), ("2.5", m), (64, 1, 3, 20), &[70, 5, 300], 0, 2, Some((2, 30)), false),
+        ("d96-2.5-rows-t40", ("2.5", m, "hadamard"), ("3", m), (96, 1, 2, 40), &[150], 2, 1, None, false),
+        ("d64-qjl-split-only", ("4", "prod", "dense"), ("3", m), (64, 2, 1, 1), &[77, 2], 0, 1, None, false),
+    ];
+    for &(name, keys, (vbits, vmode), (d, hkv, g, t), lens, dtype, cycle, exact, q8) in cases {
+        let s = Shape {
+            name,
+            keys,
+            vbits,
+            vmode,
+            d,
+            hkv,
+            g,
+            t,
+            lens,
+            dtype,
+            cycle,
+            exact,
+            q8,
+        };
         write_case(&dir, &mut rng, &s);
     }
 }

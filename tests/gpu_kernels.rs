@@ -10,7 +10,7 @@
 //!   its contiguous run).
 #![cfg(feature = "cuda")]
 mod common;
-use common::{fresh_seed, gaussian_vec, layer_heads};
+use common::{fresh_seed, kv_data as data, layer_heads};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -64,21 +64,6 @@ const CONFIGS: [(&str, &str, &str, usize); 12] = [
     ("1.5", "mse-projected-log8", "hadamard", 64),
     ("3", "prod-log8", "dense", 64),
 ];
-
-/// Random K/V-like data with per-channel scales and a per-channel offset.
-fn data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
-    let scales: Vec<f32> = (0..d).map(|_| 0.2 + rng.uniform() as f32 * 4.0).collect();
-    let offs: Vec<f32> = (0..d).map(|_| rng.gaussian() as f32).collect();
-    (0..n)
-        .flat_map(|_| {
-            gaussian_vec(rng, &scales)
-                .into_iter()
-                .zip(&offs)
-                .map(|(x, o)| x + o)
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
 
 #[derive(Default)]
 struct Tally {
@@ -571,63 +556,29 @@ fn mixed_attention_case(
     } else {
         eprintln!("{kcfg:?}/v{vbits} d={d}: not on the tensor-core kernel's path");
     }
-    for bi in 0..b {
+    let case = common::PackedCase {
+        q: &q,
+        kc: &kc,
+        vc: &vc,
+        ek: &ek,
+        ev: &ev,
+        visible: &visible,
+        packed_end: &packed_end,
+        lens,
+        dims: (hq, hkv, t, d, cap),
+        sinks,
+        ring,
+        exact: exact.is_some(),
+        scale,
+    };
+    for (bi, &n) in lens.iter().enumerate() {
         for h in 0..hkv {
-            let n = lens[bi];
-            let kr = &kc[(bi * hkv + h) * cap * rbk..][..n * rbk];
-            let vr = &vc[(bi * hkv + h) * cap * rbv..][..n * rbv];
-            // Rows of this KV head: (t, g) with query head h·G + g.
-            let mut qq = Vec::new();
-            let mut vis = Vec::new();
-            let mut ends = Vec::new();
-            for ti in 0..t {
-                for gi in 0..g {
-                    let o = ((bi * hq + h * g + gi) * t + ti) * d;
-                    qq.extend_from_slice(&q[o..o + d]);
-                    vis.push(visible[bi * t + ti]);
-                    ends.push(packed_end[bi * t + ti]);
-                }
-            }
-            // The exact rows in position order: sinks, then the positions from the earliest
-            // window start on.
-            let row = |x: &[half::f16], p: usize| -> Vec<f32> {
-                let o = ((bi * hkv + h) * slots + slot(p)) * d;
-                x[o..o + d].iter().map(|v| v.to_f32()).collect()
-            };
-            let lo = ends
-                .iter()
-                .zip(&vis)
-                .filter(|(e, v)| e < v)
-                .map(|(&e, _)| e)
-                .min()
-                .unwrap_or(n);
-            let gather = |x: &[half::f16], r: std::ops::Range<usize>| -> Vec<f32> {
-                r.flat_map(|p| row(x, p)).collect()
-            };
-            let (sk, sv) = (gather(&ek, 0..sinks.min(n)), gather(&ev, 0..sinks.min(n)));
-            let (wk, wv) = (gather(&ek, lo..n), gather(&ev, lo..n));
-            let rows = tqkv::attention::ExactRows {
-                sinks,
-                packed_end: &ends,
-                sink_k: &sk,
-                sink_v: &sv,
-                win_start: lo,
-                win_k: &wk,
-                win_v: &wv,
-            };
-            let mut want = vec![0f32; qq.len()];
-            tqkv::attention::attend_mixed(
-                &kq[h],
-                &vq[h],
-                &qq,
-                kr,
-                vr,
-                exact.map(|_| &rows),
-                &vis,
-                scale,
-                &mut want,
-            )
-            .unwrap();
+            let (want, vis) = case.reference_head(
+                std::slice::from_ref(&kq[h]),
+                std::slice::from_ref(&vq[h]),
+                bi,
+                h,
+            );
             for (kernel, got, tol) in &runs {
                 for ti in 0..t {
                     for gi in 0..g {
