@@ -27,6 +27,7 @@
 #include "exact_attention.cuh"
 #include "tc_attention.cuh"
 #include "tc_prefill.cuh"
+#include "tc_exact.cuh"
 #ifndef TQ_EMU
 #include <cuda_pipeline.h>
 #endif
@@ -447,19 +448,32 @@ static int tq_attn_merge_launch(const float* ws, const int* vch, const TqSpecs& 
 }
 
 // After a split kernel has written its splits: the exact part's splits (blocks of RX ≤ 16 rows
-// of each row tile of RT rows) and the merge, in the output dtype.
-template <typename T, int RT>
+// of each row tile of RT rows; on tensor cores with TC where head_dim allows) and the merge, in
+// the output dtype.
+template <typename T, int RT, bool TC = false>
 static int tq_attn_finish(const void* q, const int* visible, const TqExact* exact, const int* vch,
                           const TqSpecs& vs, int B, int Hq, int Hkv, int T_, int tiles, int splits, float scale,
                           float* ws, const int* status, void* out, int out_dtype, cudaStream_t stream) {
   constexpr int RX = RT < 16 ? RT : 16;
   const int total = splits + (exact ? exact->splits : 0);
   if (exact) {
-    auto k = tq_attn_exact_kernel<T, RX>;
-    TQ_LAUNCH(k, dim3(exact->splits, Hkv * tiles * (RT / RX), B), TQ_THREADS, 0, stream, (const T*)q, visible,
-              *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return (int)e;
+    int code = -1;
+    if (TC) {
+      switch (vs.v[0].head_dim) {
+        case 64: code = tq_tc_exact_launch<T, 64, RX>(q, visible, *exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws, stream); break;
+        case 96: code = tq_tc_exact_launch<T, 96, RX>(q, visible, *exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws, stream); break;
+        case 128: code = tq_tc_exact_launch<T, 128, RX>(q, visible, *exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws, stream); break;
+        case 256: code = tq_tc_exact_launch<T, 256, RX>(q, visible, *exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws, stream); break;
+        default: break;
+      }
+    }
+    if (code < 0) {
+      auto k = tq_attn_exact_kernel<T, RX>;
+      TQ_LAUNCH(k, dim3(exact->splits, Hkv * tiles * (RT / RX), B), TQ_THREADS, 0, stream, (const T*)q, visible,
+                *exact, vch, vs, Hq, Hkv, T_, tiles, splits, total, scale, RT, ws);
+      code = (int)cudaGetLastError();
+    }
+    if (code != 0) return code;
   }
   return tq_attn_merge_launch<RT>(ws, vch, vs, Hq, Hkv, T_, tiles, total, status, out, out_dtype, B, stream);
 }
@@ -509,8 +523,8 @@ static int tq_tc_launch(const void* q, const uint8_t* kc, const uint8_t* vc, con
   code = tq_tc_split_launch<D, R>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv, T_, cap,
                                   chunk, tiles, scale, exact ? exact->sinks : 0, splits, total, ws, stream);
   if (code != 0) return code;
-  return tq_attn_finish<T, R>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status, out,
-                              out_dtype, stream);
+  return tq_attn_finish<T, R, true>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status,
+                                    out, out_dtype, stream);
 }
 
 // The tensor-core path for many query rows (tc_prefill.cuh): row tiles of RB = 64 / M query
@@ -531,8 +545,8 @@ static int tq_tc_rows_launch(const void* q, const uint8_t* kc, const uint8_t* vc
   code = tq_tc_rows_split_launch<D, M>(qt, kc, vc, exact ? exact->packed_end : visible, ks, vs, tt, B, Hq, Hkv, T_,
                                        cap, chunk, tiles, scale, exact ? exact->sinks : 0, splits, total, ws, stream);
   if (code != 0) return code;
-  return tq_attn_finish<T, RB>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status, out,
-                               out_dtype, stream);
+  return tq_attn_finish<T, RB, true>(q, visible, exact, vch, vs, B, Hq, Hkv, T_, tiles, splits, scale, ws, status,
+                                     out, out_dtype, stream);
 }
 
 // Query rows per row tile for `rows` query rows per KV head (G · T), a cycle of `cycle`

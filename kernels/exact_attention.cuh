@@ -47,6 +47,69 @@ __device__ __forceinline__ float tq_exact_at(const TqExact& ex, bool value, long
   return __half2float(__float2half_rn(x));
 }
 
+// The exact positions of a block's rows (visible vis[r], records ending at pend[r]): range[0]
+// sinks seen by some row, then the window positions range[1] .. range[2] (the earliest window
+// start to the latest visible end). One thread.
+__device__ __forceinline__ void tq_exact_range(const int* vis, const int* pend, int rows, int sinks, int* range) {
+  int s_max = 0, w_lo = 1 << 30, w_hi = 0;
+  for (int r = 0; r < rows; ++r) {
+    s_max = max(s_max, min(sinks, vis[r]));
+    if (pend[r] < vis[r]) {
+      w_lo = min(w_lo, pend[r]);
+      w_hi = max(w_hi, vis[r]);
+    }
+  }
+  range[0] = s_max;
+  range[1] = w_hi > 0 ? w_lo : 0;
+  range[2] = w_hi;
+}
+
+// Value coordinates of one variant of a spec (MSE coordinates of all groups, then sketches).
+__device__ __forceinline__ int tq_exact_value_coords(const TqSpec& vs) {
+  int Dv = 0;
+  for (int g = 0; g < vs.num_groups; ++g) Dv += (vs.groups[g].mse_bits > 0 ? vs.groups[g].dim : 0) + vs.groups[g].m;
+  return Dv;
+}
+
+// Writes one row of an exact split into the merge's value coordinates: the value sum xrow[d]
+// (original domain, shared memory; overwritten) rotated per group by the cycle's first variant
+// (Π_g of the group's channels), its sign coordinates and every other variant's 0, then the
+// running max m and sum l. xg, rot: shared scratch of TQ_MAX_DIM floats. All threads.
+__device__ __forceinline__ void tq_exact_store_row(const TqSpecs& vss, const int* vch, int h, float* xrow, float* xg,
+                                                   float* rot, float* w, float m, float l) {
+  const TqSpec& vs = vss.v[0];
+  const int d = vs.head_dim;
+  int vmo[2], vso[2], Dv = 0;
+  for (int g = 0; g < vs.num_groups; ++g) {
+    vmo[g] = Dv;
+    if (vs.groups[g].mse_bits > 0) Dv += vs.groups[g].dim;
+  }
+  for (int g = 0; g < vs.num_groups; ++g) {
+    vso[g] = Dv;
+    Dv += vs.groups[g].m;
+  }
+  const int W = vss.n * Dv;  // value coordinates of all variants
+  for (int c = Dv + threadIdx.x; c < W; c += blockDim.x) w[c] = 0.f;
+  int base = 0;
+  for (int g = 0; g < vs.num_groups; ++g) {
+    const TqGroup& vg = vs.groups[g];
+    for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xg[j] = xrow[vch[(long)h * d + base + j]];
+    __syncthreads();
+    if (vg.mse_bits > 0) {
+      tq_rotate(vg, xg, rot);
+      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) w[vmo[g] + j] = rot[j];
+    }
+    for (int l2 = threadIdx.x; l2 < vg.m; l2 += blockDim.x) w[vso[g] + l2] = 0.f;
+    __syncthreads();
+    base += vg.dim;
+  }
+  if (threadIdx.x == 0) {
+    w[W] = m;
+    w[W + 1] = l;
+  }
+  __syncthreads();
+}
+
 #define TQ_EX_TILE 32  // positions per tile: 4 threads per position (TQ_THREADS = 128)
 
 template <typename T, int R>
@@ -78,19 +141,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
     run_l[threadIdx.x] = 0.f;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int s_max = 0, w_lo = 1 << 30, w_hi = 0;
-    for (int r = 0; r < R; ++r) {
-      s_max = max(s_max, min(ex.sinks, vis[r]));
-      if (pend[r] < vis[r]) {
-        w_lo = min(w_lo, pend[r]);
-        w_hi = max(w_hi, vis[r]);
-      }
-    }
-    range[0] = s_max;
-    range[1] = w_hi > 0 ? w_lo : 0;
-    range[2] = w_hi;
-  }
+  if (threadIdx.x == 0) tq_exact_range(vis, pend, R, ex.sinks, range);
   // Query rows in the original domain.
   for (int i = threadIdx.x; i < d * R; i += blockDim.x) {
     const int j = i / R, r = i % R, gr = tile * RT + r0 + r;
@@ -169,18 +220,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
     __syncthreads();
   }
 
-  // Into the value coordinates of the merge: per group, Π_g of its channels.
-  int vmo[2], vso[2];
-  int Dv = 0;
-  for (int g = 0; g < vs.num_groups; ++g) {
-    vmo[g] = Dv;
-    if (vs.groups[g].mse_bits > 0) Dv += vs.groups[g].dim;
-  }
-  for (int g = 0; g < vs.num_groups; ++g) {
-    vso[g] = Dv;
-    Dv += vs.groups[g].m;
-  }
-  const int W = vss.n * Dv;  // value coordinates of all variants
+  const int W = vss.n * tq_exact_value_coords(vss.v[0]);
   const long wbase = ((((long)b * Hkv + h) * tiles + tile) * total_splits + first_split + xs) * RT * (W + 2);
   for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -189,25 +229,6 @@ __global__ void __launch_bounds__(TQ_THREADS)
       if (c < d) xrow[c] = acc[k][r];
     }
     __syncthreads();
-    float* w = ws + wbase + (long)(r0 + r) * (W + 2);
-    for (int c = Dv + threadIdx.x; c < W; c += blockDim.x) w[c] = 0.f;
-    int base = 0;
-    for (int g = 0; g < vs.num_groups; ++g) {
-      const TqGroup& vg = vs.groups[g];
-      for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) xg[j] = xrow[vch[(long)h * d + base + j]];
-      __syncthreads();
-      if (vg.mse_bits > 0) {
-        tq_rotate(vg, xg, rot);
-        for (int j = threadIdx.x; j < vg.dim; j += blockDim.x) w[vmo[g] + j] = rot[j];
-      }
-      for (int l = threadIdx.x; l < vg.m; l += blockDim.x) w[vso[g] + l] = 0.f;
-      __syncthreads();
-      base += vg.dim;
-    }
-    if (threadIdx.x == 0) {
-      w[W] = run_m[r];
-      w[W + 1] = run_l[r];
-    }
-    __syncthreads();
+    tq_exact_store_row(vss, vch, h, xrow, xg, rot, ws + wbase + (long)(r0 + r) * (W + 2), run_m[r], run_l[r]);
   }
 }
