@@ -1,7 +1,8 @@
 //! Compiles `kernels/*.cu` with nvcc when the `cuda` feature is on; touches nothing CUDA otherwise.
 //!
 //! Each `kernels/NAME.cu` (device code and its `extern "C"` launchers) becomes one object with
-//! sm_80 and sm_90 cubins plus compute_80 PTX (JIT-able by newer GPUs); the objects are archived
+//! sm_80 and sm_90 cubins plus compute_80 PTX (JIT-able by newer GPUs), or only the sm_NN cubin
+//! with `TQKV_CUDA_ARCH=NN` (the GPU bundle); the objects are archived
 //! into `libtqkv_kernels.a` and linked with the static CUDA runtime; `src/cuda.rs` declares the
 //! launchers. No fast-math: the kernels must reproduce the CPU reference's codes. nvcc is found
 //! from `NVCC`, then `CUDA_ROOT` / `CUDA_HOME` / `CUDA_PATH` (`bin/nvcc`), then PATH; none of them
@@ -41,24 +42,32 @@ fn main() -> Result<()> {
     if sources.is_empty() {
         bail!("feature `cuda`: kernels/ has no .cu files");
     }
+    // Targets: sm_80 and sm_90 cubins plus compute_80 PTX, or with TQKV_CUDA_ARCH=NN only the
+    // sm_NN cubin (scripts/gpu-bundle.sh: smaller binaries for a known GPU).
+    println!("cargo:rerun-if-env-changed=TQKV_CUDA_ARCH");
+    let gencode: Vec<String> = match std::env::var("TQKV_CUDA_ARCH") {
+        Ok(a) if !a.trim().is_empty() => {
+            let a = a.trim();
+            if !a.chars().all(|c| c.is_ascii_digit()) {
+                bail!("TQKV_CUDA_ARCH must be a compute capability such as 90, not {a:?}");
+            }
+            vec![format!("-gencode=arch=compute_{a},code=sm_{a}")]
+        }
+        _ => vec![
+            "-gencode=arch=compute_80,code=sm_80".into(),
+            "-gencode=arch=compute_90,code=sm_90".into(),
+            "-gencode=arch=compute_80,code=compute_80".into(),
+        ],
+    };
     let mut objects = Vec::new();
     for src in sources {
         println!("cargo:rerun-if-changed={}", src.display());
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
         let obj = out.join(format!("{stem}.o"));
-        nvcc_run(
-            &nvcc,
-            src,
-            &[
-                "-c",
-                "-Xcompiler",
-                "-fPIC",
-                "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90,code=sm_90",
-                "-gencode=arch=compute_80,code=compute_80",
-            ],
-            &obj,
-        )?;
+        let mut args = vec!["-c".to_string(), "-Xcompiler".into(), "-fPIC".into()];
+        args.extend(gencode.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nvcc_run(&nvcc, src, &args, &obj)?;
         objects.push(obj);
     }
     let lib = out.join("libtqkv_kernels.a");
