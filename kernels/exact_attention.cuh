@@ -47,6 +47,22 @@ __device__ __forceinline__ float tq_exact_at(const TqExact& ex, bool value, long
   return __half2float(__float2half_rn(x));
 }
 
+// Per row r < rows of a block whose first query row is gr0 (row = t·G + g): what it sees
+// (visible), where its records end (packed_end; 0 for rows past G·T) and a fresh softmax state.
+// Threads 0 .. rows.
+__device__ __forceinline__ void tq_exact_rows_init(const int* visible, const TqExact& ex, int b, int T_, int G,
+                                                   int gr0, int rows, int* vis, int* pend, float* run_m,
+                                                   float* run_l) {
+  if (threadIdx.x < rows) {
+    const int gr = gr0 + threadIdx.x;
+    const bool real = gr < G * T_;
+    vis[threadIdx.x] = real ? visible[b * T_ + gr / G] : 0;
+    pend[threadIdx.x] = real ? ex.packed_end[b * T_ + gr / G] : 0;
+    run_m[threadIdx.x] = -INFINITY;
+    run_l[threadIdx.x] = 0.f;
+  }
+}
+
 // The exact positions of a block's rows (visible vis[r], records ending at pend[r]): range[0]
 // sinks seen by some row, then the window positions range[1] .. range[2] (the earliest window
 // start to the latest visible end). One thread.
@@ -132,14 +148,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
   __shared__ float run_m[R], run_l[R], alpha[R];
   __shared__ int range[3];                      // sinks seen, window start, window end
   __shared__ float xrow[TQ_MAX_DIM], xg[TQ_MAX_DIM], rot[TQ_MAX_DIM];
-  if (threadIdx.x < R) {
-    const int gr = tile * RT + r0 + threadIdx.x;
-    const bool real = gr < G * T_;
-    vis[threadIdx.x] = real ? visible[b * T_ + gr / G] : 0;
-    pend[threadIdx.x] = real ? ex.packed_end[b * T_ + gr / G] : 0;
-    run_m[threadIdx.x] = -INFINITY;
-    run_l[threadIdx.x] = 0.f;
-  }
+  tq_exact_rows_init(visible, ex, b, T_, G, tile * RT + r0, R, vis, pend, run_m, run_l);
   __syncthreads();
   if (threadIdx.x == 0) tq_exact_range(vis, pend, R, ex.sinks, range);
   // Query rows in the original domain.

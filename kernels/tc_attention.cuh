@@ -208,6 +208,29 @@ __device__ __forceinline__ void tq_tc_stage_tile(uint8_t* dst, int voff, const u
   tq_tc_stage(dst + voff, vc + tq_tc_slot(tt, false, b, h, Hkv, cap, rbv, t0), n * rbv);
 }
 
+// One online-softmax step of query row r over a tile of 64 scores held by a warp (lane and
+// lane + 32: sv, valid where ok): p[k] = exp(sv[k] − m_new), 0 where not ok; lane 0 updates
+// run_m[r], run_l[r] and alpha[r] (the factor that rescales the row's earlier sums).
+__device__ __forceinline__ void tq_tc_warp_softmax(const float* sv, const bool* ok, float* p, int r, float* run_m,
+                                                   float* run_l, float* alpha) {
+  float mx = fmaxf(sv[0], sv[1]);
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  const float m_old = run_m[r], m_new = fmaxf(m_old, mx);
+  float l = 0.f;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    p[k] = ok[k] ? expf(sv[k] - m_new) : 0.f;
+    l += p[k];
+  }
+  for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+  if ((threadIdx.x & 31) == 0) {
+    const float a = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
+    alpha[r] = a;
+    run_l[r] = run_l[r] * a + l;
+    run_m[r] = m_new;
+  }
+}
+
 // Shared memory of the split kernel, carved from one dynamic buffer (16-byte aligned parts).
 template <int D>
 struct TqTcSmem {
@@ -387,36 +410,24 @@ __global__ void __launch_bounds__(TQ_THREADS)
     for (int r = warp; r < R; r += TQ_THREADS / 32) {
       float sv[2];
       bool ok[2];
-      float mx = -INFINITY;
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int i = lane + 32 * k, pos = t0 + i, m = pos % M;
         ok[k] = i < n && pos >= lo && pos < vis[r];
         sv[k] = ok[k] ? sc[(m * R + r) * S::SS + i] : -INFINITY;
-        mx = fmaxf(mx, sv[k]);
       }
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = run_m[r], m_new = fmaxf(m_old, mx);
-      float l = 0.f;
+      float p[2];
+      tq_tc_warp_softmax(sv, ok, p, r, run_m, run_l, alpha);
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int i = lane + 32 * k, m = (t0 + i) % M;
-        const float p = ok[k] ? expf(sv[k] - m_new) : 0.f;
-        l += p;
         for (int mm = 0; mm < M; ++mm) {
           const int row = mm * R + r;
 #pragma unroll
           for (int g = 0; g < 2; ++g)
             pw[(g * TQ_TC_ROWS + row) * S::PS + i] =
-                __float2half_rn(mm == m && p > 0.f ? p * nrm[(2 + g) * TQ_TC_TILE + i] : 0.f);
+                __float2half_rn(mm == m && p[k] > 0.f ? p[k] * nrm[(2 + g) * TQ_TC_TILE + i] : 0.f);
         }
-      }
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (lane == 0) {
-        const float a = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        alpha[r] = a;
-        run_l[r] = run_l[r] * a + l;
-        run_m[r] = m_new;
       }
     }
     tq_tc_decode_tile<D, S::QS>(vs, vrec, rbv, lut + 2 * 256, ct);

@@ -66,14 +66,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int G = Hq / Hkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const long head = ((long)b * Hkv + h) * (ex.sinks + ex.ring);
-  if (threadIdx.x < R) {
-    const int gr = tile * RT + r0 + threadIdx.x;
-    const bool real = gr < G * T_;
-    vis[threadIdx.x] = real ? visible[b * T_ + gr / G] : 0;
-    pend[threadIdx.x] = real ? ex.packed_end[b * T_ + gr / G] : 0;
-    run_m[threadIdx.x] = -INFINITY;
-    run_l[threadIdx.x] = 0.f;
-  }
+  tq_exact_rows_init(visible, ex, b, T_, G, tile * RT + r0, R, vis, pend, run_m, run_l);
   // Query rows (original domain) as f16 hi + lo; rows ≥ R and missing rows zero.
   for (int i = threadIdx.x; i < TQ_TC_ROWS * D; i += blockDim.x) {
     const int r = i / D, j = i % D, gr = tile * RT + r0 + r;
@@ -138,32 +131,17 @@ __global__ void __launch_bounds__(TQ_THREADS)
     __syncthreads();
     // Online softmax, one warp per row; the value rows into the same tile.
     for (int r = warp; r < R; r += TQ_THREADS / 32) {
-      float sv[2];
+      float sv[2], p[2];
       bool ok[2];
-      float mx = -INFINITY;
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const int i = lane + 32 * k, p = pos_of[i];
-        ok[k] = i < n && (p < min(ex.sinks, vis[r]) || (p >= pend[r] && p < vis[r]));
+        const int i = lane + 32 * k, pos = pos_of[i];
+        ok[k] = i < n && (pos < min(ex.sinks, vis[r]) || (pos >= pend[r] && pos < vis[r]));
         sv[k] = ok[k] ? sc[r * S::SS + i] : -INFINITY;
-        mx = fmaxf(mx, sv[k]);
       }
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = run_m[r], m_new = fmaxf(m_old, mx);
-      float l = 0.f;
+      tq_tc_warp_softmax(sv, ok, p, r, run_m, run_l, alpha);
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const float p = ok[k] ? expf(sv[k] - m_new) : 0.f;
-        l += p;
-        pw[r * S::PS + lane + 32 * k] = __float2half_rn(p);
-      }
-      for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      if (lane == 0) {
-        const float a = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        alpha[r] = a;
-        run_l[r] = run_l[r] * a + l;
-        run_m[r] = m_new;
-      }
+      for (int k = 0; k < 2; ++k) pw[r * S::PS + lane + 32 * k] = __float2half_rn(p[k]);
     }
     __syncthreads();  // every warp is done with the key rows and has written its weights
     tq_tc_exact_rows<D, S::QS>(ex, true, head, slot_of, n, ct);
