@@ -798,15 +798,23 @@ pub fn attention_supported(kernel: AttentionKernel, kt: &DeviceTables, vt: &Devi
 }
 
 /// Device buffers an attention call can reuse instead of allocating them (one per layer, as
-/// the candle layer keeps it): the split workspace and the per-query lengths, grown on demand
+/// the candle layer keeps it): the split workspace and the per-query lengths, grown on demand,
+/// and the device's multiprocessor count (asked once);
 /// (by a quarter more than asked), never shrunk. Calls that share one must run on one stream.
 #[derive(Default)]
 pub struct Workspace {
     floats: Option<CudaSlice<f32>>,
     ints: Option<CudaSlice<i32>>,
+    /// The stream's device's multiprocessors, asked once (the split plan's input).
+    sms: Option<usize>,
 }
 
 impl Workspace {
+    /// Multiprocessors of the stream's device, from the driver on first use.
+    fn multiprocessors(&mut self, stream: &Arc<CudaStream>) -> usize {
+        *self.sms.get_or_insert_with(|| multiprocessors(stream))
+    }
+
     /// Makes room for `floats` workspace floats and `ints` lengths.
     fn reserve(&mut self, stream: &Arc<CudaStream>, floats: usize, ints: usize) -> Result<()> {
         fn grow<T: DeviceRepr>(
@@ -1115,14 +1123,18 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
         let positions = e.sinks.min(max_visible) + max_visible.saturating_sub(lo);
         xsplits = positions.div_ceil(256).clamp(1, 64);
     }
-    let plan = plan_attention_for(
-        kernel,
-        kt.cycle(),
-        d,
-        multiprocessors(stream),
-        shape,
-        max_visible,
-    )?;
+    // The caller's cached buffers (and multiprocessor count) when given, else fresh ones.
+    let mut cached = match opts.workspace {
+        Some(w) => Some(
+            w.lock()
+                .map_err(|_| Error::Config("the attention workspace lock is poisoned".into()))?,
+        ),
+        None => None,
+    };
+    let mut local = Workspace::default();
+    let wsp: &mut Workspace = cached.as_deref_mut().unwrap_or(&mut local);
+    let sms = wsp.multiprocessors(stream);
+    let plan = plan_attention_for(kernel, kt.cycle(), d, sms, shape, max_visible)?;
     let (bi, hqi, hkvi, ti) = (
         int("batch", b)?,
         int("q heads", hq)?,
@@ -1148,22 +1160,12 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
             "the {kernel} attention kernel has no workspace for this shape"
         )));
     }
-    // The workspace and the per-query lengths (visible, then packed ends): the caller's
-    // cached buffers when given, else fresh ones.
+    // The workspace and the per-query lengths (visible, then packed ends).
     let host_ints = visible
         .iter()
         .chain(exact.map_or(&[][..], |e| e.packed_end))
         .map(|&x| int("visible length", x))
         .collect::<Result<Vec<_>>>()?;
-    let mut cached = match opts.workspace {
-        Some(w) => Some(
-            w.lock()
-                .map_err(|_| Error::Config("the attention workspace lock is poisoned".into()))?,
-        ),
-        None => None,
-    };
-    let mut local = Workspace::default();
-    let wsp: &mut Workspace = cached.as_deref_mut().unwrap_or(&mut local);
     wsp.reserve(stream, ws_len.max(1) as usize, host_ints.len())?;
     let (Some(ws), Some(ints_d)) = (wsp.floats.as_mut(), wsp.ints.as_mut()) else {
         unreachable!("reserved above")
