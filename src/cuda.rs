@@ -798,9 +798,9 @@ pub fn attention_supported(kernel: AttentionKernel, kt: &DeviceTables, vt: &Devi
 }
 
 /// Device buffers an attention call can reuse instead of allocating them (one per layer, as
-/// the candle layer keeps it): the split workspace and the per-query lengths, grown on demand,
-/// and the device's multiprocessor count (asked once);
-/// (by a quarter more than asked), never shrunk. Calls that share one must run on one stream.
+/// the candle layer keeps it): the split workspace and the per-query lengths, grown on demand
+/// (by a quarter more than asked) and never shrunk, and the device's multiprocessor count,
+/// asked once. Calls that share one must run on one stream.
 #[derive(Default)]
 pub struct Workspace {
     floats: Option<CudaSlice<f32>>,
