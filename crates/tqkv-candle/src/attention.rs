@@ -6,9 +6,16 @@
 //! appended and its queries attend the cache (the quantized past plus the chunk itself), which
 //! bounds the memory of the score matrix. GQA is handled by the caches without materialising
 //! repeated KV heads.
+//!
+//! Each forward is one step of the cache ([`KvCache::begin_step`]): it completes, or the cache
+//! is left exactly as before (every chunk undone). A caller that runs several layers as one
+//! step (a model) opens the step itself with [`Attention::begin_step`] and closes it after the
+//! last layer with [`Attention::check_step`] + [`Attention::commit_step`], or
+//! [`Attention::rollback_step`].
 
 use crate::cache::{dims4, KvCache, MemoryUsage};
-use candle_core::{Result, Tensor};
+use crate::error::{fail, Error, Result};
+use candle_core::Tensor;
 
 /// Causal self-attention over a [`KvCache`].
 pub struct Attention {
@@ -18,6 +25,8 @@ pub struct Attention {
     head_dim: usize,
     scale: f64,
     chunk: usize,
+    /// A step opened by the caller ([`Self::begin_step`]) is open.
+    step_open: bool,
 }
 
 impl Attention {
@@ -30,7 +39,10 @@ impl Attention {
         head_dim: usize,
     ) -> Result<Self> {
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-            candle_core::bail!("{n_heads} query heads is not a multiple of {n_kv_heads} KV heads");
+            fail!(
+                Shape,
+                "{n_heads} query heads is not a multiple of {n_kv_heads} KV heads"
+            );
         }
         Ok(Attention {
             cache,
@@ -39,6 +51,7 @@ impl Attention {
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             chunk: 512,
+            step_open: false,
         })
     }
 
@@ -73,7 +86,8 @@ impl Attention {
         let (_, hk, tk, dk) = dims4("keys", k)?;
         if hq != self.n_heads || hk != self.n_kv_heads || d != self.head_dim || dk != self.head_dim
         {
-            candle_core::bail!(
+            fail!(
+                Shape,
                 "expected queries with {} heads and keys with {} heads of dim {}, got {hq} and {hk} heads of dims {d} and {dk}",
                 self.n_heads,
                 self.n_kv_heads,
@@ -81,12 +95,38 @@ impl Attention {
             );
         }
         if tk != t || k.dim(0)? != b {
-            candle_core::bail!(
+            fail!(
+                Shape,
                 "queries {:?} and keys {:?} must cover the same batch and tokens",
                 q.dims(),
                 k.dims()
             );
         }
+        if self.step_open {
+            return self.run(q, k, v, lens);
+        }
+        self.cache.begin_step()?;
+        let out = self
+            .run(q, k, v, lens)
+            .and_then(|y| self.cache.check_step().map(|()| y));
+        match out {
+            Ok(y) => {
+                self.cache.commit_step();
+                Ok(y)
+            }
+            Err(e) => Err(undo(self.cache.as_mut(), e)),
+        }
+    }
+
+    /// The appends and attends of one forward, in chunks.
+    fn run(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lens: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let t = q.dim(2)?;
         if t <= self.chunk {
             self.cache.append(k, v, lens)?;
             return self.cache.attend(q, self.scale);
@@ -105,11 +145,37 @@ impl Attention {
             outs.push(self.cache.attend(&q.narrow(2, off, n)?, self.scale)?);
             off += n;
         }
-        Tensor::cat(&outs, 2)
+        Ok(Tensor::cat(&outs, 2)?)
+    }
+
+    /// Opens a step spanning several forwards (e.g. every layer of a model step): forwards
+    /// until [`Self::commit_step`] or [`Self::rollback_step`] append inside it.
+    pub fn begin_step(&mut self) -> Result<()> {
+        self.cache.begin_step()?;
+        self.step_open = true;
+        Ok(())
+    }
+
+    /// Checks what the step's appends deferred (the CUDA status word), without closing it.
+    pub fn check_step(&self) -> Result<()> {
+        self.cache.check_step()
+    }
+
+    /// Closes the step opened by [`Self::begin_step`], keeping its appends.
+    pub fn commit_step(&mut self) {
+        self.cache.commit_step();
+        self.step_open = false;
+    }
+
+    /// Closes the step opened by [`Self::begin_step`], undoing its appends.
+    pub fn rollback_step(&mut self) -> Result<()> {
+        self.step_open = false;
+        self.cache.rollback_step()
     }
 
     /// Replaces the cache (e.g. by one of another kind); returns the old one.
     pub fn set_cache(&mut self, cache: Box<dyn KvCache>) -> Box<dyn KvCache> {
+        self.step_open = false;
         std::mem::replace(&mut self.cache, cache)
     }
 
@@ -118,13 +184,25 @@ impl Attention {
         self.cache.as_ref()
     }
 
-    /// Forgets all tokens.
+    /// Forgets all tokens (and closes an open step).
     pub fn reset(&mut self) {
+        self.step_open = false;
         self.cache.reset()
     }
 
     /// Bytes held by the cache.
     pub fn memory(&self) -> MemoryUsage {
         self.cache.memory()
+    }
+}
+
+/// Rolls the open step of `cache` back after `e`; returns `e`, or, if restoring failed too (the
+/// cache has then reset itself), an error saying both.
+pub(crate) fn undo(cache: &mut dyn KvCache, e: Error) -> Error {
+    match cache.rollback_step() {
+        Ok(()) => e,
+        Err(r) => Error::Protocol(format!(
+            "{e}; undoing the step failed too ({r}), so the cache was reset"
+        )),
     }
 }

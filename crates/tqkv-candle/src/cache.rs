@@ -4,7 +4,8 @@
 //!
 //! Tensor layout everywhere: `[batch, heads, tokens, head_dim]`, as in candle's llama.
 
-use candle_core::{DType, Device, Result, Tensor};
+use crate::error::{fail, BadValue, Error, Result};
+use candle_core::{DType, Device, Tensor};
 
 /// Bytes a cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,7 +52,29 @@ pub trait KvCache: Send + Sync {
     /// Tokens stored per sequence.
     fn seq_lens(&self) -> &[usize];
 
-    /// Forgets every token (keeps the configuration and, where it has one, the calibration).
+    /// Opens a step: the appends until [`KvCache::commit_step`] or [`KvCache::rollback_step`]
+    /// (one decode token, a prefill of several chunks, or one layer's part of a model step)
+    /// can be undone as a whole — lengths, stored tokens, calibration and device status go
+    /// back to what they were here. Errors if a step is open already.
+    fn begin_step(&mut self) -> Result<()>;
+
+    /// Checks what the step's appends left for later (on CUDA, the device status word that
+    /// decode appends set on NaN/Inf input; nothing on the CPU, which checks at once), without
+    /// closing the step: on error the caller rolls the step back (of every layer).
+    fn check_step(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Closes the open step, keeping its appends (does nothing when none is open).
+    fn commit_step(&mut self);
+
+    /// Closes the open step, undoing its appends; the cache is as it was at
+    /// [`KvCache::begin_step`]. Does nothing when no step is open. Should restoring fail (a
+    /// device error), the cache is [`KvCache::reset`] and the error returned.
+    fn rollback_step(&mut self) -> Result<()>;
+
+    /// Forgets every token (keeps the configuration and, where it has one, the calibration);
+    /// closes an open step.
     fn reset(&mut self);
 
     /// Bytes held.
@@ -102,14 +125,15 @@ impl SeqState {
         let (b, h, t, d) = dims4("keys", k)?;
         let vd = dims4("values", v)?;
         if vd != (b, h, t, d) {
-            candle_core::bail!(
+            fail!(Shape,
                 "keys {:?} and values {:?} must have the same shape [batch, kv_heads, tokens, head_dim]",
                 k.dims(),
                 v.dims()
             );
         }
         if h != self.kv_heads || d != self.head_dim {
-            candle_core::bail!(
+            fail!(
+                Shape,
                 "this cache holds {} KV heads of dim {}, got keys with {h} heads of dim {d}",
                 self.kv_heads,
                 self.head_dim
@@ -118,10 +142,10 @@ impl SeqState {
         check_float("keys", k)?;
         check_float("values", v)?;
         if !k.device().same_device(v.device()) {
-            candle_core::bail!("keys and values are on different devices");
+            fail!(Device, "keys and values are on different devices");
         }
         if !self.lens.is_empty() && self.lens.len() != b {
-            candle_core::bail!(
+            fail!(Shape,
                 "the cache holds {} sequences, the append has batch {b}; reset() to change the batch",
                 self.lens.len()
             );
@@ -130,10 +154,10 @@ impl SeqState {
             None => vec![t; b],
             Some(l) => {
                 if l.len() != b {
-                    candle_core::bail!("lens has {} entries for a batch of {b}", l.len());
+                    fail!(Shape, "lens has {} entries for a batch of {b}", l.len());
                 }
                 if let Some((i, &n)) = l.iter().enumerate().find(|(_, &n)| n > t) {
-                    candle_core::bail!("lens[{i}] = {n} exceeds the {t} tokens appended");
+                    fail!(Shape, "lens[{i}] = {n} exceeds the {t} tokens appended");
                 }
                 l.to_vec()
             }
@@ -142,10 +166,12 @@ impl SeqState {
             for (i, &n) in new.iter().enumerate() {
                 let have = self.lens.get(i).copied().unwrap_or(0);
                 if have + n > max {
-                    candle_core::bail!(
-                        "KV cache full: sequence {i} holds {have} tokens, appending {n} exceeds \
-                         the maximum of {max}"
-                    );
+                    return Err(Error::CacheFull {
+                        seq: i,
+                        have,
+                        add: n,
+                        max,
+                    });
                 }
             }
         }
@@ -183,23 +209,26 @@ impl SeqState {
         let (b, hq, t, d) = dims4("queries", q)?;
         check_float("queries", q)?;
         if self.lens.is_empty() {
-            candle_core::bail!("attend before any append: the cache is empty");
+            return Err(Error::Empty);
         }
         if b != self.lens.len() || t != self.last_chunk {
-            candle_core::bail!(
+            fail!(
+                Shape,
                 "queries [batch {b}, tokens {t}] must match the last append [batch {}, tokens {}]",
                 self.lens.len(),
                 self.last_chunk
             );
         }
         if d != self.head_dim {
-            candle_core::bail!(
+            fail!(
+                Shape,
                 "query head_dim {d} differs from the cache's {}",
                 self.head_dim
             );
         }
         if hq == 0 || hq % self.kv_heads != 0 {
-            candle_core::bail!(
+            fail!(
+                Shape,
                 "{hq} query heads is not a multiple of the {} KV heads (GQA)",
                 self.kv_heads
             );
@@ -219,44 +248,109 @@ impl SeqState {
 pub fn dims4(what: &str, t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match t.dims() {
         &[a, b, c, d] => Ok((a, b, c, d)),
-        dims => candle_core::bail!(
+        dims => fail!(
+            Shape,
             "{what} must have rank 4 [batch, heads, tokens, head_dim], got shape {dims:?}"
         ),
     }
 }
 
 /// Errors unless `t` is f32, f16 or bf16.
-pub fn check_float(what: &str, t: &Tensor) -> Result<()> {
+pub fn check_float(what: &'static str, t: &Tensor) -> Result<()> {
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 => Ok(()),
-        dt => candle_core::bail!("{what} must be f32, f16 or bf16, got {dt:?}"),
+        got => Err(Error::DType { what, got }),
     }
 }
 
-/// Copies a CPU tensor into a contiguous f32 vector, erroring on NaN/Inf; on another device an
-/// error says that this cache kind has no kernels there (never a silent copy to the host).
+/// Copies a CPU tensor into a contiguous f32 vector; on another device an error says that this
+/// cache kind has no kernels there (never a silent copy to the host). Values are not checked:
+/// appends call [`SeqState::check_values`], attends [`check_queries_finite`].
 pub fn host_f32(what: &str, kind: &str, t: &Tensor) -> Result<Vec<f32>> {
     if !matches!(t.device(), Device::Cpu) {
-        candle_core::bail!(
+        fail!(
+            Device,
             "the {kind} KV cache runs on the CPU only (no {} kernels for it); {what} is on {:?}",
             device_name(t.device()),
             t.device().location()
         );
     }
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    check_finite(what, &v)?;
-    Ok(v)
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// Errors with the position of the first NaN/Inf.
-pub fn check_finite(what: &str, v: &[f32]) -> Result<()> {
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        candle_core::bail!(
-            "{what} contain a non-finite value ({}) at flat index {i}",
-            v[i]
-        );
+/// Errors with the index of the first NaN/Inf among queries (row-major).
+pub fn check_queries_finite(q: &[f32]) -> Result<()> {
+    match q.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(Error::NonFiniteQuery {
+            index,
+            value: q[index],
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+impl SeqState {
+    /// Where flat index `i` of an append `[b, h, t, d]` sits (positions from the lengths held
+    /// before the append).
+    fn bad_value(
+        &self,
+        i: usize,
+        (_, h, t, d): (usize, usize, usize, usize),
+        value: f32,
+    ) -> BadValue {
+        let seq = i / (h * t * d);
+        BadValue {
+            seq,
+            pos: self.lens.get(seq).copied().unwrap_or(0) + (i / d) % t,
+            head: (i / (t * d)) % h,
+            channel: i % d,
+            value,
+        }
+    }
+
+    /// Errors if the real tokens of an append (host `x` `[b, h, t, d]` row-major; `new[b]`
+    /// leading tokens of sequence b) hold a NaN or ±Inf, naming where; call before committing.
+    pub fn check_host_values(
+        &self,
+        what: &'static str,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        new: &[usize],
+    ) -> Result<()> {
+        let (_, h, t, d) = dims;
+        let bad = x
+            .iter()
+            .enumerate()
+            .position(|(i, v)| !v.is_finite() && (i / d) % t < new[i / (h * t * d)]);
+        match bad {
+            Some(i) => Err(Error::NonFinite {
+                what,
+                at: self.bad_value(i, dims, x[i]),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// As [`Self::check_host_values`] for a tensor on any device: one reduction on the device
+    /// and one scalar to the host; the tensor is copied to the host only to locate a bad value.
+    pub fn check_values(&self, what: &'static str, x: &Tensor, new: &[usize]) -> Result<()> {
+        let dims = dims4(what, x)?;
+        if matches!(x.device(), Device::Cpu) {
+            let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            return self.check_host_values(what, &host, dims, new);
+        }
+        let s = x
+            .to_dtype(DType::F32)?
+            .affine(0.0, 0.0)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if s.is_finite() {
+            return Ok(());
+        }
+        let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Padding rows may hold anything: a bad value there is not an error.
+        self.check_host_values(what, &host, dims, new)
+    }
 }
 
 fn device_name(d: &Device) -> &'static str {

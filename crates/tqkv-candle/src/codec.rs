@@ -8,7 +8,8 @@
 //! multiple of 32) is quantized the same way over its channels.
 
 use crate::cache::{grouped_attention, host_f32, KvCache, MemoryUsage, SeqState};
-use candle_core::{Result, Tensor};
+use crate::error::{fail, Result};
+use candle_core::Tensor;
 use half::f16;
 use tqkv::{Rotation, RotationKind};
 
@@ -89,8 +90,7 @@ impl<const BITS: u8> BlockHadamard<BITS> {
 
     /// The codec for `dim` (a multiple of 16, for the block Hadamard transform).
     pub fn new(dim: usize, seed: u64) -> Result<Self> {
-        let rotation =
-            Rotation::new(RotationKind::Hadamard, dim, seed).map_err(candle_core::Error::wrap)?;
+        let rotation = Rotation::new(RotationKind::Hadamard, dim, seed)?;
         Ok(BlockHadamard { rotation })
     }
 }
@@ -154,6 +154,8 @@ pub struct CodecCache<C: Codec> {
     /// Per (sequence, head): keys' and values' records.
     k: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
+    /// The open step: the state at its start (records past its lengths are cut on rollback).
+    step: Option<SeqState>,
 }
 
 impl<C: Codec> CodecCache<C> {
@@ -166,6 +168,7 @@ impl<C: Codec> CodecCache<C> {
             rb,
             k: Vec::new(),
             v: Vec::new(),
+            step: None,
         }
     }
 
@@ -209,6 +212,9 @@ impl<C: Codec> KvCache for CodecCache<C> {
         let (b, t, new) = self.state.plan(k, v, lens)?;
         let kx = host_f32("keys", &kind, k)?;
         let vx = host_f32("values", &kind, v)?;
+        let dims = crate::cache::dims4("keys", k)?;
+        self.state.check_host_values("keys", &kx, dims, &new)?;
+        self.state.check_host_values("values", &vx, dims, &new)?;
         if self.k.is_empty() {
             self.k = vec![Vec::new(); b * self.state.kv_heads];
             self.v = vec![Vec::new(); b * self.state.kv_heads];
@@ -239,24 +245,64 @@ impl<C: Codec> KvCache for CodecCache<C> {
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
         let (b, hq, t, _) = self.state.check_queries(q)?;
         let qx = host_f32("queries", &self.codec.name(), q)?;
+        crate::cache::check_queries_finite(&qx)?;
         let d = self.state.head_dim;
         let out = grouped_attention(&self.state, &qx, hq, t, |bi, h, qs, vis, o| {
             let idx = bi * self.state.kv_heads + h;
             let n = self.state.lens[bi];
             let kf = self.decode_all(&self.k[idx], n);
             let vf = self.decode_all(&self.v[idx], n);
-            tqkv::attention::attend_exact(qs, &kf, &vf, d, vis, scale as f32, o)
-                .map_err(candle_core::Error::wrap)
+            Ok(tqkv::attention::attend_exact(
+                qs,
+                &kf,
+                &vf,
+                d,
+                vis,
+                scale as f32,
+                o,
+            )?)
         })?;
-        Tensor::from_vec(out, (b, hq, t, d), q.device())?.to_dtype(q.dtype())
+        Ok(Tensor::from_vec(out, (b, hq, t, d), q.device())?.to_dtype(q.dtype())?)
     }
 
     fn seq_lens(&self) -> &[usize] {
         &self.state.lens
     }
 
+    fn begin_step(&mut self) -> Result<()> {
+        if self.step.is_some() {
+            fail!(Protocol, "begin_step: a step is open already");
+        }
+        self.step = Some(self.state.clone());
+        Ok(())
+    }
+
+    fn commit_step(&mut self) {
+        self.step = None;
+    }
+
+    fn rollback_step(&mut self) -> Result<()> {
+        let Some(st) = self.step.take() else {
+            return Ok(());
+        };
+        if st.lens.is_empty() {
+            self.k.clear();
+            self.v.clear();
+        } else {
+            let h = self.state.kv_heads;
+            for (idx, (k, v)) in self.k.iter_mut().zip(&mut self.v).enumerate() {
+                let n = st.lens[idx / h] * self.rb;
+                k.truncate(n);
+                v.truncate(n);
+            }
+        }
+        self.state = st;
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.state.reset();
+        self.step = None;
         self.k.clear();
         self.v.clear();
     }

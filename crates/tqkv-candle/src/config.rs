@@ -4,10 +4,11 @@
 
 use crate::cache::KvCache;
 use crate::codec::{CodecCache, Q4Hadamard, Q5Hadamard, Q8};
+use crate::error::{fail, Error, Result};
 use crate::full::FullCache;
 use crate::kivi::KiviCache;
 use crate::turbo::TurboCache;
-use candle_core::{DType, Device, Result};
+use candle_core::{DType, Device};
 use tqkv::{BitsSpec, ExactFormat, KvSpec, Mode, NormFormat, NormRule, QuantSpec, RotationKind};
 
 /// What a layer's cache stores.
@@ -33,7 +34,7 @@ pub enum CacheKind {
 }
 
 impl std::str::FromStr for CacheKind {
-    type Err = candle_core::Error;
+    type Err = Error;
     /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `q5h`, `kivi2`, `kivi4`, `kivi<b>-r<N>`; the presets
     /// `tq2.5`, `tq3.5`, `tq4` ([`PRESETS`]); `tq<bits>` otherwise and `tq<bits>-paper` (bits
     /// as in [`BitsSpec`]; MSE keys and values, dense rotation, as in the paper) with suffixes:
@@ -71,14 +72,18 @@ impl std::str::FromStr for CacheKind {
                     "2" => 2,
                     "4" => 4,
                     _ => {
-                        candle_core::bail!("unknown KV cache kind {s:?}: KIVI has kivi2 and kivi4")
+                        fail!(
+                            Kind,
+                            "unknown KV cache kind {s:?}: KIVI has kivi2 and kivi4"
+                        )
                     }
                 };
                 let residual = match r {
                     None => crate::kivi::RESIDUAL,
                     Some(r) => match count_suffix(&format!("r{r}"), 'r') {
                         Some(Ok(n)) => n,
-                        _ => candle_core::bail!(
+                        _ => fail!(
+                            Kind,
                             "{s:?}: -r<N> takes a number of recent tokens (at most {MAX_EXACT_TOKENS})"
                         ),
                     },
@@ -87,7 +92,8 @@ impl std::str::FromStr for CacheKind {
             }
             _ => {
                 let Some(rest) = s.strip_prefix("tq") else {
-                    candle_core::bail!(
+                    fail!(
+                        Kind,
                         "unknown KV cache kind {s:?}: supported are f32, f16, bf16, q8, q4h, q5h, \
                          kivi2, kivi4[-r<N>], tq<bits>[-qjl][-had][-c][-pn] or tqk<bits>v<bits> (e.g. tq2.5, tq3.5, tq4-qjl, tqk4v3)"
                     );
@@ -99,8 +105,8 @@ impl std::str::FromStr for CacheKind {
                     Some((k, v)) => (k, v),
                     None => (head, head),
                 };
-                let kb: BitsSpec = kb.parse().map_err(candle_core::Error::wrap)?;
-                let vb: BitsSpec = vb.parse().map_err(candle_core::Error::wrap)?;
+                let kb: BitsSpec = kb.parse()?;
+                let vb: BitsSpec = vb.parse()?;
                 let mut key = QuantSpec::mse(kb);
                 let mut value = QuantSpec::mse(vb);
                 let (mut center_keys, mut center_values) = (false, false);
@@ -120,7 +126,8 @@ impl std::str::FromStr for CacheKind {
                             Ok(x) if x.is_finite() && (0.0..=2.0).contains(&x) => {
                                 key_scale = Some(x)
                             }
-                            _ => candle_core::bail!(
+                            _ => fail!(
+                                Kind,
                                 "{s:?}: -ks<α> needs an exponent in 0..=2 (-ks alone: 0.5)"
                             ),
                         }
@@ -131,27 +138,29 @@ impl std::str::FromStr for CacheKind {
                     }) {
                         match b.parse::<f32>() {
                             Ok(x) if x > 0.0 && x <= 16.0 => budget_bits = Some(x),
-                            _ => candle_core::bail!(
+                            _ => fail!(
+                                Kind,
                                 "{s:?}: -b{b} needs a budget of bits per channel in (0, 16]"
                             ),
                         }
                         continue;
                     }
                     if let Some(n) = count_suffix(p, 's') {
-                        sinks = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
+                        sinks = n.map_err(|e| Error::Kind(format!("{s:?}: {e}")))?;
                         continue;
                     }
                     if let Some(n) = count_suffix(p, 'r') {
                         match n {
                             Ok(m) if (1..=4).contains(&m) => rotations = m,
-                            _ => candle_core::bail!(
+                            _ => fail!(
+                                Kind,
                                 "{s:?}: -r<M> takes 1..=4 rotations (what the CUDA kernels cycle)"
                             ),
                         }
                         continue;
                     }
                     if let Some(n) = count_suffix(p, 'w') {
-                        window = n.map_err(|e| candle_core::Error::msg(format!("{s:?}: {e}")))?;
+                        window = n.map_err(|e| Error::Kind(format!("{s:?}: {e}")))?;
                         continue;
                     }
                     match p {
@@ -204,7 +213,8 @@ impl std::str::FromStr for CacheKind {
                         }
                         "pnk" => key = key.with_norm_rule(NormRule::Projected),
                         "pnv" => value = value.with_norm_rule(NormRule::Projected),
-                        _ => candle_core::bail!(
+                        _ => fail!(
+                            Kind,
                             "unknown suffix {p:?} in {s:?}: supported are -paper, -qjl, -qjlo, -qjlv, -qjlvo, -had, -c, \
                              -cv, -ks[α], -fc, -r<M>, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
                              sized to a budget of bits per channel), -wq8 (sinks and window in q8_0), -n8, -n8k, -n8v (8-bit log norms)"
@@ -225,7 +235,8 @@ impl std::str::FromStr for CacheKind {
                     exact_format,
                 };
                 if exact_format != ExactFormat::F16 && !spec.has_exact() {
-                    candle_core::bail!(
+                    fail!(
+                        Kind,
                         "{s:?}: -wq8 stores the exact tokens in q8_0; give some with -s<N>, -w<N> or -b<bits>"
                     );
                 }
@@ -288,7 +299,7 @@ pub struct CacheConfig {
 pub const MAX_LAYER: usize = 4095;
 
 impl std::str::FromStr for CacheConfig {
-    type Err = candle_core::Error;
+    type Err = Error;
     /// A kind for every layer, then per-layer overrides: `<kind>[@<layers>=<kind>]…` where
     /// `<layers>` is a layer index or a range `a-b` (inclusive), e.g. `tq3.5@0-1=q8@29=f16`.
     /// Later overrides win; layers the model does not have are ignored.
@@ -299,14 +310,20 @@ impl std::str::FromStr for CacheConfig {
         cfg.preset = PRESETS.iter().find(|(n, _)| *n == head).map(|(n, _)| *n);
         for p in parts {
             let Some((layers, kind)) = p.split_once('=') else {
-                candle_core::bail!("{s:?}: a layer override is @<layers>=<kind>, got @{p}");
+                fail!(
+                    Kind,
+                    "{s:?}: a layer override is @<layers>=<kind>, got @{p}"
+                );
             };
             let kind: CacheKind = kind.parse()?;
             let num = |x: &str| -> Result<usize> {
                 match x.trim().parse::<usize>() {
                     Ok(n) if n <= MAX_LAYER => Ok(n),
                     _ => {
-                        candle_core::bail!("{s:?}: layer {x:?} is not an index in 0..={MAX_LAYER}")
+                        fail!(
+                            Kind,
+                            "{s:?}: layer {x:?} is not an index in 0..={MAX_LAYER}"
+                        )
                     }
                 }
             };
@@ -315,7 +332,7 @@ impl std::str::FromStr for CacheConfig {
                 None => (num(layers)?, num(layers)?),
             };
             if a > b {
-                candle_core::bail!("{s:?}: empty layer range {a}-{b}");
+                fail!(Kind, "{s:?}: empty layer range {a}-{b}");
             }
             cfg.overrides.extend((a..=b).map(|l| (l, kind)));
         }
@@ -451,7 +468,7 @@ impl CacheConfig {
         device: &Device,
     ) -> Result<Box<dyn KvCache>> {
         if kv_heads == 0 || head_dim == 0 {
-            candle_core::bail!("a KV cache needs kv_heads ≥ 1 and head_dim ≥ 1");
+            fail!(Kind, "a KV cache needs kv_heads ≥ 1 and head_dim ≥ 1");
         }
         let max = self.max_tokens;
         Ok(match kind {

@@ -317,6 +317,12 @@ impl DeviceStatus {
         let stream = device.as_cuda_device()?.cuda_stream();
         lock(&self.0)?.read(&stream).map_err(wrap)
     }
+
+    /// Clears the word.
+    pub fn clear(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        lock(&self.0)?.clear(&stream).map_err(wrap)
+    }
 }
 
 /// The slice of one of the exact store's tensors (contiguous, offset 0, on the cache's device).

@@ -86,4 +86,9 @@ impl DeviceStatus {
     pub fn check(&self, _: &candle_core::Device) -> Result<()> {
         Err(off())
     }
+
+    /// Always an error without `cuda`.
+    pub fn clear(&self, _: &candle_core::Device) -> Result<()> {
+        Err(off())
+    }
 }

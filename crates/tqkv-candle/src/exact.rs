@@ -133,7 +133,7 @@ impl ExactStore {
 
     /// The stored tensors of positions `range` (all sinks, or all ring positions) of sequence
     /// `b`, each `[1, heads, range.len(), width]`.
-    fn read_raw(&self, b: usize, range: Range<usize>) -> Result<Vec<Tensor>> {
+    pub(crate) fn read_raw(&self, b: usize, range: Range<usize>) -> Result<Vec<Tensor>> {
         let mut runs = Vec::new();
         self.pieces(range, |slot, _, len| {
             runs.push((slot, len));
@@ -153,7 +153,7 @@ impl ExactStore {
     }
 
     /// Writes stored tensors `[1, heads, n, width]` (row i = position p0 + i) into sequence b.
-    fn write_raw(&self, b: usize, p0: usize, raw: &[Tensor]) -> Result<()> {
+    pub(crate) fn write_raw(&self, b: usize, p0: usize, raw: &[Tensor]) -> Result<()> {
         let n = raw[0].dim(2)?;
         let dst: Vec<Tensor> = self
             .parts

@@ -8,7 +8,8 @@
 //! with the causal / length mask, zeros for padding rows.
 
 use crate::cache::{KvCache, MemoryUsage, SeqState};
-use candle_core::{DType, Device, Result, Tensor};
+use crate::error::{fail, Error, Result};
+use candle_core::{DType, Device, Tensor};
 
 /// Keys and values kept as they came, in one float dtype.
 #[derive(Debug, Clone)]
@@ -22,6 +23,20 @@ pub struct FullCache {
     /// CUDA: the status word decode steps check their keys and values into (no host round
     /// trip per token; [`FullCache::check_status`] reads it).
     status: Option<std::sync::Arc<crate::cuda_ops::DeviceStatus>>,
+    /// The open step: what [`KvCache::rollback_step`] restores.
+    step: Option<Saved>,
+}
+
+/// A full cache's state at the start of a step (tensors are shared, not copied: appends write
+/// only past the saved lengths, and a grown capacity allocates new tensors).
+#[derive(Debug, Clone)]
+struct Saved {
+    state: SeqState,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    capacity: usize,
+    /// The step's decode appends checked on the device (CUDA), located on the host on error.
+    pending: Vec<(Tensor, Tensor, Vec<usize>, SeqState)>,
 }
 
 impl FullCache {
@@ -30,7 +45,7 @@ impl FullCache {
     /// every append on the CPU, check at once and leave the cache unchanged on error.
     pub fn check_status(&self) -> Result<()> {
         match &self.status {
-            Some(s) => s.check(&self.device),
+            Some(s) => Ok(s.check(&self.device)?),
             None => Ok(()),
         }
     }
@@ -44,7 +59,10 @@ impl FullCache {
         max_tokens: Option<usize>,
     ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            candle_core::bail!("a full-precision cache stores f32, f16 or bf16, not {dtype:?}");
+            fail!(
+                Unsupported,
+                "a full-precision cache stores f32, f16 or bf16, not {dtype:?}"
+            );
         }
         Ok(FullCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
@@ -54,6 +72,7 @@ impl FullCache {
             v: None,
             capacity: 0,
             status: None,
+            step: None,
         })
     }
 
@@ -72,19 +91,6 @@ impl FullCache {
         )?;
         Ok(())
     }
-}
-
-/// Errors if `t` holds NaN or ±Inf (one reduction on the device, one scalar to the host).
-pub(crate) fn check_finite_tensor(what: &str, t: &Tensor) -> Result<()> {
-    let s = t
-        .to_dtype(DType::F32)?
-        .affine(0.0, 0.0)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    if !s.is_finite() {
-        candle_core::bail!("{what} contain NaN or Inf");
-    }
-    Ok(())
 }
 
 /// Attention of `q` `[batch, q_heads, tokens, head_dim]` over dense `k`, `v`
@@ -137,21 +143,24 @@ pub(crate) fn dense_attention(
     }
     let p = p.reshape((b, hk, g * t, l))?.to_dtype(dtype)?;
     let out = p.matmul(&v.contiguous()?)?;
-    out.reshape((b, hq, t, d))?.to_dtype(qd)
+    Ok(out.reshape((b, hq, t, d))?.to_dtype(qd)?)
 }
 
 impl KvCache for FullCache {
     fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()> {
         let (b, t, new) = self.state.plan(k, v, lens)?;
         if !k.device().same_device(&self.device) {
-            candle_core::bail!(
+            fail!(
+                Device,
                 "keys are on {:?}, the cache on {:?}",
                 k.device().location(),
                 self.device.location()
             );
         }
-        if t == 1 && self.device.is_cuda() {
-            // A decode step on CUDA: checked on the device, no host round trip per token.
+        let deferred = t == 1 && self.device.is_cuda() && self.step.is_some();
+        if deferred {
+            // A decode step on CUDA inside a step: checked on the device (no host round trip
+            // per token and layer), read once by `check_step` before the step is committed.
             if self.status.is_none() {
                 self.status = Some(std::sync::Arc::new(crate::cuda_ops::DeviceStatus::new(
                     &self.device,
@@ -161,8 +170,8 @@ impl KvCache for FullCache {
             s.check_finite(k)?;
             s.check_finite(v)?;
         } else {
-            check_finite_tensor("keys", k)?;
-            check_finite_tensor("values", v)?;
+            self.state.check_values("keys", k, &new)?;
+            self.state.check_values("values", v, &new)?;
         }
         let have: Vec<usize> = (0..b)
             .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
@@ -170,24 +179,87 @@ impl KvCache for FullCache {
         let needed = have.iter().zip(&new).map(|(h, n)| h + n).max().unwrap_or(0);
         self.grow(b, needed)?;
         let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        let k = k.to_dtype(self.dtype)?;
-        let v = v.to_dtype(self.dtype)?;
+        let kx = k.to_dtype(self.dtype)?;
+        let vx = v.to_dtype(self.dtype)?;
         for i in 0..b {
             if new[i] == 0 {
                 continue;
             }
-            let ks = k.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
-            let vs = v.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
+            let ks = kx.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
+            let vs = vx.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
             kc.narrow(0, i, 1)?.slice_set(&ks, 2, have[i])?;
             vc.narrow(0, i, 1)?.slice_set(&vs, 2, have[i])?;
+        }
+        if deferred {
+            let before = self.state.clone();
+            if let Some(st) = self.step.as_mut() {
+                st.pending.push((k.clone(), v.clone(), new.clone(), before));
+            }
         }
         self.state.commit(b, t, new);
         Ok(())
     }
 
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
-        let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        let (Some(kc), Some(vc)) = (self.k.as_ref(), self.v.as_ref()) else {
+            return Err(Error::Empty);
+        };
         dense_attention(&self.state, kc, vc, q, scale, self.dtype)
+    }
+
+    fn begin_step(&mut self) -> Result<()> {
+        if self.step.is_some() {
+            fail!(Protocol, "begin_step: a step is open already");
+        }
+        self.step = Some(Saved {
+            state: self.state.clone(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            capacity: self.capacity,
+            pending: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn check_step(&self) -> Result<()> {
+        let (Some(st), Some(status)) = (&self.step, &self.status) else {
+            return Ok(());
+        };
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        match status.check(&self.device) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Name the value: the step's decode inputs are still held.
+                for (k, v, new, before) in &st.pending {
+                    before.check_values("keys", k, new)?;
+                    before.check_values("values", v, new)?;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn commit_step(&mut self) {
+        self.step = None;
+    }
+
+    fn rollback_step(&mut self) -> Result<()> {
+        let Some(st) = self.step.take() else {
+            return Ok(());
+        };
+        self.state = st.state;
+        self.k = st.k;
+        self.v = st.v;
+        self.capacity = st.capacity;
+        if let Some(s) = &self.status {
+            if let Err(e) = s.clear(&self.device) {
+                self.reset();
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 
     fn seq_lens(&self) -> &[usize] {
@@ -200,6 +272,7 @@ impl KvCache for FullCache {
         self.v = None;
         self.capacity = 0;
         self.status = None;
+        self.step = None;
     }
 
     fn memory(&self) -> MemoryUsage {

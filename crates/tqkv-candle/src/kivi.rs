@@ -10,7 +10,8 @@
 //! grouping over tokens needs whole groups).
 
 use crate::cache::{grouped_attention, host_f32, KvCache, MemoryUsage, SeqState};
-use candle_core::{Result, Tensor};
+use crate::error::{fail, Result};
+use candle_core::Tensor;
 use half::f16;
 use tqkv::packing::{pack_codes, packed_len, unpack_codes};
 
@@ -31,6 +32,52 @@ struct Head {
     v_quant_n: usize,
     /// Recent values, f16.
     v_window: Vec<f16>,
+    /// Inside a step: the window rows quantized since its start, oldest first (put back on
+    /// rollback).
+    k_drained: Vec<f16>,
+    v_drained: Vec<f16>,
+}
+
+/// A head's sizes at the start of a step.
+#[derive(Debug, Clone, Copy)]
+struct HeadMark {
+    k_groups: usize,
+    k_groups_n: usize,
+    k_window: usize,
+    v_quant: usize,
+    v_quant_n: usize,
+    v_window: usize,
+}
+
+impl Head {
+    fn mark(&self) -> HeadMark {
+        HeadMark {
+            k_groups: self.k_groups.len(),
+            k_groups_n: self.k_groups_n,
+            k_window: self.k_window.len(),
+            v_quant: self.v_quant.len(),
+            v_quant_n: self.v_quant_n,
+            v_window: self.v_window.len(),
+        }
+    }
+
+    /// Back to `m`: quantized groups cut, the drained rows put back before the window and the
+    /// rows appended since cut off its end.
+    fn restore(&mut self, m: &HeadMark) {
+        self.k_groups.truncate(m.k_groups);
+        self.k_groups_n = m.k_groups_n;
+        self.v_quant.truncate(m.v_quant);
+        self.v_quant_n = m.v_quant_n;
+        for (drained, window, n) in [
+            (&mut self.k_drained, &mut self.k_window, m.k_window),
+            (&mut self.v_drained, &mut self.v_window, m.v_window),
+        ] {
+            let mut w = std::mem::take(drained);
+            w.extend_from_slice(window);
+            w.truncate(n);
+            *window = w;
+        }
+    }
 }
 
 /// Asymmetric b-bit quantization of `x` (min and scale as f16, then the packed codes).
@@ -77,6 +124,8 @@ pub struct KiviCache {
     bits: u8,
     residual: usize,
     heads: Vec<Head>,
+    /// The open step: the state and every head's sizes at its start.
+    step: Option<(SeqState, Vec<HeadMark>)>,
 }
 
 impl KiviCache {
@@ -90,13 +139,14 @@ impl KiviCache {
         max_tokens: Option<usize>,
     ) -> Result<Self> {
         if bits != 2 && bits != 4 {
-            candle_core::bail!("KIVI supports 2 or 4 bits, not {bits}");
+            fail!(Unsupported, "KIVI supports 2 or 4 bits, not {bits}");
         }
         Ok(KiviCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
             bits,
             residual,
             heads: Vec::new(),
+            step: None,
         })
     }
 
@@ -108,7 +158,7 @@ impl KiviCache {
             .sum()
     }
 
-    fn push(&self, head: &mut Head, k: &[f32], v: &[f32]) {
+    fn push(&self, head: &mut Head, k: &[f32], v: &[f32], undo: bool) {
         let d = self.state.head_dim;
         head.k_window.extend(k.iter().map(|&x| f16::from_f32(x)));
         head.v_window.extend(v.iter().map(|&x| f16::from_f32(x)));
@@ -123,7 +173,10 @@ impl KiviCache {
                 quant_asym(&col, self.bits, &mut head.k_groups);
             }
             head.k_groups_n += 1;
-            head.k_window.drain(..GROUP * d);
+            let gone = head.k_window.drain(..GROUP * d);
+            if undo {
+                head.k_drained.extend(gone);
+            }
         }
         while head.v_window.len() / d > self.residual {
             let tok: Vec<f32> = head.v_window[..d].iter().map(|x| x.to_f32()).collect();
@@ -131,7 +184,10 @@ impl KiviCache {
                 quant_asym(blk, self.bits, &mut head.v_quant);
             }
             head.v_quant_n += 1;
-            head.v_window.drain(..d);
+            let gone = head.v_window.drain(..d);
+            if undo {
+                head.v_drained.extend(gone);
+            }
         }
     }
 
@@ -176,6 +232,10 @@ impl KvCache for KiviCache {
         let (b, t, new) = self.state.plan(k, v, lens)?;
         let kx = host_f32("keys", &kind, k)?;
         let vx = host_f32("values", &kind, v)?;
+        let dims = crate::cache::dims4("keys", k)?;
+        self.state.check_host_values("keys", &kx, dims, &new)?;
+        self.state.check_host_values("values", &vx, dims, &new)?;
+        let undo = self.step.is_some();
         let (h, d) = (self.state.kv_heads, self.state.head_dim);
         if self.heads.is_empty() {
             self.heads = vec![Head::default(); b * h];
@@ -188,7 +248,7 @@ impl KvCache for KiviCache {
                 let bi = idx / h;
                 let off = idx * t * d;
                 let n = new[bi] * d;
-                this.push(head, &kx[off..off + n], &vx[off..off + n]);
+                this.push(head, &kx[off..off + n], &vx[off..off + n], undo);
             });
         }
         self.heads = heads;
@@ -199,10 +259,11 @@ impl KvCache for KiviCache {
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
         let (b, hq, t, _) = self.state.check_queries(q)?;
         let qx = host_f32("queries", &self.kind_name(), q)?;
+        crate::cache::check_queries_finite(&qx)?;
         let d = self.state.head_dim;
         let out = grouped_attention(&self.state, &qx, hq, t, |bi, h, qs, vis, o| {
             let head = &self.heads[bi * self.state.kv_heads + h];
-            tqkv::attention::attend_exact(
+            Ok(tqkv::attention::attend_exact(
                 qs,
                 &self.keys(head),
                 &self.values(head),
@@ -210,18 +271,51 @@ impl KvCache for KiviCache {
                 vis,
                 scale as f32,
                 o,
-            )
-            .map_err(candle_core::Error::wrap)
+            )?)
         })?;
-        Tensor::from_vec(out, (b, hq, t, d), q.device())?.to_dtype(q.dtype())
+        Ok(Tensor::from_vec(out, (b, hq, t, d), q.device())?.to_dtype(q.dtype())?)
     }
 
     fn seq_lens(&self) -> &[usize] {
         &self.state.lens
     }
 
+    fn begin_step(&mut self) -> Result<()> {
+        if self.step.is_some() {
+            fail!(Protocol, "begin_step: a step is open already");
+        }
+        let marks = self.heads.iter().map(Head::mark).collect();
+        self.step = Some((self.state.clone(), marks));
+        Ok(())
+    }
+
+    fn commit_step(&mut self) {
+        if self.step.take().is_some() {
+            for h in &mut self.heads {
+                h.k_drained = Vec::new();
+                h.v_drained = Vec::new();
+            }
+        }
+    }
+
+    fn rollback_step(&mut self) -> Result<()> {
+        let Some((state, marks)) = self.step.take() else {
+            return Ok(());
+        };
+        if marks.is_empty() {
+            self.heads.clear();
+        } else {
+            for (h, m) in self.heads.iter_mut().zip(&marks) {
+                h.restore(m);
+            }
+        }
+        self.state = state;
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.state.reset();
+        self.step = None;
         self.heads.clear();
     }
 

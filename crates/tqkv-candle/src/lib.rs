@@ -35,7 +35,9 @@ pub mod config;
 #[cfg_attr(feature = "cuda", path = "cuda_ops.rs")]
 #[cfg_attr(not(feature = "cuda"), path = "cuda_stub.rs")]
 pub mod cuda_ops;
+pub mod error;
 pub mod exact;
+pub mod fault;
 pub mod full;
 pub mod kivi;
 pub mod ops;
@@ -46,6 +48,7 @@ pub use attention::Attention;
 pub use cache::{KvCache, MemoryUsage};
 pub use codec::{BlockHadamard, CodecCache, Q4Hadamard, Q5Hadamard, Q8};
 pub use config::{CacheConfig, CacheKind};
+pub use error::{BadValue, Error, Result};
 pub use full::FullCache;
 pub use kivi::KiviCache;
 pub use turbo::{PrefillPath, TurboCache};

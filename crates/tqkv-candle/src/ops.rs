@@ -168,7 +168,7 @@ impl candle_core::CustomOp3 for TqAttend {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let q = float_slice(qs, ql, "queries")?;
-        crate::cache::check_finite("queries", &q)?;
+        crate::cache::check_queries_finite(&q)?;
         let k = u8_slice(ks, kl, "key cache")?;
         let v = u8_slice(vs, vl, "value cache")?;
         let dims = ql.shape().dims().to_vec();
@@ -242,7 +242,7 @@ impl candle_core::CustomOp3 for TqAttend {
                 self.scale,
                 o,
             )
-            .map_err(candle_core::Error::wrap)
+            .map_err(crate::Error::from)
         })?;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }

@@ -15,9 +15,10 @@
 
 use crate::cache::{KvCache, MemoryUsage, SeqState};
 use crate::cuda_ops::GpuTables;
+use crate::error::{fail, Error, Result};
 use crate::exact::ExactStore;
 use crate::ops::{ExactAttend, TqAppend, TqAttend, TqDequantize};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 use tqkv::{KvSpec, QuantSpec, VectorQuantizer};
 
@@ -36,7 +37,13 @@ pub enum PrefillPath {
 
 /// `[b, 1, t, 1]` f32: 1 for the real tokens `from ≤ t < new[b]`, 0 elsewhere (padding, and
 /// the first `from` tokens, which calibration skips).
-fn token_mask(b: usize, t: usize, new: &[usize], from: usize, device: &Device) -> Result<Tensor> {
+fn token_mask(
+    b: usize,
+    t: usize,
+    new: &[usize],
+    from: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..b)
         .flat_map(|i| (0..t).map(move |j| if j >= from && j < new[i] { 1.0 } else { 0.0 }))
         .collect();
@@ -60,8 +67,8 @@ fn masked_channel_mean(
     x: &Tensor,
     new: &[usize],
     from: usize,
-    f: impl Fn(Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+    f: impl Fn(Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     let (b, _, t, _) = crate::cache::dims4("keys", x)?;
     let n = new
         .iter()
@@ -74,13 +81,20 @@ fn masked_channel_mean(
         .sum(2)?
         .sum(0)?
         / n)?;
-    crate::cache::check_finite("keys", &mean.flatten_all()?.to_vec1::<f32>()?)?;
+    if mean
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .any(|x| !x.is_finite())
+    {
+        candle_core::bail!("the keys' channel means overflow f32");
+    }
     Ok(mean)
 }
 
 /// The per-(head, channel) mean of the real tokens `from..` of `x` `[b, h, t, d]`: `[1, h, 1, d]`
 /// f32.
-fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
+fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> candle_core::Result<Tensor> {
     let (_, h, _, d) = crate::cache::dims4("keys", x)?;
     masked_channel_mean(x, new, from, Ok)?.reshape((1, h, 1, d))
 }
@@ -88,7 +102,12 @@ fn channel_mean(x: &Tensor, new: &[usize], from: usize) -> Result<Tensor> {
 /// Per-(head, channel) scales rms^α of the real tokens `from..` of `x` `[b, h, t, d]` (after
 /// centring), normalised per head to a geometric mean of 1: `[1, h, 1, d]` f32. Channels with
 /// no energy get the head's smallest positive scale.
-fn channel_scales(x: &Tensor, new: &[usize], from: usize, alpha: f32) -> Result<Tensor> {
+fn channel_scales(
+    x: &Tensor,
+    new: &[usize],
+    from: usize,
+    alpha: f32,
+) -> candle_core::Result<Tensor> {
     let (_, h, _, d) = crate::cache::dims4("keys", x)?;
     let ms = masked_channel_mean(x, new, from, |x| x.sqr())?.to_vec2::<f32>()?;
     let mut out = Vec::with_capacity(h * d);
@@ -157,6 +176,29 @@ pub struct TurboCache {
     exact: Option<ExactStore>,
     /// Bytes of a key record + a value record.
     record_bytes: usize,
+    /// The open step: what [`KvCache::rollback_step`] restores.
+    step: Option<Saved>,
+}
+
+/// A TurboQuant cache's state at the start of a step. Tensors are shared, not copied: appends
+/// write records only past the saved lengths and a grown capacity allocates new tensors; the
+/// one thing a step overwrites in place is the ring of exact tokens, whose saved positions (the
+/// window at the start) are copied out the first time a write would reach them.
+struct Saved {
+    state: SeqState,
+    /// Whether the cache was calibrated (quantizers, means, GPU tables) at the start.
+    calibrated: bool,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    capacity: usize,
+    exact: Option<ExactStore>,
+    /// The step replaced the exact store by a larger one (the saved store is no longer written).
+    store_replaced: bool,
+    /// Per sequence, the saved store's ring positions at the start and their stored rows,
+    /// once copied out.
+    window: Vec<Option<(usize, Vec<Tensor>)>>,
+    /// The step's decode appends checked on the device (CUDA), located on the host on error.
+    pending: Vec<(Tensor, Tensor, Vec<usize>, SeqState)>,
 }
 
 impl TurboCache {
@@ -175,7 +217,7 @@ impl TurboCache {
         let mut coords = 0;
         for s in [spec.key, spec.value] {
             let q = VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
-                .map_err(candle_core::Error::wrap)?;
+                .map_err(Error::from)?;
             record_bytes += q.record_bytes();
             let c: usize = q
                 .layout()
@@ -186,7 +228,7 @@ impl TurboCache {
             coords = coords.max(c);
         }
         if spec.rotations == 0 {
-            candle_core::bail!("a rotation cycle needs at least one rotation");
+            fail!(Unsupported, "a rotation cycle needs at least one rotation");
         }
         // A cycle is capped where the fused kernel would run out of room (the rotated query
         // rows of every rotation: 512 coordinates), on every device alike.
@@ -196,17 +238,21 @@ impl TurboCache {
             .min((MAX_CYCLE_COORDS / coords.max(1)).max(1));
         if spec.exact_format == tqkv::ExactFormat::Q8 && head_dim % tqkv::ExactFormat::Q8_BLOCK != 0
         {
-            candle_core::bail!(
+            fail!(
+                Unsupported,
                 "exact tokens in q8_0 (-wq8) need a head_dim that is a multiple of {}, not {head_dim}",
                 tqkv::ExactFormat::Q8_BLOCK
             );
         }
         if let Some(b) = spec.budget_bits {
             if !(b.is_finite() && b > 0.0 && b <= 16.0) {
-                candle_core::bail!("a window budget of {b} bits per channel is not in (0, 16]");
+                fail!(
+                    Unsupported,
+                    "a window budget of {b} bits per channel is not in (0, 16]"
+                );
             }
         }
-        let kernel = tqkv::AttentionKernel::from_env().map_err(candle_core::Error::wrap)?;
+        let kernel = tqkv::AttentionKernel::from_env().map_err(Error::from)?;
         Ok(TurboCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
             spec,
@@ -225,6 +271,7 @@ impl TurboCache {
             kscale: None,
             exact: None,
             record_bytes,
+            step: None,
         })
     }
 
@@ -251,7 +298,7 @@ impl TurboCache {
     /// this call (attention over a cache holding such input returns NaN meanwhile).
     pub fn check_status(&self) -> Result<()> {
         match &self.gpu {
-            Some(g) => g.check(&self.device),
+            Some(g) => Ok(g.check(&self.device)?),
             None => Ok(()),
         }
     }
@@ -288,7 +335,7 @@ impl TurboCache {
                 for tok in from.min(n)..n {
                     let off = ((i * h + head) * t + tok) * d;
                     q.unit_coordinates(&host[off..off + d], &mut samples)
-                        .map_err(candle_core::Error::wrap)?;
+                        .map_err(Error::from)?;
                 }
             }
         }
@@ -296,14 +343,13 @@ impl TurboCache {
         for (g, smp) in samples.iter().enumerate() {
             books.push(match (qs[0].group_mse(g), smp.is_empty()) {
                 (Some(m), false) => Some(Arc::new(
-                    tqkv::Codebook::fitted(m.dim(), m.bits(), smp, 50)
-                        .map_err(candle_core::Error::wrap)?,
+                    tqkv::Codebook::fitted(m.dim(), m.bits(), smp, 50).map_err(Error::from)?,
                 )),
                 _ => None,
             });
         }
         qs.into_iter()
-            .map(|q| q.with_codebooks(&books).map_err(candle_core::Error::wrap))
+            .map(|q| q.with_codebooks(&books).map_err(Error::from))
             .collect()
     }
 
@@ -329,8 +375,7 @@ impl TurboCache {
             };
             for r in 1..m {
                 let s = tqkv::rng::derive_seed(seed, 1000 + r as u64);
-                let v = VectorQuantizer::with_channels(spec, d, &hi, s)
-                    .map_err(candle_core::Error::wrap)?;
+                let v = VectorQuantizer::with_channels(spec, d, &hi, s).map_err(Error::from)?;
                 if r == 1 {
                     out.push(q.clone());
                 }
@@ -350,11 +395,11 @@ impl TurboCache {
         seed: u64,
     ) -> Result<Vec<VectorQuantizer>> {
         let (b, h, t, d) = crate::cache::dims4("calibration", x)?;
-        let k = spec.bits.hi_channels(d).map_err(candle_core::Error::wrap)?;
+        let k = spec.bits.hi_channels(d).map_err(Error::from)?;
         let mut out = Vec::with_capacity(h);
         if k == 0 || spec.outliers == tqkv::OutlierRule::Fixed {
             let q = VectorQuantizer::new(spec.with_outliers(tqkv::OutlierRule::Fixed), d, seed)
-                .map_err(candle_core::Error::wrap)?;
+                .map_err(Error::from)?;
             out.resize(h, q);
             return Ok(out);
         }
@@ -370,10 +415,7 @@ impl TurboCache {
         for row in energy {
             // One "sample" whose squares are the energies: the rule ranks channels by it.
             let sample: Vec<f32> = row.iter().map(|e| e.sqrt()).collect();
-            out.push(
-                VectorQuantizer::calibrate(spec, d, &sample, seed)
-                    .map_err(candle_core::Error::wrap)?,
-            );
+            out.push(VectorQuantizer::calibrate(spec, d, &sample, seed).map_err(Error::from)?);
         }
         Ok(out)
     }
@@ -440,7 +482,7 @@ impl TurboCache {
 
     /// A `[1, kv_heads, 1, d]` table repeated for the query heads of each KV head:
     /// `[1, hq, 1, d]`.
-    fn per_query_head(&self, x: &Tensor, hq: usize) -> Result<Tensor> {
+    fn per_query_head(&self, x: &Tensor, hq: usize) -> candle_core::Result<Tensor> {
         let (h, d) = (self.state.kv_heads, self.state.head_dim);
         x.reshape((1, h, 1, d))?
             .broadcast_as((1, h, hq / h, d))?
@@ -449,7 +491,7 @@ impl TurboCache {
 
     /// `out` `[b, hq, t, d]` f32 plus the value mean of each query head's KV head on the rows
     /// that see something (padding rows stay zeros).
-    fn add_value_mean(&self, out: Tensor, mean: &Tensor, hq: usize) -> Result<Tensor> {
+    fn add_value_mean(&self, out: Tensor, mean: &Tensor, hq: usize) -> candle_core::Result<Tensor> {
         let (b, _, t, _) = out.dims4()?;
         // In the output's dtype (f32 from the CPU op, the queries' dtype from the CUDA op).
         let per_q = self.per_query_head(mean, hq)?.to_dtype(out.dtype())?;
@@ -487,24 +529,26 @@ impl KvCache for TurboCache {
     fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()> {
         let (b, t, new) = self.state.plan(k, v, lens)?;
         if !k.device().same_device(&self.device) {
-            candle_core::bail!(
+            fail!(
+                Device,
                 "keys are on {:?}, the cache on {:?}",
                 k.device().location(),
                 self.device.location()
             );
         }
-        let has_exact = self.spec.has_exact();
-        // Exact tokens are copied, not quantized: check them here — on the device for CUDA
-        // decode steps (the status word, read by `check_status` and at prefill; no host round
-        // trip per token), else at once.
-        let device_check = has_exact && t == 1 && self.device.is_cuda() && self.gpu.is_some();
-        if has_exact && !device_check {
-            crate::full::check_finite_tensor("keys", k)?;
-            crate::full::check_finite_tensor("values", v)?;
-        }
-        if let (true, Some(g)) = (device_check, &self.gpu) {
-            crate::cuda_ops::check_finite(k, g)?;
-            crate::cuda_ops::check_finite(v, g)?;
+        // Bad values are an error of this append, on every device: checked here (the CPU; a
+        // prefill chunk on CUDA: one reduction), or, for a CUDA decode token inside a step, on
+        // the device — the quantize-append kernel and the exact-token check set the status
+        // word, which `check_step` reads once per step (no host round trip per token and layer).
+        let deferred = t == 1 && self.device.is_cuda() && self.gpu.is_some() && self.step.is_some();
+        if deferred {
+            if let (true, Some(g)) = (self.spec.has_exact(), &self.gpu) {
+                crate::cuda_ops::check_finite(k, g)?;
+                crate::cuda_ops::check_finite(v, g)?;
+            }
+        } else {
+            self.state.check_values("keys", k, &new)?;
+            self.state.check_values("values", v, &new)?;
         }
         // Calibration of a fresh cache, committed only once the append succeeds.
         let fresh = self.kq.is_none();
@@ -552,7 +596,8 @@ impl KvCache for TurboCache {
             let kq = Arc::new(self.calibrate(self.spec.key, k, &new, from, ks)?);
             let vq = Arc::new(self.calibrate(self.spec.value, v, &new, from, vs)?);
             if self.device.is_cuda() && self.spec.rotations > 4 {
-                candle_core::bail!(
+                fail!(
+                    Unsupported,
                     "the CUDA kernels cycle at most 4 rotations, not {} (-r{})",
                     self.spec.rotations,
                     self.spec.rotations
@@ -598,12 +643,22 @@ impl KvCache for TurboCache {
             }
         }
         result?;
+        if deferred {
+            let before = self.state.clone();
+            if let Some(st) = self.step.as_mut() {
+                st.pending.push((k.clone(), v.clone(), new.clone(), before));
+            }
+        }
         self.state.commit(b, t, new);
         Ok(())
     }
 
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
         let (b, _, t, _) = self.state.check_queries(q)?;
+        let (Some(kq), Some(vq), Some(kc), Some(vc)) = (&self.kq, &self.vq, &self.k, &self.v)
+        else {
+            return Err(Error::Empty);
+        };
         if self.gpu.is_some()
             && t > 1
             && self.prefill == PrefillPath::Dequantize
@@ -623,8 +678,8 @@ impl KvCache for TurboCache {
                     gpu: self.gpu.clone(),
                 })
             };
-            let k = deq(self.k.as_ref().unwrap(), self.kq.as_ref().unwrap(), false)?;
-            let v = deq(self.v.as_ref().unwrap(), self.vq.as_ref().unwrap(), true)?;
+            let k = deq(self.k.as_ref().ok_or(Error::Empty)?, kq, false)?;
+            let v = deq(self.v.as_ref().ok_or(Error::Empty)?, vq, true)?;
             return crate::full::dense_attention(&self.state, &k, &v, q, scale, dtype);
         }
         let exact = self.exact.as_ref().map(|store| ExactAttend {
@@ -640,8 +695,8 @@ impl KvCache for TurboCache {
         });
         let op = TqAttend {
             state: self.state.clone(),
-            kq: self.kq.clone().unwrap(),
-            vq: self.vq.clone().unwrap(),
+            kq: kq.clone(),
+            vq: vq.clone(),
             capacity: self.capacity,
             scale: scale as f32,
             gpu: self.gpu.clone(),
@@ -656,20 +711,100 @@ impl KvCache for TurboCache {
             None => q.clone(),
         };
         let q = q.contiguous()?;
-        let out = q.apply_op3_no_bwd(self.k.as_ref().unwrap(), self.v.as_ref().unwrap(), &op)?;
+        let out = q.apply_op3_no_bwd(kc, vc, &op)?;
         let out = match &self.vmean {
             Some(m) => self.add_value_mean(out, m, q.dim(1)?)?,
             None => out,
         };
-        out.to_dtype(dtype)
+        Ok(out.to_dtype(dtype)?)
     }
 
     fn seq_lens(&self) -> &[usize] {
         &self.state.lens
     }
 
+    fn begin_step(&mut self) -> Result<()> {
+        if self.step.is_some() {
+            fail!(Protocol, "begin_step: a step is open already");
+        }
+        self.step = Some(Saved {
+            state: self.state.clone(),
+            calibrated: self.kq.is_some(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            capacity: self.capacity,
+            exact: self.exact.clone(),
+            store_replaced: false,
+            window: Vec::new(),
+            pending: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn check_step(&self) -> Result<()> {
+        let (Some(st), Some(g)) = (&self.step, &self.gpu) else {
+            return Ok(());
+        };
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        match g.check(&self.device) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Name the value: the step's decode inputs are still held.
+                for (k, v, new, before) in &st.pending {
+                    before.check_values("keys", k, new)?;
+                    before.check_values("values", v, new)?;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn commit_step(&mut self) {
+        self.step = None;
+    }
+
+    fn rollback_step(&mut self) -> Result<()> {
+        let Some(st) = self.step.take() else {
+            return Ok(());
+        };
+        self.state = st.state;
+        self.k = st.k;
+        self.v = st.v;
+        self.capacity = st.capacity;
+        self.exact = st.exact;
+        if !st.calibrated {
+            self.kq = None;
+            self.vq = None;
+            self.kmean = None;
+            self.vmean = None;
+            self.kscale = None;
+            self.gpu = None;
+        }
+        let restore = || -> Result<()> {
+            if let Some(store) = &self.exact {
+                for (i, w) in st.window.iter().enumerate() {
+                    if let Some((p0, raw)) = w {
+                        store.write_raw(i, *p0, raw)?;
+                    }
+                }
+            }
+            if let Some(g) = &self.gpu {
+                g.clear(&self.device)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = restore() {
+            self.reset();
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.state.reset();
+        self.step = None;
         self.k = None;
         self.v = None;
         self.capacity = 0;
@@ -782,6 +917,7 @@ impl TurboCache {
             })
             .collect();
         // The ring must hold every position from the oldest not yet quantized on.
+        let mut replaced = false;
         let store = if self.spec.has_exact() {
             let ring_from = |i: usize| sinks.max(self.records(have[i]).end);
             let need = if self.spec.has_window() {
@@ -795,6 +931,7 @@ impl TurboCache {
             Some(match &self.exact {
                 Some(e) if e.ring >= need => e.clone(),
                 old => {
+                    replaced = true;
                     let ring = if need == 0 {
                         0
                     } else {
@@ -815,6 +952,10 @@ impl TurboCache {
         } else {
             None
         };
+        if let (true, Some(st)) = (replaced, self.step.as_mut()) {
+            // Writes now go to the new store; the saved one stays as it is.
+            st.store_replaced = true;
+        }
         // The source rows of the records, `[b, h, rows, d]`, sequence i's from rec[i].start on:
         // without exact tokens the append itself; else the rows as the store holds them (f16 or
         // q8_0, the same whether they come from the ring or the append, so chunking changes
@@ -893,11 +1034,12 @@ impl TurboCache {
                 // records were not written and nothing is committed, so the cache is intact.
                 if let Err(e) = g.check(&self.device) {
                     g.clear(&self.device)?;
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
         if let Some(st) = &store {
+            self.save_window(st, &have, &total)?;
             // The append's sinks and ring positions, into the store.
             for i in 0..b {
                 let (hv, n) = (have[i], total[i]);
@@ -916,6 +1058,53 @@ impl TurboCache {
             }
         }
         self.exact = store;
+        Ok(())
+    }
+
+    /// Before the ring positions `have[i]..total[i]` are written into `store`: copies out the
+    /// positions of the open step's saved window that the writes would overwrite (writing
+    /// position p overwrites p − ring), once per sequence, so that a rollback can put them back.
+    /// Nothing to do in a decode step (the ring always holds the window plus the new token) or
+    /// once the step has replaced the store.
+    fn save_window(&mut self, store: &ExactStore, have: &[usize], total: &[usize]) -> Result<()> {
+        let Some(st) = &self.step else {
+            return Ok(());
+        };
+        if st.store_replaced || store.ring == 0 {
+            return Ok(());
+        }
+        let (sinks, r) = (self.spec.sinks, store.ring);
+        let mut saves = Vec::new();
+        for i in 0..have.len() {
+            if st.window.get(i).is_some_and(|w| w.is_some()) {
+                continue;
+            }
+            let l = st.state.lens.get(i).copied().unwrap_or(0);
+            let a = sinks.max(self.records(l).end);
+            let (s0, n) = (have[i].max(sinks), total[i]);
+            let lo = s0.saturating_sub(r).max(a);
+            let hi = n.saturating_sub(r).min(l);
+            if a < l && s0 < n && lo < hi {
+                saves.push((i, a..l));
+            }
+        }
+        let mut copied = Vec::with_capacity(saves.len());
+        for (i, range) in saves {
+            let raw = store
+                .read_raw(i, range.clone())?
+                .into_iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            copied.push((i, range.start, raw));
+        }
+        if let Some(st) = self.step.as_mut() {
+            for (i, p0, raw) in copied {
+                if st.window.len() <= i {
+                    st.window.resize(i + 1, None);
+                }
+                st.window[i] = Some((p0, raw));
+            }
+        }
         Ok(())
     }
 }

@@ -292,7 +292,7 @@ fn bad_inputs_are_errors_that_name_the_problem() {
     for (kind, _) in KINDS {
         let cfg = CacheConfig::new(kind.parse().unwrap());
         let mut a = Attention::new(cfg.build(0, 2, 64, &dev).unwrap(), 4, 2, 64).unwrap();
-        let err = |r: candle_core::Result<Tensor>| r.unwrap_err().to_string();
+        let err = |r: tqkv_candle::Result<Tensor>| r.unwrap_err().to_string();
         let e = err(a.forward(
             &Tensor::zeros((4, 3, 64), DType::F32, &dev).unwrap(),
             &z((1, 2, 3, 64)),
@@ -310,11 +310,21 @@ fn bad_inputs_are_errors_that_name_the_problem() {
             let mut k = vec![0.5f32; 2 * 3 * 64];
             k[70] = bad;
             let k = Tensor::from_vec(k, (1, 2, 3, 64), &dev).unwrap();
-            let e = err(a.forward(&z((1, 4, 3, 64)), &k, &z((1, 2, 3, 64))));
-            assert!(
-                e.to_lowercase().contains("nan") || e.contains("inf") || e.contains("non-finite"),
-                "{kind}: {e}"
-            );
+            match a.forward(&z((1, 4, 3, 64)), &k, &z((1, 2, 3, 64))) {
+                // Flat index 70 of [1, 2, 3, 64]: sequence 0, head 0, token 1, channel 6.
+                Err(tqkv_candle::Error::NonFinite { what: "keys", at }) => {
+                    assert_eq!(
+                        (at.seq, at.pos, at.head, at.channel),
+                        (0, 1, 0, 6),
+                        "{kind}"
+                    );
+                    assert!(at.value.is_nan() == bad.is_nan(), "{kind}");
+                }
+                r => panic!(
+                    "{kind}: expected a non-finite error, got {:?}",
+                    r.map(|_| ())
+                ),
+            }
             assert!(
                 a.cache().seq_lens().is_empty() || a.cache().seq_lens() == [0],
                 "{kind}: a failed append changed the cache"
@@ -352,11 +362,15 @@ fn a_full_cache_is_a_clear_error_and_loses_nothing() {
         let mut a = Attention::new(cfg.build(0, 1, 64, &dev).unwrap(), 1, 1, 64).unwrap();
         let x = kv_like(&mut rng, (1, 1, 8, 64), 1.0);
         let first = a.forward(&x, &x, &x).unwrap();
-        let e = a.forward(&x, &x, &x).unwrap_err().to_string();
-        assert!(
-            e.contains("KV cache full") && e.contains("10"),
-            "{kind}: {e}"
-        );
+        match a.forward(&x, &x, &x) {
+            Err(tqkv_candle::Error::CacheFull {
+                seq: 0,
+                have: 8,
+                add: 8,
+                max: 10,
+            }) => {}
+            r => panic!("{kind}: expected CacheFull, got {:?}", r.map(|_| ())),
+        }
         assert_eq!(a.cache().seq_lens(), &[8]);
         let one = x.narrow(2, 0, 2).unwrap();
         a.forward(&one, &one, &one).unwrap();

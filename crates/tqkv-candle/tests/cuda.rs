@@ -213,19 +213,51 @@ fn nan_input_on_cuda_is_an_error_and_keeps_the_cache() {
         finite,
         "a clean cache gives finite attention after the rejected chunk"
     );
-    // A decode token with Inf: deferred to check_status; attention meanwhile is NaN, not a number.
+    // A decode token with Inf outside a step: an error at once, naming where.
     let inf = (one.ones_like().unwrap() * f64::INFINITY).unwrap();
+    match c.append(&inf, &one, None) {
+        Err(tqkv_candle::Error::NonFinite { what: "keys", at }) => {
+            assert_eq!((at.seq, at.pos, at.head, at.channel), (0, 10, 0, 0));
+        }
+        r => panic!("expected NonFinite, got {r:?}"),
+    }
+    assert_eq!(c.seq_lens(), &[10]);
+    // Inside a step the check is deferred to the device status word, read once by check_step
+    // (what a model does after its last layer); rolling back leaves the cache as before.
+    c.begin_step().unwrap();
     c.append(&inf, &one, None).unwrap();
+    let _ = c.attend(&q, 0.125).unwrap();
+    match c.check_step() {
+        Err(tqkv_candle::Error::NonFinite { what: "keys", at }) => {
+            assert_eq!((at.seq, at.pos), (0, 10));
+        }
+        r => panic!("expected NonFinite from check_step, got {r:?}"),
+    }
+    c.rollback_step().unwrap();
+    assert_eq!(c.seq_lens(), &[10]);
+    c.begin_step().unwrap();
+    c.append(&one, &one, None).unwrap();
     let out = c.attend(&q, 0.125).unwrap();
+    c.check_step().unwrap();
+    c.commit_step();
     assert!(out
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
         .unwrap()
         .iter()
-        .all(|x| x.is_nan()));
-    assert!(c.check_status().is_err());
+        .all(|x| x.is_finite()));
+    assert_eq!(c.seq_lens(), &[11]);
     // FullCache on CUDA rejects NaN at append.
     let mut f = FullCache::new(hk, d, DType::F16, &gpu, None).unwrap();
     assert!(f.append(&bad, &bad, None).is_err());
+    f.append(&k, &k, None).unwrap();
+    f.begin_step().unwrap();
+    f.append(&inf, &one, None).unwrap();
+    assert!(matches!(
+        f.check_step(),
+        Err(tqkv_candle::Error::NonFinite { what: "keys", .. })
+    ));
+    f.rollback_step().unwrap();
+    assert_eq!(f.seq_lens(), &[9]);
 }

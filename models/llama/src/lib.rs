@@ -57,7 +57,23 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
-    /// An error from candle (including the KV caches).
+    /// A KV cache or attention error of one layer (NaN/Inf keys or values naming sequence and
+    /// position, a full cache, a device failure); the step was undone in every layer.
+    #[error("layer {layer}: {source}")]
+    Layer {
+        /// The layer.
+        layer: usize,
+        /// What its cache said.
+        #[source]
+        source: tqkv_candle::Error,
+    },
+    /// A KV cache error outside a step (building the caches of a kind).
+    #[error(transparent)]
+    Cache(#[from] tqkv_candle::Error),
+    /// Undoing a failed step failed too (a device error): the model was reset.
+    #[error("{0}")]
+    Reset(String),
+    /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

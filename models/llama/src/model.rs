@@ -152,6 +152,9 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// RoPE's inverse frequencies `[1, head_dim / 2]` f32.
+    inv_freq: Tensor,
+    /// cos and sin of positions `0..cos.dim(0)` (grown on demand, [`Self::rope_tables`]).
     cos: Tensor,
     sin: Tensor,
     interleaved_rope: bool,
@@ -341,25 +344,49 @@ impl Llama {
             _ => Linear::Dense(candle_nn::Linear::new(embed_w.clone(), None)),
         };
         let inv = cfg.inv_freq();
-        let n_pos = cfg.max_position_embeddings;
-        let inv = Tensor::from_vec(inv, (1, d / 2), device)?;
-        let pos = Tensor::arange(0u32, n_pos as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((n_pos, 1))?;
-        let ang = pos.broadcast_mul(&inv)?;
-        Ok(Llama {
+        let inv_freq = Tensor::from_vec(inv, (1, d / 2), device)?;
+        let mut model = Llama {
             embed: Embedding::new(embed_w, h),
             blocks,
             norm,
             lm_head,
-            cos: ang.cos()?.to_dtype(dtype)?,
-            sin: ang.sin()?.to_dtype(dtype)?,
+            cos: Tensor::zeros((0, d / 2), dtype, device)?,
+            sin: Tensor::zeros((0, d / 2), dtype, device)?,
+            inv_freq,
             interleaved_rope: gguf,
             device: device.clone(),
             dtype,
             pos: 0,
             cfg,
-        })
+        };
+        model.rope_tables(1)?;
+        Ok(model)
+    }
+
+    /// Makes the RoPE tables cover positions `0..end`: built for what a run needs (doubling,
+    /// from 256, capped at `max_position_embeddings`), not for the whole configured context
+    /// (a 1M-context config would otherwise allocate gigabytes up front).
+    fn rope_tables(&mut self, end: usize) -> Result<()> {
+        let have = self.cos.dim(0)?;
+        if end <= have {
+            return Ok(());
+        }
+        let max = self.cfg.max_position_embeddings;
+        if end > max {
+            return Err(Error::ContextFull {
+                have: self.pos,
+                add: end - self.pos,
+                max,
+            });
+        }
+        let n = end.max(2 * have).max(256).min(max);
+        let pos = Tensor::arange(0u32, n as u32, &self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?;
+        let ang = pos.broadcast_mul(&self.inv_freq)?;
+        self.cos = ang.cos()?.to_dtype(self.dtype)?;
+        self.sin = ang.sin()?.to_dtype(self.dtype)?;
+        Ok(())
     }
 
     /// The configuration.
@@ -400,12 +427,28 @@ impl Llama {
         );
         let fresh = (0..n)
             .map(|i| cache.build_in(i, n, nkv, d, &self.device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<tqkv_candle::Result<Vec<_>>>()?;
         for (b, c) in self.blocks.iter_mut().zip(fresh) {
             b.attn.set_cache(c);
         }
         self.pos = 0;
         Ok(())
+    }
+
+    /// Replaces the cache of layer `layer` (e.g. by a wrapper that records or injects faults);
+    /// returns the old one. The caller keeps the layers in step: the new cache should hold
+    /// [`Self::position`] tokens, as the others do.
+    pub fn set_layer_cache(
+        &mut self,
+        layer: usize,
+        cache: Box<dyn tqkv_candle::KvCache>,
+    ) -> Result<Box<dyn tqkv_candle::KvCache>> {
+        let n = self.blocks.len();
+        let b = self
+            .blocks
+            .get_mut(layer)
+            .ok_or_else(|| Error::Input(format!("layer {layer} of a {n}-layer model")))?;
+        Ok(b.attn.set_cache(cache))
     }
 
     /// KV-cache bytes over all layers.
@@ -441,12 +484,72 @@ impl Llama {
                 max: self.cfg.max_position_embeddings,
             });
         }
+        self.rope_tables(self.pos + t)?;
+        // One step over every layer: it completes, or every cache is as it was (a failure in
+        // layer i must not leave layers 0..i one chunk ahead of the position).
+        for i in 0..self.blocks.len() {
+            if let Err(e) = self.blocks[i].attn.begin_step() {
+                return Err(self.undo(
+                    i,
+                    Error::Layer {
+                        layer: i,
+                        source: e,
+                    },
+                ));
+            }
+        }
+        let out = self.run(tokens, all).and_then(|logits| {
+            // What the appends left to the device (CUDA decode: the status words), checked
+            // once per step: the first read waits for the step's work, the others are ready.
+            for (i, b) in self.blocks.iter().enumerate() {
+                b.attn.check_step().map_err(|e| Error::Layer {
+                    layer: i,
+                    source: e,
+                })?;
+            }
+            Ok(logits)
+        });
+        match out {
+            Ok(logits) => {
+                for b in &mut self.blocks {
+                    b.attn.commit_step();
+                }
+                self.pos += t;
+                Ok(logits)
+            }
+            Err(e) => Err(self.undo(self.blocks.len(), e)),
+        }
+    }
+
+    /// Rolls back the steps opened in layers `0..n` after `e`; returns `e`, or, when a layer
+    /// cannot be restored (a device error), resets the model and says so.
+    fn undo(&mut self, n: usize, e: Error) -> Error {
+        let mut failed = None;
+        for (i, b) in self.blocks.iter_mut().enumerate().take(n) {
+            if let Err(r) = b.attn.rollback_step() {
+                failed.get_or_insert((i, r));
+            }
+        }
+        match failed {
+            None => e,
+            Some((i, r)) => {
+                self.reset();
+                Error::Reset(format!(
+                    "{e}; undoing the step failed in layer {i} ({r}): the conversation was reset"
+                ))
+            }
+        }
+    }
+
+    /// The layers and the head over `tokens` at positions `self.pos..`, inside the open step.
+    fn run(&mut self, tokens: &[u32], all: bool) -> Result<Tensor> {
+        let t = tokens.len();
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?;
         let cos = self.cos.narrow(0, self.pos, t)?;
         let sin = self.sin.narrow(0, self.pos, t)?;
         let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        for blk in &mut self.blocks {
+        for (layer, blk) in self.blocks.iter_mut().enumerate() {
             let r = x.clone();
             let h = blk.attn_norm.forward(&x)?;
             let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
@@ -466,7 +569,10 @@ impl Llama {
                     candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
                 )
             };
-            let y = blk.attn.forward(&q, &k, &v)?;
+            let y = blk
+                .attn
+                .forward(&q, &k, &v)
+                .map_err(|source| Error::Layer { layer, source })?;
             let y = y.transpose(1, 2)?.reshape((1, t, nh * d))?;
             x = (r + blk.o.forward(&y)?)?;
             let r = x.clone();
@@ -474,7 +580,6 @@ impl Llama {
             let m = (candle_nn::ops::silu(&blk.gate.forward(&h)?)? * blk.up.forward(&h)?)?;
             x = (r + blk.down.forward(&m)?)?;
         }
-        self.pos += t;
         let x = self.norm.forward(&x)?;
         let x = if all { x } else { x.narrow(1, t - 1, 1)? };
         let logits = self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
