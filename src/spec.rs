@@ -41,7 +41,12 @@ impl BitsSpec {
         match *self {
             BitsSpec::Uniform(_) => Ok(0),
             BitsSpec::Split { hi_num, hi_den, .. } => {
-                if hi_den == 0 || hi_num == 0 || hi_num >= hi_den || (dim * hi_num) % hi_den != 0 {
+                let split = dim.checked_mul(hi_num);
+                if hi_den == 0
+                    || hi_num == 0
+                    || hi_num >= hi_den
+                    || split.is_none_or(|x| x % hi_den != 0)
+                {
                     return Err(Error::Config(format!(
                         "channel split {hi_num}/{hi_den} of dim {dim} does not give two non-empty \
                          integer groups"
@@ -90,7 +95,14 @@ impl std::str::FromStr for BitsSpec {
                 Some((k.trim().parse().ok()?, b.trim().parse().ok()?))
             };
             let ((k, b), (j, c)) = (parse(hi).ok_or_else(bad)?, parse(lo).ok_or_else(bad)?);
-            if !(1..=8).contains(&b) || !(1..=8).contains(&c) || k == 0 || j == 0 {
+            // Channel counts of a head (any real head_dim is far below the cap), so that the
+            // split's arithmetic (k + j, dim · k) cannot overflow.
+            let cap = 1 << 16;
+            if !(1..=8).contains(&b)
+                || !(1..=8).contains(&c)
+                || !(1..=cap).contains(&k)
+                || !(1..=cap).contains(&j)
+            {
                 return Err(bad());
             }
             return Ok(BitsSpec::Split {

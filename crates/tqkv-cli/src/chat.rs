@@ -244,18 +244,45 @@ fn sampler(a: &SampleArgs) -> Result<Sampler> {
     })?)
 }
 
-/// Feeds `prompt` tokens, then samples up to `max` tokens, streaming the text to `out`.
-/// Returns the generated ids (without the stop token) and whether a stop token ended it.
+/// How a generation ended.
+enum End {
+    /// A stop token.
+    Stop,
+    /// `max` tokens.
+    Length,
+    /// The context (the model's, or `--max-context`) is full.
+    ContextFull,
+    /// A decode step failed; the model holds everything before it (steps are atomic).
+    Error(anyhow::Error),
+}
+
+/// The most tokens the model's caches take: the model's context, or `--max-context`.
+fn context_limit(m: &Loaded, max_context: Option<usize>) -> usize {
+    let model = m.model.config().max_position_embeddings;
+    max_context.map_or(model, |c| c.min(model))
+}
+
+/// Feeds `prompt` tokens, then samples up to `max` tokens (stopping where the context is full),
+/// streaming the text to `out`. An error in the prefill is an error (the model is as before);
+/// one in a decode step ends the reply with what was generated so far.
 fn generate(
     m: &mut Loaded,
     s: &mut Sampler,
     prompt: &[u32],
-    max: usize,
+    (max, limit): (usize, usize),
     stats: &mut Stats,
     out: &mut dyn Write,
-) -> Result<(Vec<u32>, bool)> {
+) -> Result<(Vec<u32>, End)> {
     if prompt.is_empty() {
         bail!("empty prompt");
+    }
+    let have = m.model.position();
+    if have + prompt.len() > limit {
+        bail!(
+            "the context is full: {have} tokens held, {} more exceed the limit of {limit} \
+             (/reset starts a new conversation)",
+            prompt.len()
+        );
     }
     let t = Instant::now();
     let mut logits = m.model.forward(prompt, false)?;
@@ -265,12 +292,22 @@ fn generate(
     let mut history: Vec<u32> = prompt.to_vec();
     let mut printed = 0usize;
     let t = Instant::now();
-    let mut stopped = false;
+    let mut end = End::Length;
     for _ in 0..max {
-        let l: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let next = s.sample(&l, &history)?;
+        let next = match logits
+            .flatten_all()
+            .and_then(|l| l.to_vec1::<f32>())
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(s.sample(&l, &history)?))
+        {
+            Ok(n) => n,
+            Err(e) => {
+                end = End::Error(e);
+                break;
+            }
+        };
         if m.eos_ids.contains(&next) {
-            stopped = true;
+            end = End::Stop;
             break;
         }
         ids.push(next);
@@ -281,10 +318,19 @@ fn generate(
             out.flush()?;
             printed = text.len();
         }
-        if m.model.position() >= m.model.config().max_position_embeddings {
+        if m.model.position() >= limit {
+            end = End::ContextFull;
             break;
         }
-        logits = m.model.forward(&[next], false)?;
+        match m.model.forward(&[next], false) {
+            Ok(l) => logits = l,
+            Err(e) => {
+                // The sampled token is not in the cache: drop it from the reply too.
+                ids.pop();
+                end = End::Error(e.into());
+                break;
+            }
+        }
         stats.decode_tokens += 1;
     }
     stats.decode_time += t.elapsed();
@@ -292,7 +338,7 @@ fn generate(
     if text.len() > printed && text.is_char_boundary(printed) {
         write!(out, "{}", &text[printed..])?;
     }
-    Ok((ids, stopped))
+    Ok((ids, end))
 }
 
 fn encode(m: &Loaded, text: &str) -> Result<Vec<u32>> {
@@ -310,15 +356,21 @@ pub fn run_generate(a: ModelArgs, sa: SampleArgs, prompt: String) -> Result<()> 
     let mut stats = Stats::default();
     let ids = encode(&m, &prompt)?;
     print!("{prompt}");
-    generate(
+    let limit = context_limit(&m, a.max_context);
+    let (_, end) = generate(
         &mut m,
         &mut s,
         &ids,
-        sa.max_tokens,
+        (sa.max_tokens, limit),
         &mut stats,
         &mut std::io::stdout(),
     )?;
     println!();
+    match end {
+        End::Error(e) => return Err(e.context("generation stopped")),
+        End::ContextFull => eprintln!("(stopped: the context of {limit} tokens is full)"),
+        End::Stop | End::Length => {}
+    }
     eprintln!("{}", stats.report(&m));
     Ok(())
 }
@@ -332,11 +384,19 @@ pub struct Session {
     cached: String,
     sampler: Sampler,
     max_tokens: usize,
+    /// The most tokens the caches take ([`context_limit`]).
+    limit: usize,
     stats: Stats,
 }
 
 impl Session {
-    fn new(m: Loaded, a: &SampleArgs, system: Option<String>) -> Result<Self> {
+    fn new(
+        m: Loaded,
+        a: &SampleArgs,
+        system: Option<String>,
+        max_context: Option<usize>,
+    ) -> Result<Self> {
+        let limit = context_limit(&m, max_context);
         let messages = system
             .map(|s| {
                 vec![Message {
@@ -351,42 +411,57 @@ impl Session {
             cached: String::new(),
             sampler: sampler(a)?,
             max_tokens: a.max_tokens,
+            limit,
             stats: Stats::default(),
         })
     }
 
-    /// One user turn: returns the reply, streaming it to `out`.
+    /// One user turn: returns the reply, streaming it to `out`. The conversation survives
+    /// errors: a turn whose prompt fails (e.g. does not fit the context) is dropped with the
+    /// cache as it was; a reply cut short by a full context or a failed decode step keeps what
+    /// was generated (the note is printed).
     pub fn turn(&mut self, user: &str, out: &mut dyn Write) -> Result<String> {
         self.messages.push(Message {
             role: "user".into(),
             content: user.into(),
         });
-        let rendered = self.m.template.render(&self.messages, true)?;
-        let suffix = match rendered.strip_prefix(self.cached.as_str()) {
-            Some(s) if !self.cached.is_empty() => s.to_string(),
-            _ => {
-                if self.m.model.position() > 0 {
-                    self.m.model.reset();
-                }
-                rendered.clone()
+        let rendered = match self.m.template.render(&self.messages, true) {
+            Ok(r) => r,
+            Err(e) => {
+                self.messages.pop();
+                return Err(e.into());
             }
         };
-        let ids = encode(&self.m, &suffix)?;
+        // Only the new text is prefilled when the template leaves the earlier turns as they
+        // were; otherwise the whole conversation (the cache starts over).
+        let (suffix, restart) = match rendered.strip_prefix(self.cached.as_str()) {
+            Some(s) if !self.cached.is_empty() => (s.to_string(), false),
+            _ => (rendered.clone(), self.m.model.position() > 0),
+        };
+        let ids = match encode(&self.m, &suffix) {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.messages.pop();
+                return Err(e);
+            }
+        };
+        if restart && ids.len() <= self.limit {
+            self.m.model.reset();
+            self.cached.clear();
+        }
         let result = generate(
             &mut self.m,
             &mut self.sampler,
             &ids,
-            self.max_tokens,
+            (self.max_tokens, self.limit),
             &mut self.stats,
             out,
         );
-        let (reply_ids, _) = match result {
+        let (reply_ids, end) = match result {
             Ok(r) => r,
             Err(e) => {
-                // Keep the conversation consistent: the next turn re-prefills it.
+                // Nothing was committed: the model holds the conversation before this turn.
                 self.messages.pop();
-                self.m.model.reset();
-                self.cached.clear();
                 return Err(e);
             }
         };
@@ -400,6 +475,15 @@ impl Session {
             role: "assistant".into(),
             content: reply.clone(),
         });
+        match end {
+            End::ContextFull => writeln!(
+                out,
+                "\n(the context of {} tokens is full: the reply was cut; /reset starts over)",
+                self.limit
+            )?,
+            End::Error(e) => writeln!(out, "\n(the reply was cut by an error: {e:#})")?,
+            End::Stop | End::Length => {}
+        }
         Ok(reply)
     }
 
@@ -418,7 +502,7 @@ pub fn run_chat(
     system: Option<String>,
 ) -> Result<()> {
     let m = load(&a)?;
-    let mut session = Session::new(m, &sa, system)?;
+    let mut session = Session::new(m, &sa, system, a.max_context)?;
     let mut stdout = std::io::stdout();
     if let Some(p) = prompt {
         session.turn(&p, &mut stdout)?;

@@ -147,6 +147,49 @@ fn interactive_chat_keeps_history_and_handles_commands() {
 }
 
 #[test]
+fn chat_at_max_context_cuts_the_reply_and_keeps_the_conversation() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tqkv"))
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "200",
+            "--max-context",
+            "64",
+            "--kv",
+            "tq3.5",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Tell me a long story about a dragon.\nAnd then?\n/stats\n/reset\nHi\n/stats\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{err}");
+    // The first reply runs into the limit and is cut, not lost.
+    assert!(stdout.contains("context of 64 tokens is full"), "{stdout}");
+    // The second turn does not fit: an error, and the conversation is still held.
+    assert!(err.contains("the context is full"), "{err}");
+    let contexts: Vec<&str> = err.lines().filter(|l| l.contains("; context ")).collect();
+    assert!(contexts[0].contains("context 64 tokens"), "{err}");
+    // /reset then starts over.
+    assert!(!contexts[1].contains("context 64 tokens"), "{err}");
+}
+
+#[test]
 fn bad_model_arguments_are_clear_errors() {
     for (args, needle) in [
         (vec!["--model", "/nonexistent/model.gguf"], "no such file"),

@@ -169,6 +169,28 @@ impl LlamaConfig {
                 self.head_dim
             ));
         }
+        // Bounds far above any real model, so that sizes computed from them cannot overflow
+        // and a malformed config fails here instead of in an allocation.
+        for (what, v, max) in [
+            ("num_hidden_layers", self.num_layers, 4096),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_attention_heads", self.num_heads, 1024),
+            ("head_dim", self.head_dim, 1024),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
+        ] {
+            if v > max {
+                return bad(format!("{what} = {v} exceeds {max}"));
+            }
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings must be positive".into());
+        }
         let positive = |x: f64| x.is_finite() && x > 0.0;
         if !positive(self.rope_theta) || !positive(self.rms_norm_eps) {
             return bad("rope_theta and rms_norm_eps must be positive".into());

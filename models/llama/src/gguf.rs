@@ -13,13 +13,71 @@ fn get<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
         .ok_or_else(|| Error::Config(format!("GGUF metadata has no {key}")))
 }
 
+/// An unsigned integer from metadata of any integer type; negative values are errors.
 fn get_u(c: &Content, key: &str) -> Result<usize> {
     let v = get(c, key)?;
-    v.to_u32()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u64().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
-        .map_err(|e| Error::Config(format!("GGUF {key}: {e}")))
+    let n: i128 = match v {
+        Value::U8(x) => (*x).into(),
+        Value::U16(x) => (*x).into(),
+        Value::U32(x) => (*x).into(),
+        Value::U64(x) => (*x).into(),
+        Value::I8(x) => (*x).into(),
+        Value::I16(x) => (*x).into(),
+        Value::I32(x) => (*x).into(),
+        Value::I64(x) => (*x).into(),
+        other => {
+            return Err(Error::Config(format!(
+                "GGUF {key}: expected an integer, got {other:?}"
+            )))
+        }
+    };
+    usize::try_from(n).map_err(|_| Error::Config(format!("GGUF {key}: {n} is not a valid count")))
+}
+
+/// Reads a GGUF header (metadata and tensor table) and checks that every tensor lies inside
+/// the `len` bytes of the file with a size that does not overflow, so that reading any tensor
+/// allocates at most the file's size. A panic inside the parser (a dependency's bug on a
+/// malformed file) is turned into an error too.
+pub fn read_content<R: std::io::Read + std::io::Seek>(r: &mut R, len: u64) -> Result<Content> {
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(r)))
+        .map_err(|_| Error::Weights("not a readable GGUF file (the parser gave up)".into()))?
+        .map_err(|e| Error::Weights(format!("not a readable GGUF file: {e}")))?;
+    check_tensors(&content, len)?;
+    Ok(content)
+}
+
+/// Every tensor of `c` inside a file of `len` bytes (see [`read_content`]).
+pub fn check_tensors(c: &Content, len: u64) -> Result<()> {
+    for (name, info) in &c.tensor_infos {
+        let bad = |why: String| Error::Weights(format!("tensor {name}: {why}"));
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("shape {:?} overflows", info.shape.dims())))?;
+        let (bs, ts) = (
+            info.ggml_dtype.block_size() as u64,
+            info.ggml_dtype.type_size() as u64,
+        );
+        if bs == 0 || elems % bs != 0 {
+            return Err(bad(format!(
+                "{elems} elements are not whole blocks of {bs} ({:?})",
+                info.ggml_dtype
+            )));
+        }
+        let end = (elems / bs)
+            .checked_mul(ts)
+            .and_then(|b| b.checked_add(info.offset))
+            .and_then(|b| b.checked_add(c.tensor_data_offset))
+            .ok_or_else(|| bad("offset and size overflow".into()))?;
+        if end > len {
+            return Err(Error::Weights(format!(
+                "truncated ({len} bytes, tensor {name} ends at {end})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn get_f(c: &Content, key: &str) -> Result<f64> {
@@ -174,6 +232,12 @@ pub fn tokenizer_from_gguf(c: &Content) -> Result<GgufTokenizer> {
     };
     let eos_id = id("tokenizer.ggml.eos_token_id")
         .ok_or_else(|| Error::Tokenizer("GGUF has no eos_token_id".into()))?;
+    if eos_id as usize >= tokens.len() {
+        return Err(Error::Tokenizer(format!(
+            "GGUF eos_token_id {eos_id} is outside the {} tokens",
+            tokens.len()
+        )));
+    }
     Ok(GgufTokenizer {
         tokenizer,
         bos: name(id("tokenizer.ggml.bos_token_id")),

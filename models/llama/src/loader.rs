@@ -204,6 +204,82 @@ fn token_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// What tqkv reads from a Hugging Face `tokenizer_config.json`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizerConfig {
+    /// BOS token text ("" when the file names none).
+    pub bos: String,
+    /// EOS token text.
+    pub eos: String,
+    /// The chat template (a string, or the `default` entry of a list of named templates).
+    pub chat_template: Option<String>,
+}
+
+/// Parses a `tokenizer_config.json`. Malformed JSON, or a `bos_token`, `eos_token` or
+/// `chat_template` of the wrong type, is an error (never a silent fallback to another
+/// template); absent keys are defaults.
+pub fn parse_tokenizer_config(text: &str) -> Result<TokenizerConfig> {
+    let bad = |m: String| Error::Tokenizer(format!("tokenizer_config.json: {m}"));
+    let tc: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let obj = tc
+        .as_object()
+        .ok_or_else(|| bad("the top level is not an object".into()))?;
+    let token = |key: &str| -> Result<String> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(String::new()),
+            Some(v) => token_text(v)
+                .ok_or_else(|| bad(format!("{key} is neither a string nor {{\"content\": …}}"))),
+        }
+    };
+    let chat_template = match obj.get("chat_template") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(a)) => {
+            let mut default = None;
+            for t in a {
+                let name = t.get("name").and_then(|n| n.as_str());
+                let body = t.get("template").and_then(|s| s.as_str());
+                match (name, body) {
+                    (Some(n), Some(b)) => {
+                        if n == "default" {
+                            default = Some(b.to_string());
+                        }
+                    }
+                    _ => {
+                        return Err(bad(
+                            "chat_template list entries need a string name and template".into(),
+                        ))
+                    }
+                }
+            }
+            Some(default.ok_or_else(|| bad("chat_template lists no \"default\" template".into()))?)
+        }
+        Some(_) => return Err(bad("chat_template is neither a string nor a list".into())),
+    };
+    Ok(TokenizerConfig {
+        bos: token("bos_token")?,
+        eos: token("eos_token")?,
+        chat_template,
+    })
+}
+
+/// The `eos_token_id` of a `generation_config.json` (a number or a list); malformed JSON or
+/// ids that are not token ids are errors.
+pub fn parse_generation_eos(text: &str) -> Result<Vec<u32>> {
+    let bad = |m: String| Error::Config(format!("generation_config.json: {m}"));
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let id = |x: &serde_json::Value| -> Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(format!("eos_token_id {x} is not a token id")))
+    };
+    match v.get("eos_token_id") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
+    }
+}
+
 /// Stop tokens: the model's EOS plus the usual end-of-turn markers present in the vocabulary.
 fn eos_ids(tok: &tokenizers::Tokenizer, mut ids: Vec<u32>) -> Vec<u32> {
     for t in [
@@ -238,31 +314,15 @@ fn load_dir(dir: &Path, opts: &LoadOptions, name: String) -> Result<Loaded> {
     }
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-    let tc: serde_json::Value = read("tokenizer_config.json")
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    let bos = tc.get("bos_token").and_then(token_text).unwrap_or_default();
-    let eos = tc.get("eos_token").and_then(token_text).unwrap_or_default();
-    let tmpl_src = match tc.get("chat_template") {
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template").and_then(|s| s.as_str()).map(String::from)),
-        _ => None,
+    let tc = if dir.join("tokenizer_config.json").is_file() {
+        parse_tokenizer_config(&read("tokenizer_config.json")?)?
+    } else {
+        TokenizerConfig::default()
     };
+    let (bos, eos, tmpl_src) = (tc.bos, tc.eos, tc.chat_template);
     let mut ids: Vec<u32> = tokenizer.token_to_id(&eos).into_iter().collect();
-    if let Ok(g) = read("generation_config.json") {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&g) {
-            match v.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(serde_json::Value::Array(a)) => {
-                    ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-                }
-                _ => {}
-            }
-        }
+    if dir.join("generation_config.json").is_file() {
+        ids.extend(parse_generation_eos(&read("generation_config.json")?)?);
     }
     let mut files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").is_file() {
         shard_names(&dir.join("model.safetensors.index.json"))?

@@ -204,27 +204,15 @@ impl Llama {
     ) -> Result<(Self, gguf_file::Content)> {
         let mut f = std::fs::File::open(path)
             .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| {
-            Error::Weights(format!("{}: not a readable GGUF file: {e}", path.display()))
-        })?;
-        let cfg = crate::gguf::config_from_gguf(&content)?;
-        // Refuse a truncated file up front: every tensor must lie inside it.
         let len = f
             .metadata()
-            .map_err(|e| Error::Weights(e.to_string()))?
-            .len() as usize;
-        for (name, info) in &content.tensor_infos {
-            let end = content.tensor_data_offset as usize
-                + info.offset as usize
-                + info.shape.elem_count() / info.ggml_dtype.block_size()
-                    * info.ggml_dtype.type_size();
-            if end > len {
-                return Err(Error::Weights(format!(
-                    "{}: truncated ({len} bytes, tensor {name} ends at {end})",
-                    path.display()
-                )));
-            }
-        }
+            .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?
+            .len();
+        let content = crate::gguf::read_content(&mut f, len).map_err(|e| match e {
+            Error::Weights(m) => Error::Weights(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
+        let cfg = crate::gguf::config_from_gguf(&content)?;
         let src = Source::Gguf {
             content: &content,
             file: std::cell::RefCell::new(f),
