@@ -35,6 +35,8 @@ struct TqExact {
   const uint8_t* vq;       // format 1: value codes, same layout
   const __half* vqs;       // format 1: value scales, same layout
 };
+static_assert(sizeof(TqExact) == 72 && offsetof(TqExact, sinks) == 24 && offsetof(TqExact, kq) == 40,
+              "TqExact layout differs from src/cuda.rs");
 
 // Element j of row `row` (= (b·Hkv + h)·slots + slot) of the keys or values, as the store's
 // reader sees it: the f16 value, or the q8_0 code decoded as f16((code − 128)·scale) — the

@@ -48,6 +48,7 @@ struct TqTiles {
   long k_tile, k_head;  // key bytes between physical tiles / between the KV heads of a tile
   long v_tile, v_head;  // value bytes, likewise
 };
+static_assert(sizeof(TqTiles) == 48 && offsetof(TqTiles, k_tile) == 16, "TqTiles layout differs from src/cuda.rs");
 
 // Byte offset of slot s of (b, h) in a cache of `rb`-byte records.
 __device__ __forceinline__ long tq_tc_slot(const TqTiles& tt, bool keys, int b, int h, int Hkv, int cap, int rb,

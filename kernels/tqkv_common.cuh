@@ -9,16 +9,38 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #endif
+#include <stddef.h>
 #include <stdint.h>
 
 // Every launch goes through TQ_LAUNCH (kernel: a name or a function-pointer variable) so that
 // the emulator can run it; TQ_DYN_SMEM declares a kernel's dynamic shared memory.
+// TQ_LAUNCH is used in launchers that return an int status: a grid beyond CUDA's limits
+// (x < 2³¹, y and z ≤ 65535 blocks) returns TQ_ERR_GRID instead of failing as an opaque
+// "invalid configuration" (a long single prefill has more query-row tiles than 65535 in y);
+// an empty grid launches nothing.
+#define TQ_ERR_GRID 1000
+static inline int tq_grid_check(dim3 g) {
+  if (g.x == 0 || g.y == 0 || g.z == 0) return 1;
+  return (g.x <= 2147483647u && g.y <= 65535u && g.z <= 65535u) ? 0 : -1;
+}
 #ifdef TQ_EMU
-#define TQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  tq_emu::launch(grid, block, smem, [&] { kernel(__VA_ARGS__); })
+#define TQ_LAUNCH(kernel, grid, block, smem, stream, ...)                 \
+  do {                                                                    \
+    const dim3 tq_grid_ = (grid);                                         \
+    const int tq_grid_ok_ = tq_grid_check(tq_grid_);                      \
+    if (tq_grid_ok_ < 0) return TQ_ERR_GRID;                              \
+    if (tq_grid_ok_ == 0)                                                 \
+      tq_emu::launch(tq_grid_, block, smem, [&] { kernel(__VA_ARGS__); }); \
+  } while (0)
 #define TQ_DYN_SMEM(name) uint8_t* name = tq_emu::dyn_smem()
 #else
-#define TQ_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define TQ_LAUNCH(kernel, grid, block, smem, stream, ...)                  \
+  do {                                                                     \
+    const dim3 tq_grid_ = (grid);                                          \
+    const int tq_grid_ok_ = tq_grid_check(tq_grid_);                       \
+    if (tq_grid_ok_ < 0) return TQ_ERR_GRID;                               \
+    if (tq_grid_ok_ == 0) kernel<<<tq_grid_, block, smem, stream>>>(__VA_ARGS__); \
+  } while (0)
 #define TQ_DYN_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
 #endif
 
@@ -43,6 +65,9 @@ struct TqGroup {
   const float* sketch;      // S row-major [m, dim]
   float qjl_scale;          // 1 / (m·κ)
 };
+// Mirrored by tqkv::cuda::TqGroup / TqSpec (the same asserts are in src/cuda.rs).
+static_assert(sizeof(TqGroup) == 88 && offsetof(TqGroup, rot) == 40 && offsetof(TqGroup, qjl_scale) == 80,
+              "TqGroup layout differs from src/cuda.rs");
 
 // The record layout of one quantizer (shared by the KV heads of a layer; heads differ only by
 // their channel assignment, passed separately as channels[head][head_dim]: group 0's channels
@@ -55,6 +80,7 @@ struct TqSpec {
   int projected_norm;  // 1: store n = ‖x‖² / ⟨rot, ‖x‖·c⟩ (NormRule::Projected), 0: n = ‖x‖
   TqGroup groups[2];
 };
+static_assert(sizeof(TqSpec) == 200 && offsetof(TqSpec, groups) == 24, "TqSpec layout differs from src/cuda.rs");
 
 // The rotations of one layer's quantizer cycled by slot (tqkv::KvSpec::rotations): the record
 // of slot s was written with v[s % n]. The variants share everything (layout, codebooks, channel

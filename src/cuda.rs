@@ -118,6 +118,11 @@ struct TqTiles {
 }
 
 // The layouts the kernels see (x86-64 / aarch64 Linux: 8-byte pointers and longs).
+const _: () = assert!(std::mem::size_of::<TqGroup>() == 88);
+const _: () = assert!(std::mem::offset_of!(TqGroup, rot) == 40);
+const _: () = assert!(std::mem::offset_of!(TqGroup, qjl_scale) == 80);
+const _: () = assert!(std::mem::size_of::<TqSpec>() == 200);
+const _: () = assert!(std::mem::offset_of!(TqSpec, groups) == 24);
 const _: () = assert!(std::mem::size_of::<TqTiles>() == 48);
 const _: () = assert!(std::mem::offset_of!(TqTiles, k_tile) == 16);
 const _: () = assert!(std::mem::size_of::<TqExact>() == 72);
@@ -125,6 +130,8 @@ const _: () = assert!(std::mem::offset_of!(TqExact, sinks) == 24);
 const _: () = assert!(std::mem::offset_of!(TqExact, kq) == 40);
 
 extern "C" {
+    /// `cudaGetErrorString(code)` (kernels/error_string.cu).
+    fn tqkv_error_string(code: c_int) -> *const std::os::raw::c_char;
     fn tqkv_quantize_append(
         x: *const c_void,
         x_dtype: c_int,
@@ -237,6 +244,9 @@ fn driver(e: cudarc::driver::DriverError) -> Error {
     Error::Cuda(format!("CUDA driver: {e}"))
 }
 
+/// The launchers' status `TQ_ERR_GRID` (kernels/tqkv_common.cuh).
+const TQ_ERR_GRID: c_int = 1000;
+
 fn launched(op: &str, code: c_int) -> Result<()> {
     match code {
         0 => Ok(()),
@@ -244,7 +254,18 @@ fn launched(op: &str, code: c_int) -> Result<()> {
             "{op}: invalid arguments (cudaErrorInvalidValue): unsupported head_dim, bits or \
              sizes for this kernel"
         ))),
-        c => Err(Error::Cuda(format!("{op}: CUDA runtime error {c}"))),
+        TQ_ERR_GRID => Err(Error::Cuda(format!(
+            "{op}: the launch grid exceeds CUDA's limits (at most 65535 blocks in y and z): \
+             too many query rows or sequences for one call — split the prefill into chunks"
+        ))),
+        c => {
+            // SAFETY: cudaGetErrorString returns a static NUL-terminated string for any code.
+            let text = unsafe { std::ffi::CStr::from_ptr(tqkv_error_string(c)) };
+            Err(Error::Cuda(format!(
+                "{op}: CUDA error {c} ({})",
+                text.to_string_lossy()
+            )))
+        }
     }
 }
 

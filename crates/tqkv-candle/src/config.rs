@@ -304,11 +304,22 @@ impl std::str::FromStr for CacheConfig {
     /// `<layers>` is a layer index or a range `a-b` (inclusive), e.g. `tq3.5@0-1=q8@29=f16`.
     /// Later overrides win; layers the model does not have are ignored.
     fn from_str(s: &str) -> Result<Self> {
-        let mut parts = s.split('@');
-        let head = parts.next().unwrap_or("");
+        // `@` also appears inside `K@B+J@C` bits: a part with `=` starts an override, the
+        // others continue the kind before them.
+        let mut items: Vec<String> = Vec::new();
+        for (i, part) in s.split('@').enumerate() {
+            match items.last_mut() {
+                Some(last) if i > 0 && !part.contains('=') => {
+                    last.push('@');
+                    last.push_str(part);
+                }
+                _ => items.push(part.to_string()),
+            }
+        }
+        let head = items.first().map(String::as_str).unwrap_or("");
         let mut cfg = CacheConfig::new(head.parse()?);
         cfg.preset = PRESETS.iter().find(|(n, _)| *n == head).map(|(n, _)| *n);
-        for p in parts {
+        for p in items.iter().skip(1).map(String::as_str) {
             let Some((layers, kind)) = p.split_once('=') else {
                 fail!(
                     Kind,
@@ -634,6 +645,11 @@ mod tests {
 
     #[test]
     fn layer_overrides_and_profiles_pick_each_layers_kind() {
+        // `K@B+J@C` bits inside the kind and inside an override are not overrides.
+        let cfg: CacheConfig = "tq32@3+96@2-had@0-1=tq16@4+48@3".parse().unwrap();
+        assert!(matches!(cfg.default, CacheKind::Turbo(_)));
+        assert_eq!(cfg.overrides.len(), 2);
+        assert!("tq32@3+96@2@5".parse::<CacheConfig>().is_err());
         let cfg: CacheConfig = "tq3@0-1=q8@4=f16@1=f32".parse().unwrap();
         let kinds: Vec<CacheKind> = (0..6).map(|l| cfg.kind_in(l, 6)).collect();
         assert_eq!(kinds[0], CacheKind::Q8);
