@@ -11,7 +11,7 @@
 //! Memory is cudarc's (the same crate and version candle uses), so candle's `CudaStorage`
 //! slices pass straight in. The kernels are launched through the CUDA runtime on the stream's
 //! own context (made current first), so they order with candle's work on that stream; nothing
-//! here synchronizes with the host except [`StatusWord::read`].
+//! here synchronizes with the host except [`StatusWord::read`] and [`StatusWord::collect`].
 
 use crate::device_tables::LayerTables;
 use crate::error::{Error, Result};
@@ -504,18 +504,64 @@ impl DeviceTables {
 /// (1 = NaN/Inf in a key or value, 2 = a norm beyond f16). Appends set it without a host round
 /// trip; attention over a cache whose status is set returns NaN; [`Self::read`] turns it into
 /// an error.
-pub struct StatusWord(CudaSlice<i32>);
+pub struct StatusWord {
+    word: CudaSlice<i32>,
+    /// Page-locked host copy of the word, written by [`Self::request`].
+    host: Option<cudarc::driver::PinnedHostSlice<i32>>,
+    /// A copy was requested and not yet collected.
+    pending: bool,
+}
 
 impl StatusWord {
     /// A cleared status word on `stream`'s device.
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        Ok(StatusWord(stream.alloc_zeros::<i32>(1).map_err(driver)?))
+        Ok(StatusWord {
+            word: stream.alloc_zeros::<i32>(1).map_err(driver)?,
+            host: None,
+            pending: false,
+        })
     }
 
     /// Reads the word (synchronizes with the stream) and turns it into a result.
     pub fn read(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        let v = stream.clone_dtoh(&self.0).map_err(driver)?;
-        match v[0] {
+        let v = stream.clone_dtoh(&self.word).map_err(driver)?;
+        Self::status(v[0])
+    }
+
+    /// Enqueues a copy of the word into page-locked host memory after the work queued so far,
+    /// without waiting; [`Self::collect`] waits for that copy alone. A model requests every
+    /// layer's word after its step and then collects them: one wait per step, not one stall per
+    /// layer.
+    pub fn request(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        if self.host.is_none() {
+            // SAFETY: the slice is written by the copy below before it is ever read (`collect`
+            // reads it only after a request). Flags 0: cached memory, read by the host.
+            self.host = Some(
+                unsafe { stream.context().alloc_pinned_with_flags::<i32>(1, 0) }.map_err(driver)?,
+            );
+        }
+        if let Some(h) = self.host.as_mut() {
+            stream.memcpy_dtoh(&self.word, h).map_err(driver)?;
+        }
+        self.pending = true;
+        Ok(())
+    }
+
+    /// The word as of the last [`Self::request`] (waits for that copy's event only), or, when
+    /// none is pending, as [`Self::read`].
+    pub fn collect(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        match (self.pending, &self.host) {
+            (true, Some(h)) => {
+                self.pending = false;
+                let v = h.as_slice().map_err(driver)?[0];
+                Self::status(v)
+            }
+            _ => self.read(stream),
+        }
+    }
+
+    fn status(v: i32) -> Result<()> {
+        match v {
             0 => Ok(()),
             1 => Err(Error::NonFinite {
                 what: "keys or values appended on the GPU",
@@ -531,9 +577,10 @@ impl StatusWord {
         }
     }
 
-    /// Clears the word.
+    /// Clears the word (and forgets a requested copy).
     pub fn clear(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
-        stream.memset_zeros(&mut self.0).map_err(driver)
+        self.pending = false;
+        stream.memset_zeros(&mut self.word).map_err(driver)
     }
 }
 
@@ -606,7 +653,7 @@ pub fn quantize_append<T: KernelFloat>(
     let (sp, _g3) = start_d.device_ptr(stream);
     let (np, _g4) = new_d.device_ptr(stream);
     let (chp, _g5) = tables.channels.device_ptr(stream);
-    let (stp, _g6) = status.0.device_ptr_mut(stream);
+    let (stp, _g6) = status.word.device_ptr_mut(stream);
     // SAFETY: every buffer was checked above to hold the elements the kernel touches; the
     // pointers stay valid until the guards drop, after the launch is queued on `stream`.
     let code = unsafe {
@@ -874,7 +921,7 @@ pub fn check_finite<T: KernelFloat>(
     need("checked values", x, n)?;
     stream.context().bind_to_thread().map_err(driver)?;
     let (xp, _g1) = x.device_ptr(stream);
-    let (sp, _g2) = status.0.device_ptr_mut(stream);
+    let (sp, _g2) = status.word.device_ptr_mut(stream);
     // SAFETY: n elements of x exist (checked); the status word is one int.
     let code = unsafe {
         tqkv_check_finite(
@@ -1203,7 +1250,7 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
     let (kchp, _g5) = kt.channels.device_ptr(stream);
     let (vchp, _g6) = vt.channels.device_ptr(stream);
     let (wp, _g7) = ws.device_ptr_mut(stream);
-    let (stp, _g8) = status.0.device_ptr(stream);
+    let (stp, _g8) = status.word.device_ptr(stream);
     let (op, _g9) = out.device_ptr_mut(stream);
     let mut guards = Vec::new();
     let mut guards_t = Vec::new();

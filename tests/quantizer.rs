@@ -348,10 +348,23 @@ fn bad_inputs_are_errors_that_name_the_problem() {
     let mut out = vec![0.0; 65];
     assert!(q.dequantize(&rec, &mut out).is_err());
     // Unsupported bits and dims name what is supported.
-    for b in ["0", "9", "2.7", "abc", "0.5"] {
+    for b in [
+        "0",
+        "9",
+        "2.7",
+        "abc",
+        "0.5",
+        // Channel counts that would overflow k + j or dim · k.
+        "18446744073709551615@3+1@2",
+        "1@3+18446744073709551615@2",
+        "65537@3+1@2",
+    ] {
         let e = b.parse::<BitsSpec>().unwrap_err();
         assert!(e.to_string().contains("1..=8"), "{e}");
     }
+    let big: BitsSpec = "65536@3+65536@2".parse().unwrap();
+    assert!(big.hi_channels(usize::MAX / 2).is_err());
+    assert_eq!(big.hi_channels(128).unwrap(), 64);
     let e = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(9)), 64, 0).unwrap_err();
     assert!(e.to_string().contains("1, 2, 3, 4"), "{e}");
     let e = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(3)), 8, 0).unwrap_err();

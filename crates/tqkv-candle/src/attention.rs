@@ -108,6 +108,7 @@ impl Attention {
         self.cache.begin_step()?;
         let out = self
             .run(q, k, v, lens)
+            .and_then(|y| self.cache.poll_step().map(|()| y))
             .and_then(|y| self.cache.check_step().map(|()| y));
         match out {
             Ok(y) => {
@@ -154,6 +155,12 @@ impl Attention {
         self.cache.begin_step()?;
         self.step_open = true;
         Ok(())
+    }
+
+    /// Starts reading what [`Self::check_step`] checks, without waiting (see
+    /// [`KvCache::poll_step`]).
+    pub fn poll_step(&self) -> Result<()> {
+        self.cache.poll_step()
     }
 
     /// Checks what the step's appends deferred (the CUDA status word), without closing it.

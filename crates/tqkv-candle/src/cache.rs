@@ -58,6 +58,13 @@ pub trait KvCache: Send + Sync {
     /// back to what they were here. Errors if a step is open already.
     fn begin_step(&mut self) -> Result<()>;
 
+    /// Starts reading what [`KvCache::check_step`] will look at (on CUDA: enqueues a copy of
+    /// the device status word to page-locked host memory), without waiting. A model polls
+    /// every layer after its step, then checks them: one wait per step.
+    fn poll_step(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Checks what the step's appends left for later (on CUDA, the device status word that
     /// decode appends set on NaN/Inf input; nothing on the CPU, which checks at once), without
     /// closing the step: on error the caller rolls the step back (of every layer).
@@ -287,6 +294,24 @@ pub fn check_queries_finite(q: &[f32]) -> Result<()> {
         }),
         None => Ok(()),
     }
+}
+
+/// On the CPU, [`check_queries_finite`] of a query tensor (one reduction; the values are
+/// copied only to locate a bad one). On CUDA nothing: a NaN query gives NaN rows there, rather
+/// than a host sync per attention.
+pub fn check_cpu_queries(q: &Tensor) -> Result<()> {
+    if !matches!(q.device(), Device::Cpu) {
+        return Ok(());
+    }
+    let s = q
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if s.is_finite() {
+        return Ok(());
+    }
+    check_queries_finite(&q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl SeqState {

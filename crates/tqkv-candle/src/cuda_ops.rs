@@ -89,6 +89,18 @@ impl GpuTables {
         let stream = device.as_cuda_device()?.cuda_stream();
         lock(&self.status)?.clear(&stream).map_err(wrap)
     }
+
+    /// Enqueues a copy of the status word to the host (no wait; [`Self::collect`] reads it).
+    pub fn request(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        lock(&self.status)?.request(&stream).map_err(wrap)
+    }
+
+    /// The status word as of the last [`Self::request`] (waits for that copy only).
+    pub fn collect(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        lock(&self.status)?.collect(&stream).map_err(wrap)
+    }
 }
 
 fn gpu_of<'a>(gpu: &'a Option<Arc<GpuTables>>, op: &str) -> Result<&'a GpuTables> {
@@ -322,6 +334,18 @@ impl DeviceStatus {
     pub fn clear(&self, device: &candle_core::Device) -> Result<()> {
         let stream = device.as_cuda_device()?.cuda_stream();
         lock(&self.0)?.clear(&stream).map_err(wrap)
+    }
+
+    /// Enqueues a copy of the word to the host (no wait; [`Self::collect`] reads it).
+    pub fn request(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        lock(&self.0)?.request(&stream).map_err(wrap)
+    }
+
+    /// The word as of the last [`Self::request`] (waits for that copy only).
+    pub fn collect(&self, device: &candle_core::Device) -> Result<()> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        lock(&self.0)?.collect(&stream).map_err(wrap)
     }
 }
 

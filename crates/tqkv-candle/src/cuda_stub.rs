@@ -31,6 +31,16 @@ impl GpuTables {
     pub fn clear(&self, _: &candle_core::Device) -> Result<()> {
         Err(off())
     }
+
+    /// Always an error without `cuda`.
+    pub fn request(&self, _: &candle_core::Device) -> Result<()> {
+        Err(off())
+    }
+
+    /// Always an error without `cuda`.
+    pub fn collect(&self, _: &candle_core::Device) -> Result<()> {
+        Err(off())
+    }
 }
 
 /// Always an error without `cuda`.
@@ -89,6 +99,16 @@ impl DeviceStatus {
 
     /// Always an error without `cuda`.
     pub fn clear(&self, _: &candle_core::Device) -> Result<()> {
+        Err(off())
+    }
+
+    /// Always an error without `cuda`.
+    pub fn request(&self, _: &candle_core::Device) -> Result<()> {
+        Err(off())
+    }
+
+    /// Always an error without `cuda`.
+    pub fn collect(&self, _: &candle_core::Device) -> Result<()> {
         Err(off())
     }
 }

@@ -122,6 +122,10 @@ impl KvCache for FaultCache {
         self.inner.begin_step()
     }
 
+    fn poll_step(&self) -> Result<()> {
+        self.inner.poll_step()
+    }
+
     fn check_step(&self) -> Result<()> {
         self.inner.check_step()
     }

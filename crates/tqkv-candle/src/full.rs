@@ -204,6 +204,7 @@ impl KvCache for FullCache {
         let (Some(kc), Some(vc)) = (self.k.as_ref(), self.v.as_ref()) else {
             return Err(Error::Empty);
         };
+        crate::cache::check_cpu_queries(q)?;
         dense_attention(&self.state, kc, vc, q, scale, self.dtype)
     }
 
@@ -221,6 +222,15 @@ impl KvCache for FullCache {
         Ok(())
     }
 
+    fn poll_step(&self) -> Result<()> {
+        if let (Some(st), Some(status)) = (&self.step, &self.status) {
+            if !st.pending.is_empty() {
+                status.request(&self.device)?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_step(&self) -> Result<()> {
         let (Some(st), Some(status)) = (&self.step, &self.status) else {
             return Ok(());
@@ -228,7 +238,7 @@ impl KvCache for FullCache {
         if st.pending.is_empty() {
             return Ok(());
         }
-        match status.check(&self.device) {
+        match status.collect(&self.device) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Name the value: the step's decode inputs are still held.

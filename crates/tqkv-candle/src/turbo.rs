@@ -659,6 +659,7 @@ impl KvCache for TurboCache {
         else {
             return Err(Error::Empty);
         };
+        crate::cache::check_cpu_queries(q)?;
         if self.gpu.is_some()
             && t > 1
             && self.prefill == PrefillPath::Dequantize
@@ -741,6 +742,15 @@ impl KvCache for TurboCache {
         Ok(())
     }
 
+    fn poll_step(&self) -> Result<()> {
+        if let (Some(st), Some(g)) = (&self.step, &self.gpu) {
+            if !st.pending.is_empty() {
+                g.request(&self.device)?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_step(&self) -> Result<()> {
         let (Some(st), Some(g)) = (&self.step, &self.gpu) else {
             return Ok(());
@@ -748,7 +758,7 @@ impl KvCache for TurboCache {
         if st.pending.is_empty() {
             return Ok(());
         }
-        match g.check(&self.device) {
+        match g.collect(&self.device) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Name the value: the step's decode inputs are still held.

@@ -201,3 +201,22 @@ fn steps_follow_their_protocol() {
         assert_eq!(a.cache().seq_lens(), &[20, 13]);
     }
 }
+
+#[test]
+fn nan_queries_are_an_error_on_the_cpu() {
+    for kind in KINDS {
+        let mut a = layer(kind, |c| c);
+        let mut rng = Rng::new(seed("steps-nan-q"));
+        let st = steps(&mut rng);
+        run(&mut a, &st[0]).unwrap();
+        let s = &st[1];
+        run(&mut a, s).unwrap();
+        let mut q = s.q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        q[77] = f32::INFINITY;
+        let q = Tensor::from_vec(q, s.q.dims(), &Device::Cpu).unwrap();
+        match a.cache().attend(&q, 0.125) {
+            Err(Error::NonFiniteQuery { index: 77, value }) => assert!(value.is_infinite()),
+            r => panic!("{kind}: {:?}", r.map(|_| ())),
+        }
+    }
+}

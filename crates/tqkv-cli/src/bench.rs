@@ -158,8 +158,11 @@ fn fill(c: &mut dyn KvCache, to: usize, b: usize, hk: usize, d: usize, dev: &Dev
 pub fn run(args: Args) -> Result<()> {
     let dev = crate::chat::parse_device(&args.device)?;
     let (hq, hk, d) = (args.q_heads, args.kv_heads, args.head_dim);
-    if hk == 0 || hq % hk != 0 {
-        bail!("--q-heads {hq} must be a multiple of --kv-heads {hk}");
+    if hk == 0 || hq == 0 || hq % hk != 0 {
+        bail!("--q-heads {hq} must be a positive multiple of --kv-heads {hk}");
+    }
+    if args.iters == 0 || args.batch.contains(&0) {
+        bail!("--iters and every --batch must be at least 1");
     }
     let bw = copy_bandwidth(&dev).context("measuring copy bandwidth")?;
     eprintln!("device copy bandwidth (read + write): {bw:.0} GB/s");

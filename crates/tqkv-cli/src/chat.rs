@@ -90,16 +90,22 @@ pub struct SampleArgs {
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            Device::new_cuda(0).context("--device cuda (this binary needs a CUDA build and a GPU)")
-        }
+    let n = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::new_cuda(n).with_context(|| format!("--device {s}")),
+            Some(n) => n,
             None => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
         },
+    };
+    // A CUDA build loads libcuda at run time, and cudarc panics when it is absent: ask first.
+    #[cfg(feature = "cuda")]
+    if !tqkv::cuda::driver_present() {
+        bail!("--device {s}: no CUDA driver (libcuda) on this machine; use --device cpu");
     }
+    Device::new_cuda(n).with_context(|| {
+        format!("--device {s} (this binary needs a CUDA build, --features cuda, and a GPU)")
+    })
 }
 
 /// The cache configuration of the options.

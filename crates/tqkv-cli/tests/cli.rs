@@ -190,6 +190,58 @@ fn chat_at_max_context_cuts_the_reply_and_keeps_the_conversation() {
 }
 
 #[test]
+fn bench_takes_tiny_and_bad_arguments_without_panicking() {
+    let base = ["bench", "attention", "--device", "cpu", "--iters", "1"];
+    // Contexts at and below the prefill chunk (the chunk timing is skipped for them).
+    let small = [
+        "--contexts",
+        "1,3",
+        "--batch",
+        "1",
+        "--kv",
+        "f16,tq3.5",
+        "--q-heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "64",
+        "--prefill-chunk",
+        "2",
+    ];
+    let out = tqkv(&[&base[..], &small[..]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in [
+        &["--contexts", "0"][..],
+        &["--contexts", "4", "--batch", "0"],
+        &["--contexts", "4", "--q-heads", "0"],
+        &["--contexts", "4", "--head-dim", "0"],
+        &["--contexts", "4", "--kv", "bogus"],
+        &[
+            "--contexts",
+            "4",
+            "--kv",
+            "tq3.5",
+            "--head-dim",
+            "8",
+            "--q-heads",
+            "2",
+            "--kv-heads",
+            "2",
+        ],
+    ] {
+        let out = tqkv(&[&base[..], bad].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {err}");
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+    }
+}
+
+#[test]
 fn bad_model_arguments_are_clear_errors() {
     for (args, needle) in [
         (vec!["--model", "/nonexistent/model.gguf"], "no such file"),

@@ -30,6 +30,9 @@ pub struct ChatTemplate {
     eos: String,
 }
 
+/// Instructions one render may execute.
+const FUEL: u64 = 100_000_000;
+
 const FALLBACK: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Python's `json.dumps` separators without indent: `", "` between items, `": "` after keys.
@@ -151,6 +154,10 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", strftime_now);
+        // An execution budget: a template that loops without end (or for billions of steps)
+        // is an error after ~10⁸ instructions, not a hung chat. Real templates use ~10² per
+        // message.
+        env.set_fuel(Some(FUEL));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TemplateError(format!("{e:#}")))?;
         Ok(ChatTemplate {
@@ -319,6 +326,26 @@ mod tests {
         // A bad strftime format is a template error, not a panic.
         let bad = ChatTemplate::new("{{ strftime_now('%Y %') }}", "", "").unwrap();
         assert!(bad.render(&[], false).is_err());
+    }
+
+    #[test]
+    fn runaway_templates_run_out_of_fuel() {
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        let e = t.render(&[], false).unwrap_err().to_string();
+        assert!(e.to_lowercase().contains("fuel"), "{e}");
+        assert!(start.elapsed().as_secs() < 30);
+        // A long conversation of a real template stays far inside the budget.
+        let q = ChatTemplate::new(QWEN25, "", "").unwrap();
+        let msgs: Vec<Message> = (0..2000)
+            .map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, "some text"))
+            .collect();
+        q.render(&msgs, true).unwrap();
     }
 
     /// Mistral's alternation check and Python string methods.

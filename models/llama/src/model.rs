@@ -487,8 +487,15 @@ impl Llama {
             }
         }
         let out = self.run(tokens, all).and_then(|logits| {
-            // What the appends left to the device (CUDA decode: the status words), checked
-            // once per step: the first read waits for the step's work, the others are ready.
+            // What the appends left to the device (CUDA decode: the status words): every
+            // layer's word is copied to page-locked memory after the step's work, then read;
+            // only the first read waits (for the step, which the logits' read waits for anyway).
+            for (i, b) in self.blocks.iter().enumerate() {
+                b.attn.poll_step().map_err(|e| Error::Layer {
+                    layer: i,
+                    source: e,
+                })?;
+            }
             for (i, b) in self.blocks.iter().enumerate() {
                 b.attn.check_step().map_err(|e| Error::Layer {
                     layer: i,
