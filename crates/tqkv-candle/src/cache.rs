@@ -300,18 +300,53 @@ pub fn check_queries_finite(q: &[f32]) -> Result<()> {
 /// copied only to locate a bad one). On CUDA nothing: a NaN query gives NaN rows there, rather
 /// than a host sync per attention.
 pub fn check_cpu_queries(q: &Tensor) -> Result<()> {
-    if !matches!(q.device(), Device::Cpu) {
+    if !matches!(q.device(), Device::Cpu) || all_finite(q)? {
         return Ok(());
     }
-    let s = q
+    check_queries_finite(&q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Whether every element of `x` is finite: one reduction on its device (x · 0 is NaN exactly
+/// where x is NaN or ±Inf), one scalar to the host.
+fn all_finite(x: &Tensor) -> Result<bool> {
+    let s = x
         .to_dtype(DType::F32)?
         .affine(0.0, 0.0)?
         .sum_all()?
         .to_scalar::<f32>()?;
-    if s.is_finite() {
-        return Ok(());
+    Ok(s.is_finite())
+}
+
+/// The decode appends of an open step whose values were checked on the device (the CUDA
+/// status word), kept so that a bad status can name the value.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PendingChecks(Vec<(Tensor, Tensor, Vec<usize>, SeqState)>);
+
+impl PendingChecks {
+    /// Records an append of keys `k`, values `v` (`new` real tokens per sequence) to a cache
+    /// in state `before`.
+    pub fn push(&mut self, k: &Tensor, v: &Tensor, new: &[usize], before: SeqState) {
+        self.0.push((k.clone(), v.clone(), new.to_vec(), before));
     }
-    check_queries_finite(&q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+
+    /// Whether nothing waits for a device check.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `status` (the device word's read) turned into the step's result: on a bad status, the
+    /// first NaN/Inf among the recorded appends as [`Error::NonFinite`] (copied to the host to
+    /// locate it), else the status's own error.
+    pub fn check(&self, status: candle_core::Result<()>) -> Result<()> {
+        let Err(e) = status else {
+            return Ok(());
+        };
+        for (k, v, new, before) in &self.0 {
+            before.check_values("keys", k, new)?;
+            before.check_values("values", v, new)?;
+        }
+        Err(e.into())
+    }
 }
 
 impl SeqState {
@@ -364,12 +399,7 @@ impl SeqState {
             let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             return self.check_host_values(what, &host, dims, new);
         }
-        let s = x
-            .to_dtype(DType::F32)?
-            .affine(0.0, 0.0)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
-        if s.is_finite() {
+        if all_finite(x)? {
             return Ok(());
         }
         let host = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

@@ -36,7 +36,7 @@ struct Saved {
     v: Option<Tensor>,
     capacity: usize,
     /// The step's decode appends checked on the device (CUDA), located on the host on error.
-    pending: Vec<(Tensor, Tensor, Vec<usize>, SeqState)>,
+    pending: crate::cache::PendingChecks,
 }
 
 impl FullCache {
@@ -193,7 +193,7 @@ impl KvCache for FullCache {
         if deferred {
             let before = self.state.clone();
             if let Some(st) = self.step.as_mut() {
-                st.pending.push((k.clone(), v.clone(), new.clone(), before));
+                st.pending.push(k, v, &new, before);
             }
         }
         self.state.commit(b, t, new);
@@ -217,7 +217,7 @@ impl KvCache for FullCache {
             k: self.k.clone(),
             v: self.v.clone(),
             capacity: self.capacity,
-            pending: Vec::new(),
+            pending: Default::default(),
         });
         Ok(())
     }
@@ -238,17 +238,8 @@ impl KvCache for FullCache {
         if st.pending.is_empty() {
             return Ok(());
         }
-        match status.collect(&self.device) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Name the value: the step's decode inputs are still held.
-                for (k, v, new, before) in &st.pending {
-                    before.check_values("keys", k, new)?;
-                    before.check_values("values", v, new)?;
-                }
-                Err(e.into())
-            }
-        }
+        // A bad status names the value: the step's decode inputs are still held.
+        st.pending.check(status.collect(&self.device))
     }
 
     fn commit_step(&mut self) {

@@ -198,7 +198,7 @@ struct Saved {
     /// once copied out.
     window: Vec<Option<(usize, Vec<Tensor>)>>,
     /// The step's decode appends checked on the device (CUDA), located on the host on error.
-    pending: Vec<(Tensor, Tensor, Vec<usize>, SeqState)>,
+    pending: crate::cache::PendingChecks,
 }
 
 impl TurboCache {
@@ -646,7 +646,7 @@ impl KvCache for TurboCache {
         if deferred {
             let before = self.state.clone();
             if let Some(st) = self.step.as_mut() {
-                st.pending.push((k.clone(), v.clone(), new.clone(), before));
+                st.pending.push(k, v, &new, before);
             }
         }
         self.state.commit(b, t, new);
@@ -737,7 +737,7 @@ impl KvCache for TurboCache {
             exact: self.exact.clone(),
             store_replaced: false,
             window: Vec::new(),
-            pending: Vec::new(),
+            pending: Default::default(),
         });
         Ok(())
     }
@@ -758,17 +758,8 @@ impl KvCache for TurboCache {
         if st.pending.is_empty() {
             return Ok(());
         }
-        match g.collect(&self.device) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Name the value: the step's decode inputs are still held.
-                for (k, v, new, before) in &st.pending {
-                    before.check_values("keys", k, new)?;
-                    before.check_values("values", v, new)?;
-                }
-                Err(e.into())
-            }
-        }
+        // A bad status names the value: the step's decode inputs are still held.
+        st.pending.check(g.collect(&self.device))
     }
 
     fn commit_step(&mut self) {

@@ -110,32 +110,28 @@ fn chat_answers_with_the_default_model_and_a_35_bit_cache() {
     );
 }
 
-#[test]
-fn interactive_chat_keeps_history_and_handles_commands() {
+/// `tqkv chat <args>` offline with `input` typed on stdin.
+fn chat_session(args: &[&str], input: &[u8]) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tqkv"))
-        .args([
-            "chat",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "12",
-            "--kv",
-            "q8",
-        ])
+        .arg("chat")
+        .args(args)
         .env("HF_HUB_OFFLINE", "1")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Who wrote Romeo and Juliet?\n/stats\nAnd Hamlet?\n/reset\n/stats\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn interactive_chat_keeps_history_and_handles_commands() {
+    let out = chat_session(
+        &["--temperature", "0", "--max-tokens", "12", "--kv", "q8"],
+        b"Who wrote Romeo and Juliet?\n/stats\nAnd Hamlet?\n/reset\n/stats\n",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("Shakespeare"));
@@ -148,10 +144,8 @@ fn interactive_chat_keeps_history_and_handles_commands() {
 
 #[test]
 fn chat_at_max_context_cuts_the_reply_and_keeps_the_conversation() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tqkv"))
-        .args([
-            "chat",
+    let out = chat_session(
+        &[
             "--temperature",
             "0",
             "--max-tokens",
@@ -160,20 +154,9 @@ fn chat_at_max_context_cuts_the_reply_and_keeps_the_conversation() {
             "64",
             "--kv",
             "tq3.5",
-        ])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Tell me a long story about a dragon.\nAnd then?\n/stats\n/reset\nHi\n/stats\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        ],
+        b"Tell me a long story about a dragon.\nAnd then?\n/stats\n/reset\nHi\n/stats\n",
+    );
     let (stdout, err) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
