@@ -5,11 +5,15 @@
 //!   with a 3.5-bit TurboQuant cache).
 //! * `tqkv generate` — raw completion of a prompt.
 //! * `tqkv bench attention` — decode and prefill-chunk attention per cache kind against f16.
+//! * `tqkv serve` — an OpenAI-compatible server (continuous batching, a KV memory budget).
+//! * `tqkv bench serve` — a load test of the server per cache kind at the same KV memory.
 
 mod bench;
+mod bench_serve;
 mod chat;
 mod distortion;
 mod eval;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +55,8 @@ enum Command {
         #[arg(long)]
         prompt: String,
     },
+    /// An OpenAI-compatible server (`/v1/chat/completions`, `/v1/completions`, `/metrics`).
+    Serve(serve::ServeArgs),
     /// Benchmarks (on a GPU: `tqkv bench attention --device cuda`).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -75,6 +81,8 @@ enum EvalCommand {
 enum BenchCommand {
     /// Decode and prefill-chunk attention over a filled cache, per kind, vs the f16 cache.
     Attention(bench::Args),
+    /// A load test of `tqkv serve` on 127.0.0.1 per cache kind at the same --kv-memory.
+    Serve(bench_serve::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -93,6 +101,8 @@ fn main() -> anyhow::Result<()> {
             prompt,
         } => chat::run_generate(model, sample, prompt),
         Command::Bench(BenchCommand::Attention(args)) => bench::run(args),
+        Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Eval(EvalCommand::Kld(args)) => eval::run(args),
         Command::Eval(EvalCommand::Needle(args)) => eval::run_needle(args),
         Command::Eval(EvalCommand::Qa(args)) => eval::run_qa(args),

@@ -19,7 +19,7 @@ pub mod template;
 
 pub use config::LlamaConfig;
 pub use loader::{load, LoadOptions, Loaded, ModelSource};
-pub use model::Llama;
+pub use model::{BatchItem, Llama, Sequence};
 
 /// Errors of model loading and running.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,16 @@ pub enum Error {
     /// A KV cache error outside a step (building the caches of a kind).
     #[error(transparent)]
     Cache(#[from] tqkv_candle::Error),
+    /// An error of one item of [`Llama::forward_batch`] (its tokens, its context, its caches);
+    /// the step was undone for every item.
+    #[error("sequence {seq}: {source}")]
+    InSequence {
+        /// The item's index.
+        seq: usize,
+        /// What went wrong.
+        #[source]
+        source: Box<Error>,
+    },
     /// Undoing a failed step failed too (a device error): the model was reset.
     #[error("{0}")]
     Reset(String),

@@ -142,7 +142,6 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
-    attn: Attention,
 }
 
 /// A Llama-family model with its per-layer KV caches.
@@ -160,7 +159,87 @@ pub struct Llama {
     interleaved_rope: bool,
     device: Device,
     dtype: DType,
+    /// The model's own sequence ([`Self::forward`]); a server holds its own [`Sequence`]s and
+    /// runs them with [`Self::forward_batch`].
+    seq: Sequence,
+}
+
+/// One sequence's KV state: every layer's attention over its own cache, and the position (the
+/// tokens held). Built by [`Llama::new_sequence`]; run by [`Llama::forward_batch`].
+pub struct Sequence {
+    layers: Vec<Attention>,
     pos: usize,
+}
+
+impl Sequence {
+    /// Tokens held.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// KV-cache bytes over all layers.
+    pub fn kv_memory(&self) -> MemoryUsage {
+        self.layers
+            .iter()
+            .map(|a| a.memory())
+            .fold(MemoryUsage::default(), |a, m| a + m)
+    }
+
+    /// Forgets every token (keeps the caches' kinds and calibration).
+    pub fn reset(&mut self) {
+        for a in &mut self.layers {
+            a.reset();
+        }
+        self.pos = 0;
+    }
+
+    /// Rolls back the steps opened in layers `0..n` after `e`; returns `e`, or, when a layer
+    /// cannot be restored (a device error), resets the sequence and says so.
+    fn undo(&mut self, n: usize, e: Error) -> Error {
+        let mut failed = None;
+        for (i, a) in self.layers.iter_mut().enumerate().take(n) {
+            if let Err(r) = a.rollback_step() {
+                failed.get_or_insert((i, r));
+            }
+        }
+        match failed {
+            None => e,
+            Some((i, r)) => {
+                self.reset();
+                Error::Reset(format!(
+                    "{e}; undoing the step failed in layer {i} ({r}): the conversation was reset"
+                ))
+            }
+        }
+    }
+
+    /// Polls, then checks every layer's step (one wait on CUDA).
+    fn check(&self) -> Result<()> {
+        for (i, a) in self.layers.iter().enumerate() {
+            a.poll_step().map_err(|e| Error::Layer {
+                layer: i,
+                source: e,
+            })?;
+        }
+        for (i, a) in self.layers.iter().enumerate() {
+            a.check_step().map_err(|e| Error::Layer {
+                layer: i,
+                source: e,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One sequence's part of a [`Llama::forward_batch`]: its state, the tokens to run, and whether
+/// the logits of every token (else of the last) come back.
+pub struct BatchItem<'a> {
+    /// The sequence (its position moves by `tokens.len()` on success).
+    pub seq: &'a mut Sequence,
+    /// Tokens to append (≥ 1).
+    pub tokens: &'a [u32],
+    /// Logits of every token `[tokens, vocab]` (else of the last, `[1, vocab]`).
+    pub all: bool,
 }
 
 impl Llama {
@@ -299,12 +378,6 @@ impl Llama {
                 gate: lin("mlp.gate_proj", "ffn_gate", h, cfg.intermediate_size, false)?,
                 up: lin("mlp.up_proj", "ffn_up", h, cfg.intermediate_size, false)?,
                 down: lin("mlp.down_proj", "ffn_down", cfg.intermediate_size, h, false)?,
-                attn: Attention::new(
-                    cache.build_in(i, cfg.num_layers, nkv, d, device)?,
-                    nh,
-                    nkv,
-                    d,
-                )?,
             });
         }
         let norm = RmsNorm::new(
@@ -344,9 +417,13 @@ impl Llama {
             interleaved_rope: gguf,
             device: device.clone(),
             dtype,
-            pos: 0,
+            seq: Sequence {
+                layers: Vec::new(),
+                pos: 0,
+            },
             cfg,
         };
+        model.seq = model.new_sequence(cache)?;
         model.rope_tables(1)?;
         Ok(model)
     }
@@ -362,8 +439,8 @@ impl Llama {
         let max = self.cfg.max_position_embeddings;
         if end > max {
             return Err(Error::ContextFull {
-                have: self.pos,
-                add: end - self.pos,
+                have: self.seq.pos,
+                add: end.saturating_sub(self.seq.pos),
                 max,
             });
         }
@@ -394,32 +471,35 @@ impl Llama {
 
     /// Tokens in the cache.
     pub fn position(&self) -> usize {
-        self.pos
+        self.seq.pos
     }
 
     /// Forgets the conversation (every layer's cache).
     pub fn reset(&mut self) {
-        for b in &mut self.blocks {
-            b.attn.reset();
-        }
-        self.pos = 0;
+        self.seq.reset();
+    }
+
+    /// A fresh sequence whose layers hold caches of `cache` (for [`Self::forward_batch`]).
+    pub fn new_sequence(&self, cache: &CacheConfig) -> Result<Sequence> {
+        let (n, nh, nkv, d) = (
+            self.cfg.num_layers,
+            self.cfg.num_heads,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+        );
+        let layers = (0..n)
+            .map(|i| {
+                let c = cache.build_in(i, n, nkv, d, &self.device)?;
+                Attention::new(c, nh, nkv, d)
+            })
+            .collect::<tqkv_candle::Result<Vec<_>>>()?;
+        Ok(Sequence { layers, pos: 0 })
     }
 
     /// Replaces every layer's cache by a fresh one of `cache` (the position goes back to 0). All
     /// caches are built before any is replaced: on error the model keeps its caches.
     pub fn set_cache_config(&mut self, cache: &CacheConfig) -> Result<()> {
-        let (n, nkv, d) = (
-            self.cfg.num_layers,
-            self.cfg.num_kv_heads,
-            self.cfg.head_dim,
-        );
-        let fresh = (0..n)
-            .map(|i| cache.build_in(i, n, nkv, d, &self.device))
-            .collect::<tqkv_candle::Result<Vec<_>>>()?;
-        for (b, c) in self.blocks.iter_mut().zip(fresh) {
-            b.attn.set_cache(c);
-        }
-        self.pos = 0;
+        self.seq = self.new_sequence(cache)?;
         Ok(())
     }
 
@@ -431,144 +511,207 @@ impl Llama {
         layer: usize,
         cache: Box<dyn tqkv_candle::KvCache>,
     ) -> Result<Box<dyn tqkv_candle::KvCache>> {
-        let n = self.blocks.len();
-        let b = self
-            .blocks
+        let n = self.seq.layers.len();
+        let a = self
+            .seq
+            .layers
             .get_mut(layer)
             .ok_or_else(|| Error::Input(format!("layer {layer} of a {n}-layer model")))?;
-        Ok(b.attn.set_cache(cache))
+        Ok(a.set_cache(cache))
     }
 
     /// KV-cache bytes over all layers.
     pub fn kv_memory(&self) -> MemoryUsage {
-        self.blocks
-            .iter()
-            .map(|b| b.attn.memory())
-            .fold(MemoryUsage::default(), |a, m| a + m)
+        self.seq.kv_memory()
     }
 
     /// Bytes an f16 cache would take for the tokens held now.
     pub fn kv_f16_bytes(&self) -> usize {
-        self.pos * self.cfg.num_layers * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 2
+        self.f16_bytes_per_token() * self.seq.pos
+    }
+
+    /// Bytes an f16 cache takes per token (all layers, keys and values).
+    pub fn f16_bytes_per_token(&self) -> usize {
+        self.cfg.num_layers * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 2
     }
 
     /// Runs `tokens` (one sequence) through the model, appending them to the caches; returns the
     /// logits (f32) of every position `[tokens, vocab]` if `all`, else of the last `[1, vocab]`.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Tensor> {
-        if tokens.is_empty() {
-            return Err(Error::Input("no tokens to run".into()));
+        let mut seq = std::mem::replace(
+            &mut self.seq,
+            Sequence {
+                layers: Vec::new(),
+                pos: 0,
+            },
+        );
+        let out = self.forward_batch(&mut [BatchItem {
+            seq: &mut seq,
+            tokens,
+            all,
+        }]);
+        self.seq = seq;
+        match out {
+            Ok(mut v) => Ok(v.remove(0)),
+            Err(Error::InSequence { source, .. }) => Err(*source),
+            Err(e) => Err(e),
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {t} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            )));
+    }
+
+    /// Runs several sequences as one ragged batch (continuous batching: a prefill chunk of one
+    /// and decode tokens of others in the same step): the projections and the MLP see all
+    /// tokens at once, each sequence attends over its own cache. Returns each item's logits
+    /// (f32; `[tokens, vocab]` or `[1, vocab]`).
+    ///
+    /// One step over every layer of every item: it completes, or every sequence is as it was.
+    /// An error that belongs to one item (bad tokens, a full context, its cache's NaN/Inf) is
+    /// [`Error::InSequence`] with the item's index, so a server can drop that request and run
+    /// the others again.
+    pub fn forward_batch(&mut self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let t = tokens.len();
-        if self.pos + t > self.cfg.max_position_embeddings {
-            return Err(Error::ContextFull {
-                have: self.pos,
-                add: t,
-                max: self.cfg.max_position_embeddings,
-            });
+        let nl = self.cfg.num_layers;
+        let mut end = 0;
+        for (i, it) in items.iter().enumerate() {
+            let bad = |e: Error| Error::InSequence {
+                seq: i,
+                source: Box::new(e),
+            };
+            if it.tokens.is_empty() {
+                return Err(bad(Error::Input("no tokens to run".into())));
+            }
+            if let Some(&t) = it
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(bad(Error::Input(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                ))));
+            }
+            if it.seq.layers.len() != nl {
+                return Err(bad(Error::Input(format!(
+                    "the sequence has {} layers, the model {nl}",
+                    it.seq.layers.len()
+                ))));
+            }
+            let (have, add, max) = (
+                it.seq.pos,
+                it.tokens.len(),
+                self.cfg.max_position_embeddings,
+            );
+            if have + add > max {
+                return Err(bad(Error::ContextFull { have, add, max }));
+            }
+            end = end.max(have + add);
         }
-        self.rope_tables(self.pos + t)?;
-        // One step over every layer: it completes, or every cache is as it was (a failure in
-        // layer i must not leave layers 0..i one chunk ahead of the position).
-        for i in 0..self.blocks.len() {
-            if let Err(e) = self.blocks[i].attn.begin_step() {
-                return Err(self.undo(
-                    i,
-                    Error::Layer {
-                        layer: i,
-                        source: e,
-                    },
-                ));
+        self.rope_tables(end)?;
+        // Open every layer's step of every item; on failure close what was opened.
+        for i in 0..items.len() {
+            for l in 0..nl {
+                if let Err(e) = items[i].seq.layers[l].begin_step() {
+                    let e = Error::InSequence {
+                        seq: i,
+                        source: Box::new(Error::Layer {
+                            layer: l,
+                            source: e,
+                        }),
+                    };
+                    let e = items[i].seq.undo(l, e);
+                    return Err(undo_items(&mut items[..i], nl, e));
+                }
             }
         }
-        let out = self.run(tokens, all).and_then(|logits| {
-            // What the appends left to the device (CUDA decode: the status words): every
-            // layer's word is copied to page-locked memory after the step's work, then read;
-            // only the first read waits (for the step, which the logits' read waits for anyway).
-            for (i, b) in self.blocks.iter().enumerate() {
-                b.attn.poll_step().map_err(|e| Error::Layer {
-                    layer: i,
-                    source: e,
-                })?;
-            }
-            for (i, b) in self.blocks.iter().enumerate() {
-                b.attn.check_step().map_err(|e| Error::Layer {
-                    layer: i,
-                    source: e,
+        let out = self.run(items).and_then(|logits| {
+            for (i, it) in items.iter().enumerate() {
+                it.seq.check().map_err(|e| Error::InSequence {
+                    seq: i,
+                    source: Box::new(e),
                 })?;
             }
             Ok(logits)
         });
         match out {
             Ok(logits) => {
-                for b in &mut self.blocks {
-                    b.attn.commit_step();
+                for it in items.iter_mut() {
+                    for a in &mut it.seq.layers {
+                        a.commit_step();
+                    }
+                    it.seq.pos += it.tokens.len();
                 }
-                self.pos += t;
                 Ok(logits)
             }
-            Err(e) => Err(self.undo(self.blocks.len(), e)),
+            Err(e) => Err(undo_items(items, nl, e)),
         }
     }
 
-    /// Rolls back the steps opened in layers `0..n` after `e`; returns `e`, or, when a layer
-    /// cannot be restored (a device error), resets the model and says so.
-    fn undo(&mut self, n: usize, e: Error) -> Error {
-        let mut failed = None;
-        for (i, b) in self.blocks.iter_mut().enumerate().take(n) {
-            if let Err(r) = b.attn.rollback_step() {
-                failed.get_or_insert((i, r));
-            }
-        }
-        match failed {
-            None => e,
-            Some((i, r)) => {
-                self.reset();
-                Error::Reset(format!(
-                    "{e}; undoing the step failed in layer {i} ({r}): the conversation was reset"
-                ))
-            }
-        }
-    }
-
-    /// The layers and the head over `tokens` at positions `self.pos..`, inside the open step.
-    fn run(&mut self, tokens: &[u32], all: bool) -> Result<Tensor> {
-        let t = tokens.len();
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+    /// The layers and the head over every item's tokens at its positions, inside the open steps.
+    fn run(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        let all_tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
+        let total = all_tokens.len();
+        let ids = Tensor::new(all_tokens.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.forward(&ids)?;
-        let cos = self.cos.narrow(0, self.pos, t)?;
-        let sin = self.sin.narrow(0, self.pos, t)?;
         let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        for (layer, blk) in self.blocks.iter_mut().enumerate() {
+        // (offset in the batch, tokens, cos, sin) per item.
+        let mut parts = Vec::with_capacity(items.len());
+        let mut off = 0;
+        for it in items.iter() {
+            let t = it.tokens.len();
+            parts.push((
+                off,
+                t,
+                self.cos.narrow(0, it.seq.pos, t)?,
+                self.sin.narrow(0, it.seq.pos, t)?,
+            ));
+            off += t;
+        }
+        for (layer, blk) in self.blocks.iter().enumerate() {
             let r = x.clone();
             let h = blk.attn_norm.forward(&x)?;
-            let split = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()
-            };
-            let q = split(blk.q.forward(&h)?, nh)?;
-            let k = split(blk.k.forward(&h)?, nkv)?;
-            let v = split(blk.v.forward(&h)?, nkv)?;
-            let (q, k) = if self.interleaved_rope {
-                (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-                )
+            let (qa, ka, va) = (blk.q.forward(&h)?, blk.k.forward(&h)?, blk.v.forward(&h)?);
+            let mut ys = Vec::with_capacity(items.len());
+            for (i, (it, (o, t, cos, sin))) in items.iter_mut().zip(&parts).enumerate() {
+                let (o, t) = (*o, *t);
+                let split = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                    let y = if t == total {
+                        y.clone()
+                    } else {
+                        y.narrow(1, o, t)?
+                    };
+                    y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()
+                };
+                let q = split(&qa, nh)?;
+                let k = split(&ka, nkv)?;
+                let v = split(&va, nkv)?;
+                let (q, k) = if self.interleaved_rope {
+                    (
+                        candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                        candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+                    )
+                } else {
+                    (
+                        candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                        candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                    )
+                };
+                let y = it.seq.layers[layer].forward(&q, &k, &v).map_err(|source| {
+                    Error::InSequence {
+                        seq: i,
+                        source: Box::new(Error::Layer { layer, source }),
+                    }
+                })?;
+                ys.push(y.transpose(1, 2)?.reshape((1, t, nh * d))?);
+            }
+            let y = if ys.len() == 1 {
+                ys.pop().expect("one item")
             } else {
-                (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-                )
+                Tensor::cat(&ys, 1)?
             };
-            let y = blk
-                .attn
-                .forward(&q, &k, &v)
-                .map_err(|source| Error::Layer { layer, source })?;
-            let y = y.transpose(1, 2)?.reshape((1, t, nh * d))?;
             x = (r + blk.o.forward(&y)?)?;
             let r = x.clone();
             let h = blk.mlp_norm.forward(&x)?;
@@ -576,8 +719,39 @@ impl Llama {
             x = (r + blk.down.forward(&m)?)?;
         }
         let x = self.norm.forward(&x)?;
-        let x = if all { x } else { x.narrow(1, t - 1, 1)? };
+        // The rows whose logits come back: all of an `all` item, else its last.
+        let mut rows = Vec::new();
+        for (it, (o, t, _, _)) in items.iter().zip(&parts) {
+            if it.all {
+                rows.extend((*o..o + t).map(|r| r as u32));
+            } else {
+                rows.push((o + t - 1) as u32);
+            }
+        }
+        let x = if rows.len() == total {
+            x
+        } else if rows.len() == 1 {
+            x.narrow(1, rows[0] as usize, 1)?
+        } else {
+            let idx = Tensor::new(rows.as_slice(), &self.device)?;
+            x.index_select(&idx, 1)?
+        };
         let logits = self.lm_head.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
-        Ok(logits)
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for (it, (_, t, _, _)) in items.iter().zip(&parts) {
+            let n = if it.all { *t } else { 1 };
+            out.push(logits.narrow(0, at, n)?);
+            at += n;
+        }
+        Ok(out)
     }
+}
+
+/// Rolls back every layer's open step of `items` after `e` (see [`Sequence::undo`]).
+fn undo_items(items: &mut [BatchItem<'_>], layers: usize, mut e: Error) -> Error {
+    for it in items.iter_mut() {
+        e = it.seq.undo(layers, e);
+    }
+    e
 }
