@@ -146,7 +146,7 @@ pub fn run(a: Args) -> Result<()> {
     let rt = crate::serve::runtime()?;
     let mut rows = Vec::new();
     println!(
-        "| kind | KV memory | tiles | peak sequences | preemptions | tokens/s (completion) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | wall (s) |\n|---|---|---|---|---|---|---|---|---|"
+        "| kind | KV memory | KV bytes / token at full length | sequences that fit at full length | peak sequences | preemptions | tokens/s (completion) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | wall (s) |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for kind in a.kinds.split(',').map(str::trim).filter(|k| !k.is_empty()) {
         let mut m = a.model.clone();
@@ -154,6 +154,13 @@ pub fn run(a: Args) -> Result<()> {
         let state = crate::serve::start(&m, &a.engine, None)?;
         let engine = state.engine.clone();
         let model = state.served[0].clone();
+        // What the pool holds of sequences at full length (prompt + completion).
+        let full = a.prompt_tokens + a.max_tokens;
+        let per_seq = engine
+            .bytes_at(full)
+            .context("the context is shorter than prompt + completion")?;
+        let tile = engine.metrics.tile_bytes.load(Relaxed);
+        let fit = engine.metrics.tiles_total.load(Relaxed) / per_seq.div_ceil(tile).max(1);
         let prompts = (0..a.requests)
             .map(|i| prompt(&state.tokenizer, i, a.prompt_tokens))
             .collect::<Result<Vec<_>>>()?;
@@ -207,6 +214,7 @@ pub fn run(a: Args) -> Result<()> {
         );
         let r = json!({
             "kind": kind, "kv_memory": a.engine.kv_memory, "tiles": tiles,
+            "bytes_per_token_full": per_seq as f64 / full as f64, "fit_full_length": fit,
             "peak_sequences": peak, "preemptions": pre,
             "completion_tokens": tokens, "tokens_per_s": tokens as f64 / wall,
             "ttft_p50_s": pct(&mut ttft, 50.0), "ttft_p99_s": pct(&mut ttft, 99.0),
@@ -215,8 +223,9 @@ pub fn run(a: Args) -> Result<()> {
             "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
         });
         println!(
-            "| {kind} | {} | {tiles} | {peak} | {pre} | {:.1} | {:.2} / {:.2} | {:.0} / {:.0} | {:.1} |",
+            "| {kind} | {} | {:.0} | {fit} | {peak} | {pre} | {:.1} | {:.2} / {:.2} | {:.0} / {:.0} | {:.1} |",
             a.engine.kv_memory,
+            per_seq as f64 / full as f64,
             r["tokens_per_s"].as_f64().unwrap_or(0.0),
             r["ttft_p50_s"].as_f64().unwrap_or(0.0),
             r["ttft_p99_s"].as_f64().unwrap_or(0.0),

@@ -77,6 +77,8 @@ enum EvalCommand {
     Layers(eval::LayersArgs),
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Decode and prefill-chunk attention over a filled cache, per kind, vs the f16 cache.

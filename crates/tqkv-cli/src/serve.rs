@@ -41,6 +41,10 @@ pub struct EngineArgs {
     /// Most tokens per engine step (decode tokens first, then prefill chunks).
     #[arg(long, default_value_t = 512)]
     pub step_tokens: usize,
+    /// Admit a request only when the pool holds every sequence this many tokens ahead (capped
+    /// at its full length); 0 admits on what they hold now and preempts as they grow.
+    #[arg(long, default_value_t = 128)]
+    pub admit_lookahead: usize,
 }
 
 /// Loads the model and starts the engine; returns it with what the HTTP layer needs.
@@ -59,6 +63,7 @@ pub fn start(m: &ModelArgs, e: &EngineArgs, name: Option<String>) -> Result<Arc<
         step_tokens: e.step_tokens,
         max_context,
         kind_name: m.kv.clone(),
+        admit_lookahead: e.admit_lookahead,
     };
     let mut served = vec![name.unwrap_or_else(|| {
         loaded

@@ -238,7 +238,7 @@ pub fn gen_params(
         }
         Some(m) => m as usize,
     };
-    if prompt + max_tokens > context {
+    if prompt + max_tokens.max(1) > context {
         return Err(ApiError {
             status: 400,
             message: format!(

@@ -39,6 +39,8 @@ pub struct EngineConfig {
     pub max_context: usize,
     /// The cache kind's name (`--kv`), for `/metrics`.
     pub kind_name: String,
+    /// Tokens of growth per sequence the pool must hold before a request is admitted.
+    pub admit_lookahead: usize,
 }
 
 /// What one request asks for.
@@ -121,8 +123,8 @@ pub enum SubmitError {
         /// The limit.
         max: usize,
     },
-    /// The request alone needs more KV memory than the pool has.
-    #[error("the request needs {need} KV tiles at full length and the pool has {total}; raise --kv-memory or lower max_tokens")]
+    /// The prompt alone needs more KV memory than the pool has.
+    #[error("the prompt needs {need} KV tiles and the pool has {total}; raise --kv-memory")]
     TooBig {
         /// Tiles needed.
         need: usize,
@@ -198,7 +200,7 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Queues a request; its events arrive on `req.events`.
-    pub fn submit(&self, req: Request) -> Result<(), SubmitError> {
+    pub fn submit(&self, mut req: Request) -> Result<(), SubmitError> {
         if self.draining.load(Relaxed) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -214,16 +216,18 @@ impl EngineHandle {
             });
         }
         {
+            // The prompt and at least one token must fit the pool alone; a completion longer
+            // than the pool holds for one sequence is cut there (finish_reason "length").
             let pool = self.pool.lock().expect("pool lock");
-            let need = pool
-                .predict(prompt + completion.max(1))
-                .unwrap_or(usize::MAX);
+            let need = pool.predict(prompt + 1).unwrap_or(usize::MAX);
             if need > pool.total() {
                 return Err(SubmitError::TooBig {
                     need,
                     total: pool.total(),
                 });
             }
+            let alone = pool.longest_alone();
+            req.params.max_tokens = completion.min(alone.saturating_sub(prompt)).max(1);
         }
         let w = self.metrics.waiting.fetch_add(1, Relaxed);
         if w >= self.max_waiting {
@@ -466,19 +470,42 @@ impl Engine {
         pool.predict(next).unwrap_or(usize::MAX)
     }
 
+    /// Tiles a sequence will hold `lookahead` tokens from now (at most at its full length).
+    fn ahead_tiles(&self, pool: &KvPool, a: &Active) -> usize {
+        let full = (a.prompt_len + a.req.params.max_tokens).min(self.cfg.max_context);
+        let ahead = (a.tokens.len() + self.cfg.admit_lookahead).min(full);
+        pool.predict(
+            ahead
+                .max(a.fed + 1)
+                .max(a.tokens.len())
+                .min(self.cfg.max_context),
+        )
+        .unwrap_or(usize::MAX)
+    }
+
+    /// Admits waiting requests, first come first served, while the batch has room and the pool
+    /// holds every running sequence and the new ones `admit_lookahead` tokens ahead (capped at
+    /// their full length): admitting on what they hold now alone would let short prompts in
+    /// that the next tokens push out again (preemption by recomputation, paid in prefill).
     fn admit(&mut self) {
         let pool = self.pool.lock().expect("pool lock");
         let mut wants: Vec<(u64, usize)> = self
             .running
             .iter()
-            .map(|a| (a.id, self.next_tiles(&pool, a)))
+            .map(|a| (a.id, self.ahead_tiles(&pool, a)))
             .collect();
         let mut admitted = Vec::new();
         while self.running.len() + admitted.len() < self.cfg.max_batch {
             let Some(a) = self.waiting.front() else { break };
             // A prompt is admitted when all of it fits: its prefill may span several steps.
-            wants.push((a.id, self.next_tiles(&pool, a)));
-            if !pool.fits(&wants) {
+            wants.push((a.id, self.ahead_tiles(&pool, a)));
+            // Nothing running: the head of the queue goes in if it fits now (it fits alone).
+            let fits = pool.fits(&wants)
+                || (self.running.is_empty() && admitted.is_empty() && {
+                    let now = self.next_tiles(&pool, a);
+                    now <= pool.total()
+                });
+            if !fits {
                 wants.pop();
                 break;
             }

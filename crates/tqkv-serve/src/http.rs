@@ -336,7 +336,6 @@ fn stream(
 ) -> impl IntoResponse {
     let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
     let mut first = kind == Kind::Chat;
-    let mut ended = false;
     let opening = if first {
         first = false;
         Some(data(chunk(
@@ -373,15 +372,12 @@ fn stream(
                     })));
                 }
                 out.push(Ok(SseEvent::default().data("[DONE]")));
-                ended = true;
             }
             Event::Error(e) => {
                 out.push(data(json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})));
                 out.push(Ok(SseEvent::default().data("[DONE]")));
-                ended = true;
             }
         }
-        let _ = ended;
         futures_util::stream::iter(out)
     });
     let all = futures_util::stream::iter(opening).chain(events);

@@ -146,6 +146,22 @@ impl KvPool {
         self.curve.bytes(tokens).map(|b| self.tiles_for(b))
     }
 
+    /// The longest sequence (tokens) the pool holds alone.
+    pub fn longest_alone(&self) -> usize {
+        // The curve grows with the length: the last grid point that fits, in tokens.
+        let fits = |i: usize| self.tiles_for(self.curve.bytes[i]) <= self.total;
+        let (mut lo, mut hi) = (0usize, self.curve.bytes.len());
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo * CostCurve::STEP
+    }
+
     /// Tiles held by `seq`.
     pub fn held(&self, seq: u64) -> usize {
         self.held.get(&seq).copied().unwrap_or(0)
@@ -280,6 +296,11 @@ mod tests {
         assert_eq!(p.predict(16), Some(2));
         assert_eq!(p.predict(17), Some(4));
         assert_eq!(p.predict(64 * 16 + 1), None);
+        assert_eq!(
+            p.longest_alone(),
+            96,
+            "10 tiles of 1000 bytes: 6 steps of 1600 bytes"
+        );
         p.set_bytes(1, 2500).unwrap();
         p.set_bytes(2, 1).unwrap();
         assert_eq!((p.held(1), p.held(2), p.used()), (3, 1, 4));

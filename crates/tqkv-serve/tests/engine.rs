@@ -10,7 +10,12 @@ use tqkv_llama::sampling::SamplingParams;
 use tqkv_serve::engine::{Metrics, SubmitError};
 use tqkv_serve::{EngineConfig, EngineHandle, Event, Finish, GenParams, Request};
 
-fn engine(kv: &str, kv_memory: usize, max_batch: usize) -> (EngineHandle, tokenizers::Tokenizer) {
+fn engine(
+    kv: &str,
+    kv_memory: usize,
+    max_batch: usize,
+    lookahead: usize,
+) -> (EngineHandle, tokenizers::Tokenizer) {
     let gguf =
         tqkv_llama::loader::default_gguf().expect("the default model (scripts/fetch-model.sh)");
     let cache: tqkv_candle::CacheConfig = kv.parse().unwrap();
@@ -33,6 +38,7 @@ fn engine(kv: &str, kv_memory: usize, max_batch: usize) -> (EngineHandle, tokeni
         step_tokens: 64,
         max_context: 512,
         kind_name: kv.into(),
+        admit_lookahead: lookahead,
     };
     let tok = loaded.tokenizer.clone();
     let h = tqkv_serve::start(loaded.model, loaded.tokenizer, loaded.eos_ids, cfg).unwrap();
@@ -127,7 +133,7 @@ fn idle(m: &Metrics) {
 #[test]
 fn batching_and_preemption_answer_as_alone_and_the_pool_empties() {
     for kv in ["f16", "tq3.5"] {
-        let (alone, tok) = engine(kv, 1 << 30, 1);
+        let (alone, tok) = engine(kv, 1 << 30, 1, 64);
         let ps = prompts(&tok, 8);
         let want = run_all(&alone, &ps, 20);
         // Half of what all of them hold at full length, and room for the longest alone.
@@ -138,15 +144,16 @@ fn batching_and_preemption_answer_as_alone_and_the_pool_empties() {
         let budget = (full.iter().sum::<usize>() / 2).max(*full.iter().max().unwrap() + (16 << 10));
         alone.drain();
         // All at once, room for all.
-        let (roomy, _) = engine(kv, 1 << 30, 16);
+        let (roomy, _) = engine(kv, 1 << 30, 16, 64);
         assert_eq!(run_all(&roomy, &ps, 20), want, "{kv}: batched");
         let m = &roomy.metrics;
         idle(m);
         assert!(m.peak_running.load(Relaxed) >= 4, "{kv}: {m:?}");
         assert_eq!(m.accounting_errors.load(Relaxed), 0, "{kv}");
         roomy.drain();
-        // A pool for about three of them at full length: admission waits, preemption recomputes.
-        let (tight, _) = engine(kv, budget, 16);
+        // A pool for half of them at full length, admitting on what they hold now (no
+        // lookahead): admission waits, and growth preempts and recomputes.
+        let (tight, _) = engine(kv, budget, 16, 0);
         let got = run_all(&tight, &ps, 20);
         let m = &tight.metrics;
         idle(m);
@@ -165,7 +172,7 @@ fn batching_and_preemption_answer_as_alone_and_the_pool_empties() {
 
 #[test]
 fn cancelled_requests_free_their_tiles_and_bad_ones_are_refused() {
-    let (h, tok) = engine("tq3.5", 4 << 20, 8);
+    let (h, tok) = engine("tq3.5", 4 << 20, 8, 64);
     let ps = prompts(&tok, 4);
     let mut keep = Vec::new();
     for p in &ps {

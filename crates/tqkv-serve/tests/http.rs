@@ -33,6 +33,7 @@ async fn server() -> (
         step_tokens: 256,
         max_context: 256,
         kind_name: "tq3.5".into(),
+        admit_lookahead: 64,
     };
     let engine =
         tqkv_serve::start(loaded.model, loaded.tokenizer.clone(), loaded.eos_ids, cfg).unwrap();
