@@ -366,6 +366,14 @@ impl Active {
     fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
     }
+
+    /// Bytes its caches hold (stored tokens and their tables): what the pool counts.
+    fn held_bytes(&self) -> usize {
+        self.seq.as_ref().map_or(0, |s| {
+            let m = s.kv_memory();
+            m.logical + m.tables
+        })
+    }
 }
 
 struct Engine {
@@ -648,10 +656,7 @@ impl Engine {
             let a = &mut self.running[i];
             a.fed += n;
             stepped += n as u64;
-            let bytes = a.seq.as_ref().map_or(0, |s| {
-                let m = s.kv_memory();
-                m.logical + m.tables
-            });
+            let bytes = a.held_bytes();
             if self
                 .pool
                 .lock()
@@ -703,10 +708,7 @@ impl Engine {
         for &id in over {
             // (Not running: it finished in this step and its tiles are free.)
             while let Some(i) = self.running.iter().position(|a| a.id == id) {
-                let bytes = self.running[i].seq.as_ref().map_or(0, |s| {
-                    let m = s.kv_memory();
-                    m.logical + m.tables
-                });
+                let bytes = self.running[i].held_bytes();
                 if self
                     .pool
                     .lock()
@@ -818,20 +820,14 @@ impl Engine {
         m.tiles_used.store(pool.used(), Relaxed);
         let (mut bytes, mut toks) = (0, 0);
         for a in &self.running {
-            if let Some(s) = &a.seq {
-                let m = s.kv_memory();
-                bytes += m.logical + m.tables;
-                toks += s.position();
-            }
+            bytes += a.held_bytes();
+            toks += a.seq.as_ref().map_or(0, Sequence::position);
         }
         // The pool's count against the caches' own: exact, and within the pool.
-        let exact = self.running.iter().all(|a| {
-            let b = a.seq.as_ref().map_or(0, |s| {
-                let m = s.kv_memory();
-                m.logical + m.tables
-            });
-            pool.held(a.id) == pool.tiles_for(b) || a.fed == 0
-        });
+        let exact = self
+            .running
+            .iter()
+            .all(|a| pool.held(a.id) == pool.tiles_for(a.held_bytes()) || a.fed == 0);
         let held: usize = self.running.iter().map(|a| pool.held(a.id)).sum();
         if !exact || held != pool.used() || pool.used() > pool.total() {
             m.accounting_errors.fetch_add(1, Relaxed);

@@ -395,107 +395,113 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     };
     let (used, total) = (m.tiles_used.load(Relaxed), m.tiles_total.load(Relaxed));
     let (bytes, tokens) = (m.kv_bytes.load(Relaxed), m.kv_tokens.load(Relaxed));
-    put(
-        "tqkv_requests_running",
-        "Sequences in the running batch.",
-        "gauge",
-        m.running.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_requests_waiting",
-        "Requests waiting for KV tiles or a batch slot.",
-        "gauge",
-        m.waiting.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_requests_running_peak",
-        "Most sequences that ran together.",
-        "gauge",
-        m.peak_running.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_kv_tiles_used",
-        "KV pool tiles held by sequences.",
-        "gauge",
-        used.to_string(),
-    );
-    put(
-        "tqkv_kv_tiles_free",
-        "KV pool tiles free.",
-        "gauge",
-        (total - used.min(total)).to_string(),
-    );
-    put(
-        "tqkv_kv_tiles_total",
-        "KV pool tiles.",
-        "gauge",
-        total.to_string(),
-    );
-    put(
-        "tqkv_kv_tile_bytes",
-        "Bytes per KV pool tile.",
-        "gauge",
-        m.tile_bytes.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_kv_bytes",
-        "KV cache bytes held by running sequences.",
-        "gauge",
-        bytes.to_string(),
-    );
-    put(
-        "tqkv_kv_tokens",
-        "Tokens held by running sequences.",
-        "gauge",
-        tokens.to_string(),
-    );
     let per = if tokens == 0 {
         0.0
     } else {
         bytes as f64 / tokens as f64
     };
-    put(
-        "tqkv_kv_bytes_per_token",
-        "KV bytes per held token, all layers.",
-        "gauge",
-        format!("{per:.2}"),
-    );
-    put(
-        "tqkv_prompt_tokens_total",
-        "Prompt tokens prefilled.",
-        "counter",
-        m.prompt_tokens.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_generation_tokens_total",
-        "Tokens generated.",
-        "counter",
-        m.generated_tokens.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_tokens_per_second",
-        "Tokens run per second over the last second.",
-        "gauge",
-        format!("{:.2}", f64::from_bits(m.tokens_per_s.load(Relaxed))),
-    );
-    put(
-        "tqkv_preemptions_total",
-        "Sequences preempted (recomputed later).",
-        "counter",
-        m.preemptions.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_steps_total",
-        "Engine steps.",
-        "counter",
-        m.steps.load(Relaxed).to_string(),
-    );
-    put(
-        "tqkv_kv_accounting_errors_total",
-        "Steps after which the pool disagreed with the caches (0 unless a bug).",
-        "counter",
-        m.accounting_errors.load(Relaxed).to_string(),
-    );
+    // (name, type, help, value)
+    let rows = [
+        (
+            "tqkv_requests_running",
+            "gauge",
+            "Sequences in the running batch.",
+            m.running.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_requests_waiting",
+            "gauge",
+            "Requests waiting for KV tiles or a batch slot.",
+            m.waiting.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_requests_running_peak",
+            "gauge",
+            "Most sequences that ran together.",
+            m.peak_running.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_kv_tiles_used",
+            "gauge",
+            "KV pool tiles held by sequences.",
+            used.to_string(),
+        ),
+        (
+            "tqkv_kv_tiles_free",
+            "gauge",
+            "KV pool tiles free.",
+            (total - used.min(total)).to_string(),
+        ),
+        (
+            "tqkv_kv_tiles_total",
+            "gauge",
+            "KV pool tiles.",
+            total.to_string(),
+        ),
+        (
+            "tqkv_kv_tile_bytes",
+            "gauge",
+            "Bytes per KV pool tile.",
+            m.tile_bytes.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_kv_bytes",
+            "gauge",
+            "KV cache bytes held by running sequences.",
+            bytes.to_string(),
+        ),
+        (
+            "tqkv_kv_tokens",
+            "gauge",
+            "Tokens held by running sequences.",
+            tokens.to_string(),
+        ),
+        (
+            "tqkv_kv_bytes_per_token",
+            "gauge",
+            "KV bytes per held token, all layers.",
+            format!("{per:.2}"),
+        ),
+        (
+            "tqkv_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled.",
+            m.prompt_tokens.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            m.generated_tokens.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_tokens_per_second",
+            "gauge",
+            "Tokens run per second over the last second.",
+            format!("{:.2}", f64::from_bits(m.tokens_per_s.load(Relaxed))),
+        ),
+        (
+            "tqkv_preemptions_total",
+            "counter",
+            "Sequences preempted (recomputed later).",
+            m.preemptions.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_steps_total",
+            "counter",
+            "Engine steps.",
+            m.steps.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_kv_accounting_errors_total",
+            "counter",
+            "Steps after which the pool disagreed with the caches (0 unless a bug).",
+            m.accounting_errors.load(Relaxed).to_string(),
+        ),
+    ];
+    for (name, ty, help, value) in rows {
+        put(name, help, ty, value);
+    }
     out.push_str("# HELP tqkv_requests_finished_total Requests finished, by outcome.\n# TYPE tqkv_requests_finished_total counter\n");
     for (i, o) in crate::engine::Metrics::OUTCOMES.iter().enumerate() {
         out.push_str(&format!(

@@ -4,6 +4,8 @@
 //! caches' own after every step and is back to zero at the end; cancelled requests free their
 //! tiles; bad requests are refused with the reason.
 
+mod common;
+
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 use tqkv_llama::sampling::SamplingParams;
@@ -16,19 +18,7 @@ fn engine(
     max_batch: usize,
     lookahead: usize,
 ) -> (EngineHandle, tokenizers::Tokenizer) {
-    let gguf =
-        tqkv_llama::loader::default_gguf().expect("the default model (scripts/fetch-model.sh)");
-    let cache: tqkv_candle::CacheConfig = kv.parse().unwrap();
-    let loaded = tqkv_llama::load(&tqkv_llama::LoadOptions {
-        model: Some(gguf.display().to_string()),
-        revision: None,
-        device: candle_core::Device::Cpu,
-        dtype: None,
-        cache: cache.clone(),
-        progress: false,
-        dequantize: None,
-    })
-    .unwrap();
+    let (cache, loaded) = common::load(kv);
     let cfg = EngineConfig {
         cache,
         kv_memory,

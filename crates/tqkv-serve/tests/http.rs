@@ -2,6 +2,8 @@
 //! the real binary): OpenAI's bodies and errors, SSE chunks ending in `[DONE]`, the streamed
 //! text equal to the whole one, /metrics in Prometheus' format, a drained stop.
 
+mod common;
+
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tqkv_serve::{AppState, EngineConfig};
@@ -11,19 +13,7 @@ async fn server() -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
-    let gguf =
-        tqkv_llama::loader::default_gguf().expect("the default model (scripts/fetch-model.sh)");
-    let cache: tqkv_candle::CacheConfig = "tq3.5".parse().unwrap();
-    let loaded = tqkv_llama::load(&tqkv_llama::LoadOptions {
-        model: Some(gguf.display().to_string()),
-        revision: None,
-        device: candle_core::Device::Cpu,
-        dtype: None,
-        cache: cache.clone(),
-        progress: false,
-        dequantize: None,
-    })
-    .unwrap();
+    let (cache, loaded) = common::load("tq3.5");
     let cfg = EngineConfig {
         cache,
         kv_memory: 32 << 20,
