@@ -11,6 +11,7 @@
 #   profile    Nsight Compute on the tensor-core split kernel (batch 16, 128K)
 #   model      reassemble the default GGUF (part a kept in /tmp from an earlier call, part b here)
 #   chat       tqkv chat --device cuda with the f16 and tq3.5 caches, one question each
+#   serve      tqkv bench serve --device cuda: f16, tq3.5, tq2.5 at one KV budget (after model)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
@@ -74,6 +75,15 @@ for s in "${stages[@]}"; do
         run "chat-$kv" "$bin/tqkv" chat --device cuda --kv "$kv" --model "$gguf" --temperature 0 \
           --prompt "What is the capital of France? Answer in one sentence."
       done ;;
+    serve)
+      # docs/SERVING.md's headline on the GPU: the same budget and requests as on the CPU,
+      # and a larger budget with more clients.
+      run serve-48m "$bin/tqkv" bench serve --device cuda --model "$gguf" --kinds f16,tq3.5,tq2.5 \
+        --kv-memory 48MiB --clients 64 --requests 64 --prompt-tokens 192 --max-tokens 64 \
+        --max-context 1024 --json "$out/serve-48m.json"
+      run serve-512m "$bin/tqkv" bench serve --device cuda --model "$gguf" --kinds f16,tq3.5,tq2.5 \
+        --kv-memory 512MiB --clients 256 --requests 256 --prompt-tokens 512 --max-tokens 256 \
+        --max-batch 256 --max-context 2048 --json "$out/serve-512m.json" ;;
     *) echo "unknown stage $s"; fail=1 ;;
   esac
 done
