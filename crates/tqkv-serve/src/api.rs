@@ -3,7 +3,7 @@
 //! fields are ignored (as OpenAI's server and vLLM do); fields tqkv cannot honour (n > 1,
 //! logprobs, penalties other than 0) are errors rather than silently dropped.
 
-use crate::engine::{Finish, GenParams};
+use crate::engine::GenParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tqkv_llama::sampling::SamplingParams;
@@ -31,6 +31,17 @@ impl ApiError {
             message: message.into(),
             kind: "invalid_request_error",
             param: Some(param.to_string()),
+            code: None,
+        }
+    }
+
+    /// A 500 (`server_error`): the model or the engine failed the request.
+    pub fn server(message: String) -> Self {
+        ApiError {
+            status: 500,
+            message,
+            kind: "server_error",
+            param: None,
             code: None,
         }
     }
@@ -311,11 +322,6 @@ pub fn normalise_messages(messages: &Value) -> Result<Value, ApiError> {
         out.push(Value::Object(m));
     }
     Ok(Value::Array(out))
-}
-
-/// A `finish_reason`.
-pub fn finish_str(f: Finish) -> &'static str {
-    f.as_str()
 }
 
 /// `usage`.

@@ -258,7 +258,7 @@ impl EngineHandle {
 
     /// Refuses new requests, finishes the ones taken, and waits for the engine to stop.
     pub fn drain(&self) {
-        self.draining.store(true, Relaxed);
+        self.begin_drain();
         let _ = self.tx.send(Msg::Drain);
         if let Some(h) = self.done.lock().expect("join lock").take() {
             let _ = h.join();
@@ -367,6 +367,17 @@ impl Active {
         &self.tokens[self.prompt_len..]
     }
 
+    /// Sends the completion's text from what was sent up to byte `upto` of `text`.
+    fn send_text(&mut self, text: &str, upto: usize) {
+        if upto > self.sent && text.is_char_boundary(upto) && text.is_char_boundary(self.sent) {
+            let _ = self
+                .req
+                .events
+                .send(Event::Text(text[self.sent..upto].to_string()));
+            self.sent = upto;
+        }
+    }
+
     /// Bytes its caches hold (stored tokens and their tables): what the pool counts.
     fn held_bytes(&self) -> usize {
         self.seq.as_ref().map_or(0, |s| {
@@ -472,23 +483,12 @@ impl Engine {
         self.metrics.finished[3].fetch_add(gone as u64, Relaxed);
     }
 
-    /// Tiles every running sequence holds after its next step (what it needs now, at least).
-    fn next_tiles(&self, pool: &KvPool, a: &Active) -> usize {
-        let next = (a.fed + 1).max(a.tokens.len()).min(self.cfg.max_context);
-        pool.predict(next).unwrap_or(usize::MAX)
-    }
-
-    /// Tiles a sequence will hold `lookahead` tokens from now (at most at its full length).
+    /// Tiles a sequence will hold `admit_lookahead` tokens from now, at most at its full length
+    /// (which is never below what it holds: it ends there).
     fn ahead_tiles(&self, pool: &KvPool, a: &Active) -> usize {
         let full = (a.prompt_len + a.req.params.max_tokens).min(self.cfg.max_context);
         let ahead = (a.tokens.len() + self.cfg.admit_lookahead).min(full);
-        pool.predict(
-            ahead
-                .max(a.fed + 1)
-                .max(a.tokens.len())
-                .min(self.cfg.max_context),
-        )
-        .unwrap_or(usize::MAX)
+        pool.predict(ahead).unwrap_or(usize::MAX)
     }
 
     /// Admits waiting requests, first come first served, while the batch has room and the pool
@@ -507,13 +507,10 @@ impl Engine {
             let Some(a) = self.waiting.front() else { break };
             // A prompt is admitted when all of it fits: its prefill may span several steps.
             wants.push((a.id, self.ahead_tiles(&pool, a)));
-            // Nothing running: the head of the queue goes in if it fits now (it fits alone).
-            let fits = pool.fits(&wants)
-                || (self.running.is_empty() && admitted.is_empty() && {
-                    let now = self.next_tiles(&pool, a);
-                    now <= pool.total()
-                });
-            if !fits {
+            // Nothing running: the head of the queue goes in, lookahead or not (it fits alone:
+            // submit cut its completion to what the pool holds for one sequence).
+            let alone = self.running.is_empty() && admitted.is_empty();
+            if !(pool.fits(&wants) || alone) {
                 wants.pop();
                 break;
             }
@@ -741,7 +738,7 @@ impl Engine {
         self.metrics.generated_tokens.fetch_add(1, Relaxed);
         let text = self
             .tokenizer
-            .decode(&a.tokens[a.prompt_len..], true)
+            .decode(a.generated(), true)
             .unwrap_or_default();
         // A stop string ends the completion before it.
         let stop_at = a
@@ -757,10 +754,7 @@ impl Engine {
             })
             .min();
         if let Some(p) = stop_at {
-            if p > a.sent && text.is_char_boundary(p) && text.is_char_boundary(a.sent) {
-                let _ = a.req.events.send(Event::Text(text[a.sent..p].to_string()));
-                a.sent = p;
-            }
+            a.send_text(&text, p);
             a.cut = true;
             return Some(Finish::Stop);
         }
@@ -778,21 +772,15 @@ impl Engine {
                 }
             }
         }
-        if upto > a.sent && text.is_char_boundary(upto) && text.is_char_boundary(a.sent) {
-            let _ = a
-                .req
-                .events
-                .send(Event::Text(text[a.sent..upto].to_string()));
-            a.sent = upto;
-        }
-        let generated = a.tokens.len() - a.prompt_len;
-        if generated >= a.req.params.max_tokens || a.tokens.len() >= self.cfg.max_context {
+        a.send_text(&text, upto);
+        if a.generated().len() >= a.req.params.max_tokens || a.tokens.len() >= self.cfg.max_context
+        {
             return Some(Finish::Length);
         }
         None
     }
 
-    fn finish(&mut self, a: Active, finish: Finish) {
+    fn finish(&mut self, mut a: Active, finish: Finish) {
         self.pool.lock().expect("pool lock").release(a.id);
         // What was held back for a stop string that did not come.
         if !a.cut {
@@ -800,14 +788,12 @@ impl Engine {
                 .tokenizer
                 .decode(a.generated(), true)
                 .unwrap_or_default();
-            if text.len() > a.sent && text.is_char_boundary(a.sent) {
-                let _ = a.req.events.send(Event::Text(text[a.sent..].to_string()));
-            }
+            a.send_text(&text, text.len());
         }
         let _ = a.req.events.send(Event::Done {
             finish,
             prompt_tokens: a.prompt_len,
-            completion_tokens: a.tokens.len() - a.prompt_len,
+            completion_tokens: a.generated().len(),
         });
         let k = if finish == Finish::Stop { 0 } else { 1 };
         self.metrics.finished[k].fetch_add(1, Relaxed);
@@ -818,17 +804,16 @@ impl Engine {
         let pool = self.pool.lock().expect("pool lock");
         m.running.store(self.running.len(), Relaxed);
         m.tiles_used.store(pool.used(), Relaxed);
-        let (mut bytes, mut toks) = (0, 0);
+        // Bytes and tokens held, and the pool's count against the caches' own: exact (a sequence
+        // not yet fed holds no tiles), and within the pool.
+        let (mut bytes, mut toks, mut held, mut exact) = (0, 0, 0, true);
         for a in &self.running {
-            bytes += a.held_bytes();
+            let b = a.held_bytes();
+            bytes += b;
             toks += a.seq.as_ref().map_or(0, Sequence::position);
+            held += pool.held(a.id);
+            exact &= a.fed == 0 || pool.held(a.id) == pool.tiles_for(b);
         }
-        // The pool's count against the caches' own: exact, and within the pool.
-        let exact = self
-            .running
-            .iter()
-            .all(|a| pool.held(a.id) == pool.tiles_for(a.held_bytes()) || a.fed == 0);
-        let held: usize = self.running.iter().map(|a| pool.held(a.id)).sum();
         if !exact || held != pool.used() || pool.used() > pool.total() {
             m.accounting_errors.fetch_add(1, Relaxed);
         }

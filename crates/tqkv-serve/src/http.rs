@@ -102,6 +102,17 @@ enum Kind {
     Text,
 }
 
+impl Kind {
+    /// OpenAI's `object` of a whole response or of a streamed chunk.
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+}
+
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     let r: ChatRequest = match api::parse(&body) {
         Ok(r) => r,
@@ -236,16 +247,7 @@ async fn whole(
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text(t) => text.push_str(&t),
-            Event::Error(e) => {
-                return ApiError {
-                    status: 500,
-                    message: e,
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                }
-                .into_response()
-            }
+            Event::Error(e) => return ApiError::server(e).into_response(),
             Event::Done {
                 finish,
                 prompt_tokens,
@@ -255,23 +257,19 @@ async fn whole(
                     Kind::Chat => json!({
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": api::finish_str(finish),
+                        "finish_reason": finish.as_str(),
                         "logprobs": null,
                     }),
                     Kind::Text => json!({
                         "index": 0,
                         "text": text,
-                        "finish_reason": api::finish_str(finish),
+                        "finish_reason": finish.as_str(),
                         "logprobs": null,
                     }),
                 };
-                let object = match kind {
-                    Kind::Chat => "chat.completion",
-                    Kind::Text => "text_completion",
-                };
                 return Json(json!({
                     "id": id,
-                    "object": object,
+                    "object": kind.object(false),
                     "created": created,
                     "model": model,
                     "choices": [choice],
@@ -281,14 +279,7 @@ async fn whole(
             }
         }
     }
-    ApiError {
-        status: 500,
-        message: "the engine stopped before the request finished".into(),
-        kind: "server_error",
-        param: None,
-        code: None,
-    }
-    .into_response()
+    ApiError::server("the engine stopped before the request finished".into()).into_response()
 }
 
 /// One chunk of a streamed completion.
@@ -299,31 +290,27 @@ fn chunk(
     created: u64,
     text: Option<&str>,
     finish: Option<Finish>,
-    first: bool,
+    role: bool,
 ) -> Value {
     let choice = match kind {
         Kind::Chat => {
             let mut delta = serde_json::Map::new();
-            if first {
+            if role {
                 delta.insert("role".into(), "assistant".into());
             }
             if let Some(t) = text {
                 delta.insert("content".into(), t.into());
             }
-            json!({"index": 0, "delta": delta, "finish_reason": finish.map(api::finish_str), "logprobs": null})
+            json!({"index": 0, "delta": delta, "finish_reason": finish.map(Finish::as_str), "logprobs": null})
         }
         Kind::Text => json!({
             "index": 0,
             "text": text.unwrap_or(""),
-            "finish_reason": finish.map(api::finish_str),
+            "finish_reason": finish.map(Finish::as_str),
             "logprobs": null,
         }),
     };
-    let object = match kind {
-        Kind::Chat => "chat.completion.chunk",
-        Kind::Text => "text_completion",
-    };
-    json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+    json!({"id": id, "object": kind.object(true), "created": created, "model": model, "choices": [choice]})
 }
 
 fn stream(
@@ -335,38 +322,41 @@ fn stream(
     rx: mpsc::UnboundedReceiver<Event>,
 ) -> impl IntoResponse {
     let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
-    let mut first = kind == Kind::Chat;
-    let opening = if first {
-        first = false;
-        Some(data(chunk(
-            kind,
-            &id,
-            &model,
-            created,
-            Some(""),
-            None,
-            true,
-        )))
-    } else {
-        None
-    };
+    // A chat stream opens with the assistant's role; the chunks after carry text only.
+    let opening =
+        (kind == Kind::Chat).then(|| data(chunk(kind, &id, &model, created, Some(""), None, true)));
     let events = UnboundedReceiverStream::new(rx).flat_map(move |ev| {
         let mut out = Vec::new();
         match ev {
             Event::Text(t) if t.is_empty() => {}
             Event::Text(t) => {
-                out.push(data(chunk(kind, &id, &model, created, Some(&t), None, first)));
-                first = false;
+                out.push(data(chunk(
+                    kind,
+                    &id,
+                    &model,
+                    created,
+                    Some(&t),
+                    None,
+                    false,
+                )));
             }
             Event::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
             } => {
-                out.push(data(chunk(kind, &id, &model, created, None, Some(finish), first)));
+                out.push(data(chunk(
+                    kind,
+                    &id,
+                    &model,
+                    created,
+                    None,
+                    Some(finish),
+                    false,
+                )));
                 if include_usage {
                     out.push(data(json!({
-                        "id": id, "object": if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                        "id": id, "object": kind.object(true),
                         "created": created, "model": model, "choices": [],
                         "usage": api::usage(prompt_tokens, completion_tokens),
                     })));
@@ -374,7 +364,7 @@ fn stream(
                 out.push(Ok(SseEvent::default().data("[DONE]")));
             }
             Event::Error(e) => {
-                out.push(data(json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})));
+                out.push(data(ApiError::server(e).body()));
                 out.push(Ok(SseEvent::default().data("[DONE]")));
             }
         }

@@ -166,6 +166,7 @@ pub struct Llama {
 
 /// One sequence's KV state: every layer's attention over its own cache, and the position (the
 /// tokens held). Built by [`Llama::new_sequence`]; run by [`Llama::forward_batch`].
+#[derive(Default)]
 pub struct Sequence {
     layers: Vec<Attention>,
     pos: usize,
@@ -213,14 +214,20 @@ impl Sequence {
         }
     }
 
-    /// Polls, then checks every layer's step (one wait on CUDA).
-    fn check(&self) -> Result<()> {
+    /// Starts reading what every layer's step left to check (on CUDA: copies the status words
+    /// to page-locked memory), without waiting.
+    fn poll(&self) -> Result<()> {
         for (i, a) in self.layers.iter().enumerate() {
             a.poll_step().map_err(|e| Error::Layer {
                 layer: i,
                 source: e,
             })?;
         }
+        Ok(())
+    }
+
+    /// Checks every layer's step after [`Self::poll`].
+    fn check(&self) -> Result<()> {
         for (i, a) in self.layers.iter().enumerate() {
             a.check_step().map_err(|e| Error::Layer {
                 layer: i,
@@ -417,10 +424,7 @@ impl Llama {
             interleaved_rope: gguf,
             device: device.clone(),
             dtype,
-            seq: Sequence {
-                layers: Vec::new(),
-                pos: 0,
-            },
+            seq: Sequence::default(),
             cfg,
         };
         model.seq = model.new_sequence(cache)?;
@@ -538,13 +542,7 @@ impl Llama {
     /// Runs `tokens` (one sequence) through the model, appending them to the caches; returns the
     /// logits (f32) of every position `[tokens, vocab]` if `all`, else of the last `[1, vocab]`.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Tensor> {
-        let mut seq = std::mem::replace(
-            &mut self.seq,
-            Sequence {
-                layers: Vec::new(),
-                pos: 0,
-            },
-        );
+        let mut seq = std::mem::take(&mut self.seq);
         let out = self.forward_batch(&mut [BatchItem {
             seq: &mut seq,
             tokens,
@@ -574,10 +572,7 @@ impl Llama {
         let nl = self.cfg.num_layers;
         let mut end = 0;
         for (i, it) in items.iter().enumerate() {
-            let bad = |e: Error| Error::InSequence {
-                seq: i,
-                source: Box::new(e),
-            };
+            let bad = in_seq(i);
             if it.tokens.is_empty() {
                 return Err(bad(Error::Input("no tokens to run".into())));
             }
@@ -612,24 +607,23 @@ impl Llama {
         for i in 0..items.len() {
             for l in 0..nl {
                 if let Err(e) = items[i].seq.layers[l].begin_step() {
-                    let e = Error::InSequence {
-                        seq: i,
-                        source: Box::new(Error::Layer {
-                            layer: l,
-                            source: e,
-                        }),
-                    };
+                    let e = in_seq(i)(Error::Layer {
+                        layer: l,
+                        source: e,
+                    });
                     let e = items[i].seq.undo(l, e);
                     return Err(undo_items(&mut items[..i], nl, e));
                 }
             }
         }
         let out = self.run(items).and_then(|logits| {
+            // Every item's layers are polled before any is checked: on CUDA the first check
+            // waits for the step, the others find their words copied (one wait per step).
             for (i, it) in items.iter().enumerate() {
-                it.seq.check().map_err(|e| Error::InSequence {
-                    seq: i,
-                    source: Box::new(e),
-                })?;
+                it.seq.poll().map_err(in_seq(i))?;
+            }
+            for (i, it) in items.iter().enumerate() {
+                it.seq.check().map_err(in_seq(i))?;
             }
             Ok(logits)
         });
@@ -699,12 +693,9 @@ impl Llama {
                         candle_nn::rotary_emb::rope(&k, cos, sin)?,
                     )
                 };
-                let y = it.seq.layers[layer].forward(&q, &k, &v).map_err(|source| {
-                    Error::InSequence {
-                        seq: i,
-                        source: Box::new(Error::Layer { layer, source }),
-                    }
-                })?;
+                let y = it.seq.layers[layer]
+                    .forward(&q, &k, &v)
+                    .map_err(|source| in_seq(i)(Error::Layer { layer, source }))?;
                 ys.push(y.transpose(1, 2)?.reshape((1, t, nh * d))?);
             }
             let y = if ys.len() == 1 {
@@ -745,6 +736,14 @@ impl Llama {
             at += n;
         }
         Ok(out)
+    }
+}
+
+/// Wraps an error as item `i`'s of a [`Llama::forward_batch`].
+fn in_seq(i: usize) -> impl Fn(Error) -> Error {
+    move |e| Error::InSequence {
+        seq: i,
+        source: Box::new(e),
     }
 }
 
