@@ -6,10 +6,12 @@
 //
 // Layouts (row-major, contiguous):
 //   q        [B, Hq, T, head_dim]  f32 / f16 / bf16 (q_dtype 0 / 1 / 2); Hq = G · Hkv (GQA)
-//   kcache   [B, Hkv, cap, ks.record_bytes] u8;  vcache [B, Hkv, cap, vs.record_bytes] u8
+//   kcache   [B, Hkv, cap, ks.record_bytes] u8;  vcache [B, Hkv, cap, vs.record_bytes] u8; or,
+//            with a tile table (tile_table.cuh), the key and value bases of an arena's tiles
 //   visible  [B, T] int  query (b, t) sees slots 0..visible[b·T + t] of its sequence
-//   exact    optional (null: none): sinks and windows in f16 (exact_attention.cuh); query (b, t)
-//            then reads records only for slots sinks..packed_end[b·T + t]
+//   exact    optional (null: none): sinks and windows in f16 or q8_0 rows in an arena's tiles
+//            (exact_attention.cuh); query (b, t) then reads records only for slots
+//            sinks..packed_end[b·T + t]
 //   kch, vch [Hkv, head_dim] int  per-head channel order of keys / values
 //   status   [1] int  the cache's status word: non-zero (bad input was appended) → NaN output
 //   out      [B, Hq, T, head_dim] f32 / f16 / bf16 (out_dtype 0 / 1 / 2)
@@ -21,8 +23,8 @@
 // writes `exact->splits` more splits of the same workspace. The merge kernel has grid
 // (Hkv · tiles · R, B) and merges all splits. Query rows that see nothing produce zeros.
 // kernel 1 replaces the split kernel by the tensor-core one of tc_attention.cuh (same
-// workspace, same exact part and merge; R may differ: tqkv_decode_attention_rows), which can
-// also read the cache through a table of 64-slot tiles.
+// workspace, same exact part and merge; R may differ: tqkv_decode_attention_rows). Both read
+// the records through a tile table when one is given.
 #include "tqkv_common.cuh"
 #include "exact_attention.cuh"
 #include "tc_attention.cuh"
@@ -107,8 +109,8 @@ template <typename T, int R>
 __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
     tq_attn_split_kernel(const T* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
                          const int* __restrict__ visible, const int* __restrict__ kch, const int* __restrict__ vch,
-                         TqSpecs kss, TqSpecs vss, int Hq, int Hkv, int T_, int cap, int chunk, int tiles,
-                         float scale, int lo, int splits, float* __restrict__ ws) {
+                         TqSpecs kss, TqSpecs vss, TqTiles rt, int Hq, int Hkv, int T_, int cap, int chunk,
+                         int tiles, float scale, int lo, int splits, float* __restrict__ ws) {
   // Row r reads the records of slots lo..visible[r] (lo = the sink count with an exact part).
   // Variant m of the cycle: the query rotated by kss.v[m] at qr + m·Dk·R; the values of its
   // slots summed in virtual coordinates m·Dv + c.
@@ -184,8 +186,6 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
   for (int r = 0; r < R; ++r) hi = max(hi, min(vis[r], s0 + chunk));
   // Slots per tile: what the record buffer holds, at most TQ_ATT_TILE.
   const int tt = max(1, min(TILE, REC / (rbk + rbv)));
-  const uint8_t* kbase = kc + ((long)b * Hkv + h) * cap * rbk;
-  const uint8_t* vbase = vc + ((long)b * Hkv + h) * cap * rbv;
   // Values: each thread owns up to 4 rotated value coordinates (Dv ≤ 4 · TQ_THREADS).
   float acc[4][R];
 #pragma unroll
@@ -197,8 +197,9 @@ __global__ void __launch_bounds__(TQ_THREADS, (R >= 8 ? 3 : 6))
   auto stage = [&](int buf, int t0) {
     const int n = min(tt, hi - t0);
     uint8_t* dst = reinterpret_cast<uint8_t*>(recs[buf]);
-    tq_stage(dst, kbase + (long)t0 * rbk, n * rbk);
-    tq_stage(dst + n * rbk, vbase + (long)t0 * rbv, n * rbv);
+    auto copy = [](uint8_t* d, const uint8_t* s, int bytes) { tq_stage(d, s, bytes); };
+    tq_stage_slots(dst, kc, rt, true, b, h, Hkv, cap, rbk, t0, n, copy);
+    tq_stage_slots(dst + n * rbk, vc, rt, false, b, h, Hkv, cap, rbv, t0, n, copy);
   };
   if (first < hi) stage(0, first);
   __pipeline_commit();
@@ -491,15 +492,15 @@ static int tq_tc_queries(const void* q, const int* kch, const TqSpecs& ks, int B
 
 template <typename T, int R>
 static int tq_attn_launch(const void* q, const uint8_t* kc, const uint8_t* vc, const int* visible, const int* kch,
-                          const int* vch, const TqSpecs& ks, const TqSpecs& vs, int B, int Hq, int Hkv, int T_,
-                          int cap, float scale, int splits, int chunk, const TqExact* exact, float* ws,
-                          const int* status, void* out, int out_dtype, cudaStream_t stream) {
+                          const int* vch, const TqSpecs& ks, const TqSpecs& vs, const TqTiles& tt, int B, int Hq,
+                          int Hkv, int T_, int cap, float scale, int splits, int chunk, const TqExact* exact,
+                          float* ws, const int* status, void* out, int out_dtype, cudaStream_t stream) {
   const int tiles = (Hq / Hkv * T_ + R - 1) / R;
   const int total = splits + (exact ? exact->splits : 0);
   // With an exact part, the records end at each row's packed_end and start after the sinks.
   auto k = tq_attn_split_kernel<T, R>;
   TQ_LAUNCH(k, dim3(splits, Hkv * tiles, B), TQ_THREADS, 0, stream, (const T*)q, kc, vc,
-            exact ? exact->packed_end : visible, kch, vch, ks, vs, Hq, Hkv, T_, cap, chunk, tiles, scale,
+            exact ? exact->packed_end : visible, kch, vch, ks, vs, tt, Hq, Hkv, T_, cap, chunk, tiles, scale,
             exact ? exact->sinks : 0, total, ws);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return (int)e;
@@ -597,7 +598,7 @@ extern "C" long tqkv_decode_attention_workspace(int kernel, const TqSpec* vs, in
 
 // ks, vs: `cycle` specs each (1..=TQ_MAX_CYCLE; slot s was written with variant s % cycle).
 // kernel: 0 the CUDA-core split kernel, 1 the tensor-core one; tiles: null (the contiguous
-// layout) or a tile table (kernel 1 only). workspace: tqkv_decode_attention_workspace floats;
+// layout) or a tile table. workspace: tqkv_decode_attention_workspace floats;
 // out in out_dtype (0 f32, 1 f16, 2 bf16), every element written.
 extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, const uint8_t* kcache,
                                      const uint8_t* vcache, const int* visible, const int* kch, const int* vch,
@@ -611,9 +612,8 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
     return (int)cudaErrorInvalidValue;
   if (kernel != 0 && kernel != 1) return (int)cudaErrorInvalidValue;
   if (out_dtype < 0 || out_dtype > 2) return (int)cudaErrorInvalidValue;
-  if (kernel == 0 && tiles) return (int)cudaErrorInvalidValue;  // kernel 0 reads the contiguous layout only
   if (kernel == 1 && (!tq_tc_supports(*ks, *vs, cycle) || chunk % TQ_TC_TILE != 0)) return (int)cudaErrorInvalidValue;
-  if (tiles && (!tiles->table || tiles->per_seq < 1)) return (int)cudaErrorInvalidValue;
+  if (tiles && (!tiles->table || tiles->per_seq < 1 || tiles->slots < 1)) return (int)cudaErrorInvalidValue;
   const TqSpec* both[2] = {ks, vs};
   for (const TqSpec* s : both) {
     if (s->num_groups < 1 || s->num_groups > 2) return (int)cudaErrorInvalidValue;
@@ -631,12 +631,11 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
   if (splits < 1 || splits > 1024 || chunk < 1) return (int)cudaErrorInvalidValue;
   if (exact) {
     // The exact part's values enter the merge through the MSE coordinates of each value group.
-    const bool rows = exact->format == 0 ? (exact->k && exact->v)
-                      : exact->format == 1 ? (exact->kq && exact->kqs && exact->vq && exact->vqs &&
-                                              ks->head_dim % 32 == 0)
-                                           : false;
-    if (!rows || !exact->packed_end || exact->sinks < 0 || exact->ring < 0 || exact->splits < 1 ||
-        splits + exact->splits > 1024)
+    const bool fmt = exact->format == 0 || (exact->format == 1 && ks->head_dim % 32 == 0);
+    const long row = 2L * (exact->format == 0 ? 2 * ks->head_dim : ks->head_dim + ks->head_dim / 16);
+    if (!fmt || !exact->base || !exact->table || !exact->packed_end || exact->per_seq < 1 || exact->rows < 1 ||
+        exact->heads != Hkv || exact->tile_bytes < exact->rows * Hkv * row || exact->tile_bytes % 16 != 0 ||
+        exact->sinks < 0 || exact->splits < 1 || splits + exact->splits > 1024)
       return (int)cudaErrorInvalidValue;
     for (int g = 0; g < vs->num_groups; ++g)
       if (vs->groups[g].mse_bits == 0) return (int)cudaErrorInvalidValue;
@@ -644,8 +643,8 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
   // Staged records: one slot of keys + values must fit the tile buffer.
   if (ks->record_bytes + vs->record_bytes > TQ_ATT_REC_BYTES_MIN) return (int)cudaErrorInvalidValue;
   if (B == 0 || T == 0) return 0;
+  const TqTiles tt = tiles ? *tiles : TqTiles{nullptr, 0, 0, 0, 0, 0, 0};
   if (kernel == 1) {
-    const TqTiles tt = tiles ? *tiles : TqTiles{nullptr, 0, 0, 0, 0, 0};
     const int total = splits + (exact ? exact->splits : 0);
     const long wsf = tq_attn_ws_floats(vs, cycle, R, B, Hq, Hkv, T, total);
 #define TQ_TC_CASE(TY, RR, DD)                                                                                     \
@@ -707,7 +706,7 @@ extern "C" int tqkv_decode_attention(int kernel, const void* q, int q_dtype, con
 #undef TQ_TC_CASE
   }
 #define TQ_ATT_CASE(TY, RR)                                                                                       \
-  return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, kss, vss, B, Hq, Hkv, T, cap, scale,     \
+  return tq_attn_launch<TY, RR>(q, kcache, vcache, visible, kch, vch, kss, vss, tt, B, Hq, Hkv, T, cap, scale, \
                                 splits, chunk, exact, workspace, status, out, out_dtype, stream)
 #define TQ_ATT_ROWS(TY)      \
   switch (R) {               \

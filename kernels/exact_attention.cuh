@@ -4,9 +4,10 @@
 // The CPU reference is tqkv::attention::attend_mixed (src/attention.rs).
 //
 // Layouts (row-major, contiguous):
-//   k, v        [B, Hkv, sinks + ring, head_dim] f16; position p < sinks at slot p, position
-//               p ≥ sinks at slot sinks + p % ring; or (format 1) llama.cpp's q8_0 in the same
-//               slots: codes [.., head_dim] u8 and scales [.., head_dim / 32] f16 per part
+//   rows        in the tiles of an arena (tqkv::paged::ExactTiles): position p of sequence b in
+//               tile table[b·per_seq + p / rows], [rows, Hkv, row bytes] per tile, a row being the
+//               key vector then the value vector — f16 [head_dim] (format 0), or llama.cpp's q8_0
+//               (format 1): codes [head_dim] u8 (the integer + 128) then scales [head_dim / 32] f16
 //   visible     [B, T] int  query (b, t) sees positions 0..visible[b·T + t]
 //   packed_end  [B, T] int  ... of which it reads sinks 0..min(sinks, vis) and the window
 //               packed_end..vis from here, the positions between from the records
@@ -23,29 +24,38 @@
 
 // The full-precision part of an attention (mirrored by tqkv::cuda::TqExact).
 struct TqExact {
-  const __half* k;         // format 0: [B, Hkv, sinks + ring, head_dim] f16
-  const __half* v;         // same layout
+  const uint8_t* base;     // the arena the tiles are in
+  const int* table;        // [B, per_seq] tile of (sequence, position / rows)
   const int* packed_end;   // [B, T]
-  int sinks;               // sink slots
-  int ring;                // ring slots after the sinks (0: sinks only)
+  int per_seq;             // table entries per sequence
+  int rows;                // positions per tile
+  int sinks;               // sink positions
   int splits;              // blocks along the exact positions (≥ 1)
-  int format;              // 0: f16 rows in k, v; 1: q8_0 in the four arrays below
-  const uint8_t* kq;       // format 1: key codes [B, Hkv, sinks + ring, head_dim] u8 (code + 128)
-  const __half* kqs;       // format 1: key scales [B, Hkv, sinks + ring, head_dim / 32] f16
-  const uint8_t* vq;       // format 1: value codes, same layout
-  const __half* vqs;       // format 1: value scales, same layout
+  int format;              // 0: f16 rows, 1: q8_0 rows
+  int heads;               // KV heads (rows of one position)
+  long tile_bytes;         // bytes between tiles
 };
-static_assert(sizeof(TqExact) == 72 && offsetof(TqExact, sinks) == 24 && offsetof(TqExact, kq) == 40,
+static_assert(sizeof(TqExact) == 56 && offsetof(TqExact, per_seq) == 24 && offsetof(TqExact, tile_bytes) == 48,
               "TqExact layout differs from src/cuda.rs");
 
-// Element j of row `row` (= (b·Hkv + h)·slots + slot) of the keys or values, as the store's
-// reader sees it: the f16 value, or the q8_0 code decoded as f16((code − 128)·scale) — the
-// rounding of crates/tqkv-candle/src/exact.rs::q8_decode, bit for bit.
-__device__ __forceinline__ float tq_exact_at(const TqExact& ex, bool value, long row, int d, int j) {
-  if (ex.format == 0) return __half2float((value ? ex.v : ex.k)[row * d + j]);
-  const uint8_t* c = value ? ex.vq : ex.kq;
-  const __half* s = value ? ex.vqs : ex.kqs;
-  const float x = ((float)c[row * d + j] - 128.f) * __half2float(s[row * (d / 32) + j / 32]);
+// Bytes of one key or value vector of d channels in the exact rows.
+__device__ __forceinline__ int tq_exact_vector_bytes(const TqExact& ex, int d) {
+  return ex.format == 0 ? 2 * d : d + d / 16;
+}
+
+// The row (key, then value) of position p of (b, h).
+__device__ __forceinline__ const uint8_t* tq_exact_row(const TqExact& ex, int b, int h, int p, int d) {
+  const long tile = ex.table[(long)b * ex.per_seq + p / ex.rows];
+  return ex.base + tile * ex.tile_bytes + ((long)(p % ex.rows) * ex.heads + h) * 2 * tq_exact_vector_bytes(ex, d);
+}
+
+// Element j of the key (or value) of a row, as the store's reader sees it: the f16 value, or
+// the q8_0 code decoded as f16((code − 128)·scale) — the rounding of
+// crates/tqkv-candle/src/exact.rs::q8_decode, bit for bit.
+__device__ __forceinline__ float tq_exact_at(const TqExact& ex, bool value, const uint8_t* row, int d, int j) {
+  const uint8_t* v = row + (value ? tq_exact_vector_bytes(ex, d) : 0);
+  if (ex.format == 0) return __half2float(reinterpret_cast<const __half*>(v)[j]);
+  const float x = ((float)v[j] - 128.f) * __half2float(reinterpret_cast<const __half*>(v + d)[j / 32]);
   return __half2float(__float2half_rn(x));
 }
 
@@ -142,10 +152,10 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int subs = RT / R, sub = blockIdx.y % subs, r0 = sub * R;
   const int h = blockIdx.y / subs / tiles, tile = blockIdx.y / subs % tiles;
   const int G = Hq / Hkv, d = vs.head_dim;
-  const int slots = ex.sinks + ex.ring;
   __shared__ float qs[TQ_MAX_DIM * R];          // [coordinate][R]
   __shared__ float sc[TQ_EX_TILE * R];          // [position][R] scores, then probabilities
   __shared__ int pos_of[TQ_EX_TILE];
+  __shared__ const uint8_t* row_of[TQ_EX_TILE];
   __shared__ int vis[R], pend[R];
   __shared__ float run_m[R], run_l[R], alpha[R];
   __shared__ int range[3];                      // sinks seen, window start, window end
@@ -168,7 +178,6 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int total = n_sink + (w_hi - w_lo);
   const int per = (total + gridDim.x - 1) / gridDim.x;
   const int i0 = min(total, xs * per), i1 = min(total, i0 + per);
-  const long head = ((long)b * Hkv + h) * slots;
   // Each thread owns up to 2 output coordinates (head_dim ≤ 2 · TQ_THREADS).
   float acc[2][R];
 #pragma unroll
@@ -180,7 +189,9 @@ __global__ void __launch_bounds__(TQ_THREADS)
     const int n = min(TQ_EX_TILE, i1 - t0);
     if (threadIdx.x < n) {
       const int i = t0 + threadIdx.x;
-      pos_of[threadIdx.x] = i < n_sink ? i : w_lo + (i - n_sink);
+      const int p = i < n_sink ? i : w_lo + (i - n_sink);
+      pos_of[threadIdx.x] = p;
+      row_of[threadIdx.x] = tq_exact_row(ex, b, h, p, d);
     }
     __syncthreads();
     // Scores: four threads per position, each a quarter of the coordinates.
@@ -188,13 +199,12 @@ __global__ void __launch_bounds__(TQ_THREADS)
       const int i = threadIdx.x >> 2, part = threadIdx.x & 3;
       const bool valid = i < n;
       const int p = valid ? pos_of[i] : 0;
-      const int slot = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
       float dot[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) dot[r] = 0.f;
       if (valid)
         for (int j = part; j < d; j += 4) {
-          const float kj = tq_exact_at(ex, false, head + slot, d, j);
+          const float kj = tq_exact_at(ex, false, row_of[i], d, j);
 #pragma unroll
           for (int r = 0; r < R; ++r) dot[r] = fmaf(qs[j * R + r], kj, dot[r]);
         }
@@ -221,9 +231,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[k][r] *= alpha[r];
       for (int i = 0; i < n; ++i) {
-        const int p = pos_of[i];
-        const int slot = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
-        const float x = tq_exact_at(ex, true, head + slot, d, c);
+        const float x = tq_exact_at(ex, true, row_of[i], d, c);
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[k][r] = fmaf(sc[i * R + r], x, acc[k][r]);
       }

@@ -4,7 +4,8 @@
 //
 // Layouts (row-major, contiguous):
 //   x        [B, H, T, head_dim]  f32 / f16 / bf16 (x_dtype 0 / 1 / 2)
-//   cache    [B, H, cap, record_bytes] u8
+//   cache    [B, H, cap, record_bytes] u8, or with a tile table (tile_table.cuh; its k_tile and
+//            k_head describe the part written: keys or values) the part's base in an arena
 //   start    [B] int  first slot written in sequence b
 //   new_lens [B] int  real tokens of sequence b (tokens t ≥ new_lens[b] are padding: skipped)
 //   channels [H, head_dim] int  per-head channel order (group 0, then group 1)
@@ -12,12 +13,13 @@
 //   status   [1] int  set to TQ_NONFINITE_INPUT / TQ_NORM_OVERFLOW on bad input (else untouched)
 // Grid (T, H, B), TQ_THREADS threads; one block per vector.
 #include "tqkv_common.cuh"
+#include "tile_table.cuh"
 
 template <typename T>
 __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __restrict__ cache,
                                           const int* __restrict__ start, const int* __restrict__ new_lens,
-                                          const int* __restrict__ channels, TqSpecs specs, int H, int T_,
-                                          int cap, int* status) {
+                                          const int* __restrict__ channels, TqSpecs specs, TqTiles tt, int H,
+                                          int T_, int cap, int* status) {
   const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   if (t >= new_lens[b]) return;
   const TqSpec& spec = specs.v[(start[b] + t) % specs.n];
@@ -38,7 +40,7 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
     if (threadIdx.x == 0) atomicCAS(status, TQ_OK, TQ_NONFINITE_INPUT);
     return;
   }
-  uint8_t* rec = cache + (((long)b * H + h) * cap + (start[b] + t)) * spec.record_bytes;
+  uint8_t* rec = cache + tq_slot_offset(tt, true, b, h, H, cap, spec.record_bytes, start[b] + t);
   for (int i = threadIdx.x; i < spec.record_bytes; i += blockDim.x) rec[i] = 0;
   __syncthreads();
   const int* ch = channels + (long)h * d;
@@ -117,33 +119,37 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
   }
 }
 
+// tiles: null (the contiguous layout, `cap` slots) or a tile table for the part written.
 extern "C" int tqkv_quantize_append(const void* x, int x_dtype, uint8_t* cache, const int* start,
                                     const int* new_lens, const int* channels, const TqSpec* spec, int cycle,
-                                    int B, int H, int T, int cap, int* status, cudaStream_t stream) {
+                                    int B, int H, int T, int cap, const TqTiles* tiles, int* status,
+                                    cudaStream_t stream) {
   TqSpecs specs;
   if (!tq_specs(spec, cycle, &specs)) return (int)cudaErrorInvalidValue;
   if (spec->head_dim > TQ_MAX_DIM || spec->num_groups < 1 || spec->num_groups > 2) return (int)cudaErrorInvalidValue;
   for (int g = 0; g < spec->num_groups; ++g)
     if (spec->groups[g].dim > TQ_MAX_DIM || spec->groups[g].m > TQ_MAX_DIM) return (int)cudaErrorInvalidValue;
+  if (tiles && (!tiles->table || tiles->per_seq < 1 || tiles->slots < 1)) return (int)cudaErrorInvalidValue;
   if (B == 0 || H == 0 || T == 0) return 0;
+  const TqTiles tt = tiles ? *tiles : TqTiles{nullptr, 0, 0, 0, 0, 0, 0};
   dim3 grid(T, H, B);
   switch (x_dtype) {
     case 0:
       {
       auto k = tq_quantize_append_kernel<float>;
-      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const float*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const float*)x, cache, start, new_lens, channels, specs, tt, H, T, cap, status);
     }
       break;
     case 1:
       {
       auto k = tq_quantize_append_kernel<__half>;
-      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const __half*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const __half*)x, cache, start, new_lens, channels, specs, tt, H, T, cap, status);
     }
       break;
     case 2:
       {
       auto k = tq_quantize_append_kernel<__nv_bfloat16>;
-      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const __nv_bfloat16*)x, cache, start, new_lens, channels, specs, H, T, cap, status);
+      TQ_LAUNCH(k, grid, TQ_THREADS, 0, stream, (const __nv_bfloat16*)x, cache, start, new_lens, channels, specs, tt, H, T, cap, status);
     }
       break;
     default:

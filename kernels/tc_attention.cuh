@@ -22,42 +22,21 @@
 //   qt       [B, Hkv, tiles, 16, HEAD_DIM] f16 (workspace): row rho of a row tile is query row
 //            r = rho % R rotated by variant m = rho / R, zero where rho ≥ R · cycle or the row
 //            does not exist
-//   kcache   without a table: [B, Hkv, cap, Rk] u8, slot s of (b, h) at ((b·Hkv + h)·cap + s)·Rk;
-//            with a table (TqTiles): slot s at table[b·per_seq + s / 64]·k_tile + h·k_head +
-//            (s % 64)·Rk (a pool [tiles, Hkv, 64, Rk] has k_tile = Hkv·64·Rk, k_head = 64·Rk);
-//            vcache likewise with Rv, v_tile, v_head
+//   kcache   [B, Hkv, cap, Rk] u8, or tiles through a table (tile_table.cuh); vcache likewise
 //   ws       decode_attention.cu's split workspace [B, Hkv, tiles, splits, R, cycle·Dv + 2] f32
 #pragma once
 #include "tqkv_common.cuh"
+#include "tile_table.cuh"
 #ifndef TQ_EMU
 #include <cuda_pipeline.h>
 #endif
 
-#define TQ_TC_TILE 64  // slots per tile: the unit of the tile table and of the staging
+#define TQ_TC_TILE 64  // slots per staged tile
 #define TQ_TC_ROWS 16  // rows of the mma (M of m16n8k16)
 // Each rotated query row is stored as TQ_TC_QTERMS f16 rows whose sum is the f32 row (hi, then
 // lo = f16(x − hi)): the score product runs once per term. Two terms give the query ~22 bits,
 // so the scores' error is the centroids' f16 rounding alone (docs/KERNELS.md).
 #define TQ_TC_QTERMS 2
-
-// A per-sequence table of 64-slot tiles (mirrored by tqkv::cuda::TqTiles). table == null: the
-// contiguous cache layout.
-struct TqTiles {
-  const int* table;  // [B, per_seq] physical tile of (sequence, logical tile)
-  int per_seq;       // logical tiles per sequence
-  long k_tile, k_head;  // key bytes between physical tiles / between the KV heads of a tile
-  long v_tile, v_head;  // value bytes, likewise
-};
-static_assert(sizeof(TqTiles) == 48 && offsetof(TqTiles, k_tile) == 16, "TqTiles layout differs from src/cuda.rs");
-
-// Byte offset of slot s of (b, h) in a cache of `rb`-byte records.
-__device__ __forceinline__ long tq_tc_slot(const TqTiles& tt, bool keys, int b, int h, int Hkv, int cap, int rb,
-                                           int s) {
-  if (!tt.table) return (((long)b * Hkv + h) * cap + s) * rb;
-  const long tile = tt.table[(long)b * tt.per_seq + s / TQ_TC_TILE];
-  return tile * (keys ? tt.k_tile : tt.v_tile) + (long)h * (keys ? tt.k_head : tt.v_head) +
-         (long)(s % TQ_TC_TILE) * rb;
-}
 
 // Copies n bytes global → shared: 16-byte asynchronous copies when both ends are 16-byte
 // aligned, else 4-byte ones when 4-byte aligned; the tail by plain byte copies (visible after
@@ -205,8 +184,9 @@ __device__ __forceinline__ void tq_tc_stage_tile(uint8_t* dst, int voff, const u
                                                  const TqTiles& tt, int b, int h, int Hkv, int cap, int rbk, int rbv,
                                                  int t0, int hi) {
   const int n = min(TQ_TC_TILE, hi - t0);
-  tq_tc_stage(dst, kc + tq_tc_slot(tt, true, b, h, Hkv, cap, rbk, t0), n * rbk);
-  tq_tc_stage(dst + voff, vc + tq_tc_slot(tt, false, b, h, Hkv, cap, rbv, t0), n * rbv);
+  auto copy = [](uint8_t* d, const uint8_t* s, int bytes) { tq_tc_stage(d, s, bytes); };
+  tq_stage_slots(dst, kc, tt, true, b, h, Hkv, cap, rbk, t0, n, copy);
+  tq_stage_slots(dst + voff, vc, tt, false, b, h, Hkv, cap, rbv, t0, n, copy);
 }
 
 // One online-softmax step of query row r over a tile of 64 scores held by a warp (lane and

@@ -20,10 +20,10 @@ struct TqTcExactSmem {
   static constexpr int bytes = out + TQ_TC_ROWS * D * 4;
 };
 
-// Rows of positions pos[0..n) (of head row base `head`) of the keys or values into ct[64][QS]
-// as f16, zero past n; the q8_0 decode is tq_exact_at's, bit for bit. All threads.
+// The keys or values of rows row_of[0..n) into ct[64][QS] as f16, zero past n; the q8_0 decode
+// is tq_exact_at's, bit for bit. All threads.
 template <int D, int QS>
-__device__ __forceinline__ void tq_tc_exact_rows(const TqExact& ex, bool value, long head, const int* slot_of, int n,
+__device__ __forceinline__ void tq_tc_exact_rows(const TqExact& ex, bool value, const uint8_t* const* row_of, int n,
                                                  __half* ct) {
   for (int u = threadIdx.x; u < TQ_TC_TILE * D / 8; u += blockDim.x) {
     const int i = u / (D / 8), j = (u % (D / 8)) * 8;
@@ -32,9 +32,9 @@ __device__ __forceinline__ void tq_tc_exact_rows(const TqExact& ex, bool value, 
       *reinterpret_cast<uint4*>(dst) = uint4{0u, 0u, 0u, 0u};
       continue;
     }
-    const long row = head + slot_of[i];
+    const uint8_t* row = row_of[i];
     if (ex.format == 0) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>((value ? ex.v : ex.k) + row * D + j);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(row + (value ? 2 * D : 0) + 2 * j);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dst[e] = __float2half_rn(tq_exact_at(ex, value, row, D, j + e));
@@ -54,7 +54,8 @@ __global__ void __launch_bounds__(TQ_THREADS)
   float* sc = reinterpret_cast<float*>(smem + S::sc);
   __half* pw = reinterpret_cast<__half*>(smem + S::pw);
   float* osum = reinterpret_cast<float*>(smem + S::out);
-  __shared__ int slot_of[TQ_TC_TILE], pos_of[TQ_TC_TILE];
+  __shared__ int pos_of[TQ_TC_TILE];
+  __shared__ const uint8_t* row_of[TQ_TC_TILE];
   __shared__ int vis[R], pend[R];
   __shared__ float run_m[R], run_l[R], alpha[R];
   __shared__ int range[3];
@@ -65,7 +66,6 @@ __global__ void __launch_bounds__(TQ_THREADS)
   const int h = blockIdx.y / subs / tiles, tile = blockIdx.y / subs % tiles;
   const int G = Hq / Hkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const long head = ((long)b * Hkv + h) * (ex.sinks + ex.ring);
   tq_exact_rows_init(visible, ex, b, T_, G, tile * RT + r0, R, vis, pend, run_m, run_l);
   // Query rows (original domain) as f16 hi + lo; rows ≥ R and missing rows zero.
   for (int i = threadIdx.x; i < TQ_TC_ROWS * D; i += blockDim.x) {
@@ -101,10 +101,10 @@ __global__ void __launch_bounds__(TQ_THREADS)
       const int i = t0 + threadIdx.x;
       const int p = i < n_sink ? i : w_lo + (i - n_sink);
       pos_of[threadIdx.x] = p;
-      slot_of[threadIdx.x] = p < ex.sinks ? p : ex.sinks + (ex.ring > 0 ? p % ex.ring : 0);
+      row_of[threadIdx.x] = i < i1 ? tq_exact_row(ex, b, h, p, D) : nullptr;
     }
     __syncthreads();
-    tq_tc_exact_rows<D, S::QS>(ex, false, head, slot_of, n, ct);
+    tq_tc_exact_rows<D, S::QS>(ex, false, row_of, n, ct);
     __syncthreads();
     // Scores of positions 16·warp .. +15, both query terms.
     {
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(TQ_THREADS)
       for (int k = 0; k < 2; ++k) pw[r * S::PS + lane + 32 * k] = __float2half_rn(p[k]);
     }
     __syncthreads();  // every warp is done with the key rows and has written its weights
-    tq_tc_exact_rows<D, S::QS>(ex, true, head, slot_of, n, ct);
+    tq_tc_exact_rows<D, S::QS>(ex, true, row_of, n, ct);
     __syncthreads();
     {
       const int ra = lane / 4, rb = ra + 8;

@@ -74,47 +74,62 @@ pub struct TqSpec {
     pub groups: [TqGroup; 2],
 }
 
-/// The full-precision part of an attention (mirrors `TqExact` in kernels/exact_attention.cuh).
+/// The full-precision part of an attention (mirrors `TqExact` in kernels/exact_attention.cuh):
+/// rows in an arena's tiles ([`crate::paged::ExactTiles`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct TqExact {
-    /// Device pointer: keys `[B, Hkv, sinks + ring, head_dim]` f16.
-    k: *const half::f16,
-    /// Device pointer: values, same layout.
-    v: *const half::f16,
+    /// Device pointer: the arena.
+    base: *const u8,
+    /// Device pointer: `[B, per_seq]` int, the tile of (sequence, position / rows).
+    table: *const c_int,
     /// Device pointer: `[B, T]` int, where each query's records end (its window starts).
     packed_end: *const c_int,
-    /// Sink slots.
+    /// Table entries per sequence.
+    per_seq: c_int,
+    /// Positions per tile.
+    rows: c_int,
+    /// Sink positions.
     sinks: c_int,
-    /// Ring slots after the sinks.
-    ring: c_int,
     /// Blocks along the exact positions.
     splits: c_int,
-    /// 0: f16 rows in `k`, `v`; 1: q8_0 in `kq`, `kqs`, `vq`, `vqs`.
+    /// 0: f16 rows; 1: q8_0 rows.
     format: c_int,
-    /// Device pointer: key codes `[B, Hkv, sinks + ring, head_dim]` u8 (q8_0).
-    kq: *const u8,
-    /// Device pointer: key scales `[B, Hkv, sinks + ring, head_dim / 32]` f16 (q8_0).
-    kqs: *const half::f16,
-    /// Device pointer: value codes (q8_0).
-    vq: *const u8,
-    /// Device pointer: value scales (q8_0).
-    vqs: *const half::f16,
+    /// KV heads.
+    heads: c_int,
+    /// Bytes between tiles.
+    tile_bytes: c_long,
 }
 
-/// A per-sequence table of 64-slot tiles (mirrors `TqTiles` in kernels/tc_attention.cuh):
-/// slot s of (sequence b, KV head h) is at byte `table[b·per_seq + s/64]·k_tile + h·k_head +
-/// (s % 64)·record_bytes` of the key cache (values likewise).
+/// A per-sequence table of tiles (mirrors `TqTiles` in kernels/tile_table.cuh): slot s of
+/// (sequence b, KV head h) is at byte `table[b·per_seq + s/slots]·k_tile + h·k_head +
+/// (s % slots)·record_bytes` of the key base (values likewise).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct TqTiles {
     /// Device pointer: `[batch, per_seq]` int.
     table: *const c_int,
     per_seq: c_int,
+    slots: c_int,
     k_tile: c_long,
     k_head: c_long,
     v_tile: c_long,
     v_head: c_long,
+}
+
+/// Where the rows of one part sit in an arena (mirrors `TqRows` in kernels/tile_rows.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct TqRows {
+    /// Device pointer: the tiles of the rows copied, from tile `first / per_tile` on.
+    table: *const c_int,
+    per_tile: c_int,
+    heads: c_int,
+    tile_bytes: c_long,
+    offset: c_long,
+    slot_stride: c_long,
+    head_stride: c_long,
+    row_bytes: c_long,
 }
 
 // The layouts the kernels see (x86-64 / aarch64 Linux: 8-byte pointers and longs).
@@ -124,10 +139,13 @@ const _: () = assert!(std::mem::offset_of!(TqGroup, qjl_scale) == 80);
 const _: () = assert!(std::mem::size_of::<TqSpec>() == 200);
 const _: () = assert!(std::mem::offset_of!(TqSpec, groups) == 24);
 const _: () = assert!(std::mem::size_of::<TqTiles>() == 48);
+const _: () = assert!(std::mem::offset_of!(TqTiles, slots) == 12);
 const _: () = assert!(std::mem::offset_of!(TqTiles, k_tile) == 16);
-const _: () = assert!(std::mem::size_of::<TqExact>() == 72);
-const _: () = assert!(std::mem::offset_of!(TqExact, sinks) == 24);
-const _: () = assert!(std::mem::offset_of!(TqExact, kq) == 40);
+const _: () = assert!(std::mem::size_of::<TqExact>() == 56);
+const _: () = assert!(std::mem::offset_of!(TqExact, per_seq) == 24);
+const _: () = assert!(std::mem::offset_of!(TqExact, tile_bytes) == 48);
+const _: () = assert!(std::mem::size_of::<TqRows>() == 56);
+const _: () = assert!(std::mem::offset_of!(TqRows, tile_bytes) == 16);
 
 extern "C" {
     /// `cudaGetErrorString(code)` (kernels/error_string.cu).
@@ -145,7 +163,18 @@ extern "C" {
         h: c_int,
         t: c_int,
         cap: c_int,
+        tiles: *const TqTiles,
         status: *mut c_int,
+        stream: *mut c_void,
+    ) -> c_int;
+
+    fn tqkv_copy_rows(
+        arena: *mut u8,
+        dense: *mut u8,
+        rows: *const TqRows,
+        first: c_int,
+        n: c_int,
+        to_tiles: c_int,
         stream: *mut c_void,
     ) -> c_int;
 
@@ -160,6 +189,7 @@ extern "C" {
         h: c_int,
         cap: c_int,
         n: c_int,
+        tiles: *const TqTiles,
         stream: *mut c_void,
     ) -> c_int;
 
@@ -600,8 +630,10 @@ pub struct AppendShape {
 }
 
 /// Quantize-append on `stream`: layouts in [`AppendShape`]; `start`, `new` `[batch]` on the
-/// host (copied to the device asynchronously). Bad input values set `status` (the affected
-/// records are not written); bad shapes are errors here.
+/// host (copied to the device asynchronously). With `tiles`, the cache is an arena and the
+/// records go through the table (its `k_tile`, `k_head` describe the part written, keys or
+/// values; `capacity` is unused): every tile a written slot lies in must be held. Bad input
+/// values set `status` (the affected records are not written); bad shapes are errors here.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_append<T: KernelFloat>(
     stream: &Arc<CudaStream>,
@@ -611,6 +643,7 @@ pub fn quantize_append<T: KernelFloat>(
     shape: AppendShape,
     start: &[usize],
     new: &[usize],
+    tiles: Option<&TileTable>,
     status: &mut StatusWord,
 ) -> Result<()> {
     let AppendShape {
@@ -627,7 +660,6 @@ pub fn quantize_append<T: KernelFloat>(
         )));
     }
     need("keys/values on the device", x, b * h * t * d)?;
-    need("cache", cache, b * h * cap * tables.record_bytes())?;
     if start.len() != b || new.len() != b {
         return Err(Error::Shape {
             what: "start/new lengths",
@@ -635,11 +667,34 @@ pub fn quantize_append<T: KernelFloat>(
             got: start.len().min(new.len()),
         });
     }
-    for (i, (&s, &n)) in start.iter().zip(new).enumerate() {
-        if n > t || s + n > cap {
-            return Err(Error::Config(format!(
-                "sequence {i}: {n} new tokens at slot {s} do not fit {t} tokens / {cap} slots"
-            )));
+    if new.iter().any(|&n| n > t) {
+        return Err(Error::Config(format!(
+            "more new tokens than the {t} appended"
+        )));
+    }
+    let rb = tables.record_bytes();
+    match tiles {
+        None => {
+            need("cache", cache, b * h * cap * rb)?;
+            for (i, (&s, &n)) in start.iter().zip(new).enumerate() {
+                if s + n > cap {
+                    return Err(Error::Config(format!(
+                        "sequence {i}: {n} new tokens at slot {s} do not fit {cap} slots"
+                    )));
+                }
+            }
+        }
+        Some(tt) => {
+            let ranges: Vec<_> = start.iter().zip(new).map(|(&s, &n)| s..s + n).collect();
+            check_table(
+                tt,
+                &ranges,
+                cache.len(),
+                (tt.k_tile, tt.k_head),
+                rb,
+                h,
+                "cache",
+            )?;
         }
     }
     if b == 0 || t == 0 {
@@ -654,6 +709,7 @@ pub fn quantize_append<T: KernelFloat>(
     let (np, _g4) = new_d.device_ptr(stream);
     let (chp, _g5) = tables.channels.device_ptr(stream);
     let (stp, _g6) = status.word.device_ptr_mut(stream);
+    let (tt, _g7) = tiles_arg(tiles, stream)?;
     // SAFETY: every buffer was checked above to hold the elements the kernel touches; the
     // pointers stay valid until the guards drop, after the launch is queued on `stream`.
     let code = unsafe {
@@ -670,6 +726,8 @@ pub fn quantize_append<T: KernelFloat>(
             int("heads", h)?,
             int("tokens", t)?,
             int("capacity", cap)?,
+            tt.as_ref()
+                .map_or(std::ptr::null(), |x| x as *const TqTiles),
             raw_mut(stp),
             stream.cu_stream() as *mut c_void,
         )
@@ -678,23 +736,46 @@ pub fn quantize_append<T: KernelFloat>(
 }
 
 /// Dequantize slots `0..n` of every (sequence, head): `cache` `[batch, heads, capacity,
-/// record_bytes]` → `out` `[batch, heads, n, head_dim]` in `T`.
+/// record_bytes]` (or an arena through `tiles`, whose `k_tile`, `k_head` describe the part
+/// read) → `out` `[batch, heads, n, head_dim]` in `T`.
+#[allow(clippy::too_many_arguments)]
 pub fn dequantize<T: KernelFloat>(
     stream: &Arc<CudaStream>,
     tables: &DeviceTables,
     cache: &impl DevicePtr<u8>,
     shape: AppendShape,
     n: usize,
+    tiles: Option<&TileTable>,
     out: &mut impl DevicePtrMut<T>,
 ) -> Result<()> {
     let (b, h, cap) = (shape.batch, shape.heads, shape.capacity);
-    if h != tables.heads() || n > cap {
+    if h != tables.heads() {
         return Err(Error::Config(format!(
-            "dequantize: {h} heads (tables cover {}), {n} slots of {cap}",
+            "dequantize: {h} heads (tables cover {})",
             tables.heads()
         )));
     }
-    need("cache", cache, b * h * cap * tables.record_bytes())?;
+    let rb = tables.record_bytes();
+    match tiles {
+        None => {
+            if n > cap {
+                return Err(Error::Config(format!("dequantize: {n} slots of {cap}")));
+            }
+            need("cache", cache, b * h * cap * rb)?;
+        }
+        Some(tt) => {
+            let ranges = vec![0..n; b];
+            check_table(
+                tt,
+                &ranges,
+                cache.len(),
+                (tt.k_tile, tt.k_head),
+                rb,
+                h,
+                "cache",
+            )?;
+        }
+    }
     need("dequantize output", out, b * h * n * tables.head_dim())?;
     if b == 0 || n == 0 {
         return Ok(());
@@ -703,6 +784,7 @@ pub fn dequantize<T: KernelFloat>(
     let (cp, _g1) = cache.device_ptr(stream);
     let (op, _g2) = out.device_ptr_mut(stream);
     let (chp, _g3) = tables.channels.device_ptr(stream);
+    let (tt, _g4) = tiles_arg(tiles, stream)?;
     // SAFETY: sizes checked above; guards outlive the queued launch.
     let code = unsafe {
         tqkv_dequantize(
@@ -716,10 +798,206 @@ pub fn dequantize<T: KernelFloat>(
             int("heads", h)?,
             int("capacity", cap)?,
             int("slots", n)?,
+            tt.as_ref()
+                .map_or(std::ptr::null(), |x| x as *const TqTiles),
             stream.cu_stream() as *mut c_void,
         )
     };
     launched("tqkv_dequantize", code)
+}
+
+/// The kernels' view of a tile table (and the guard keeping its device memory readable).
+#[allow(clippy::type_complexity)]
+fn tiles_arg<'a>(
+    tiles: Option<&'a TileTable>,
+    stream: &'a Arc<CudaStream>,
+) -> Result<(Option<TqTiles>, Option<cudarc::driver::SyncOnDrop<'a>>)> {
+    let Some(tt) = tiles else {
+        return Ok((None, None));
+    };
+    let (tp, g) = tt.table.device_ptr(stream);
+    Ok((
+        Some(TqTiles {
+            table: raw(tp),
+            per_seq: int("tiles per sequence", tt.per_seq)?,
+            slots: int("slots per tile", tt.slots)?,
+            k_tile: tt.k_tile as c_long,
+            k_head: tt.k_head as c_long,
+            v_tile: tt.v_tile as c_long,
+            v_head: tt.v_head as c_long,
+        }),
+        Some(g),
+    ))
+}
+
+/// Checks a tile table against the cache it points into: `ranges[b]` (slots of sequence b)
+/// all lie in held tiles, and every held tile of the table lies inside a cache of `len` bytes
+/// (`strides` = bytes between tiles, between heads; `rb`-byte records of `heads` heads).
+#[allow(clippy::too_many_arguments)]
+fn check_table(
+    tt: &TileTable,
+    ranges: &[std::ops::Range<usize>],
+    len: usize,
+    (tile, head): (usize, usize),
+    rb: usize,
+    heads: usize,
+    what: &str,
+) -> Result<()> {
+    let b = ranges.len();
+    if tt.slots == 0 || tt.per_seq == 0 {
+        return Err(Error::Config(format!(
+            "a tile table of {} tiles of {} slots per sequence",
+            tt.per_seq, tt.slots
+        )));
+    }
+    if tt.host.len() != b * tt.per_seq || tt.table.len() != tt.host.len() {
+        return Err(Error::Shape {
+            what: "tile table",
+            expected: b * tt.per_seq,
+            got: tt.host.len().min(tt.table.len()),
+        });
+    }
+    let extent = (heads.max(1) - 1) * head + tt.slots * rb;
+    for &p in tt.host.iter().filter(|&&p| p >= 0) {
+        let end = (p as usize)
+            .checked_mul(tile)
+            .and_then(|o| o.checked_add(extent));
+        if end.is_none_or(|e| e > len) {
+            return Err(Error::Config(format!(
+                "tile {p} of the table lies outside the {what} ({len} bytes)"
+            )));
+        }
+    }
+    for (i, r) in ranges.iter().enumerate() {
+        if r.is_empty() {
+            continue;
+        }
+        let tiles = r.start / tt.slots..(r.end - 1) / tt.slots + 1;
+        if tiles.end > tt.per_seq {
+            return Err(Error::Config(format!(
+                "sequence {i} reaches slot {} but the table has {} tiles of {} slots",
+                r.end - 1,
+                tt.per_seq,
+                tt.slots
+            )));
+        }
+        if let Some(j) = tiles.clone().find(|&j| tt.host[i * tt.per_seq + j] < 0) {
+            return Err(Error::Config(format!(
+                "sequence {i}: slots {r:?} lie in tile {j}, which the table does not hold"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes rows `first .. first + n` of every head from a dense buffer `[heads, n, row_bytes]`
+/// (elements of `T`, as bytes) into the tiles of an arena through `table`, the sequence's table
+/// for the part ([`crate::paged::TileRows`]; the CPU reference is its `scatter`). Every tile of
+/// those rows must be held and inside the arena.
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_rows<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    arena: &mut impl DevicePtrMut<u8>,
+    dense: &impl DevicePtr<T>,
+    rows: &crate::paged::TileRows,
+    table: &[u32],
+    first: usize,
+    n: usize,
+) -> Result<()> {
+    let bytes = dense.len() * std::mem::size_of::<T>();
+    let alen = arena.len();
+    let (ap, _g1) = arena.device_ptr_mut(stream);
+    let (dp, _g2) = dense.device_ptr(stream);
+    copy_rows(stream, (ap, alen), (dp, bytes), rows, table, first, n, true)
+}
+
+/// Reads rows `first .. first + n` of every head out of the tiles of an arena into a dense
+/// buffer `[heads, n, row_bytes]` (the CPU reference is [`crate::paged::TileRows::gather`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_rows<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    arena: &impl DevicePtr<u8>,
+    dense: &mut impl DevicePtrMut<T>,
+    rows: &crate::paged::TileRows,
+    table: &[u32],
+    first: usize,
+    n: usize,
+) -> Result<()> {
+    let bytes = dense.len() * std::mem::size_of::<T>();
+    let alen = arena.len();
+    let (ap, _g1) = arena.device_ptr(stream);
+    let (dp, _g2) = dense.device_ptr_mut(stream);
+    copy_rows(
+        stream,
+        (ap, alen),
+        (dp, bytes),
+        rows,
+        table,
+        first,
+        n,
+        false,
+    )
+}
+
+/// The row copy of [`scatter_rows`] and [`gather_rows`] on device pointers (with their sizes
+/// in bytes; the callers hold the guards).
+#[allow(clippy::too_many_arguments)]
+fn copy_rows(
+    stream: &Arc<CudaStream>,
+    (ap, alen): (cudarc::driver::sys::CUdeviceptr, usize),
+    (dp, dbytes): (cudarc::driver::sys::CUdeviceptr, usize),
+    rows: &crate::paged::TileRows,
+    table: &[u32],
+    first: usize,
+    n: usize,
+    to_tiles: bool,
+) -> Result<()> {
+    let want = rows.heads * n * rows.row_bytes;
+    rows.check_rows(alen, table, first..first + n, want)
+        .map_err(|e| Error::Config(format!("rows to or from tiles: {e}")))?;
+    if dbytes < want {
+        return Err(Error::Shape {
+            what: "dense rows",
+            expected: want,
+            got: dbytes,
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    // The tiles of the rows only, from tile first / per_tile on.
+    let span = rows.tiles_covering(first..first + n);
+    let host: Vec<i32> = table[span]
+        .iter()
+        .map(|&t| int("tile", t as usize))
+        .collect::<Result<_>>()?;
+    let table_d = stream.clone_htod(&host).map_err(driver)?;
+    stream.context().bind_to_thread().map_err(driver)?;
+    let (tp, _g) = table_d.device_ptr(stream);
+    let r = TqRows {
+        table: raw(tp),
+        per_tile: int("positions per tile", rows.per_tile)?,
+        heads: int("heads", rows.heads)?,
+        tile_bytes: rows.tile_bytes as c_long,
+        offset: rows.offset as c_long,
+        slot_stride: rows.slot_stride as c_long,
+        head_stride: rows.head_stride as c_long,
+        row_bytes: rows.row_bytes as c_long,
+    };
+    // SAFETY: the table's tiles and the dense buffer were checked to hold every row; the
+    // callers' guards keep the buffers alive until the launch is queued.
+    let code = unsafe {
+        tqkv_copy_rows(
+            raw_mut(ap),
+            raw_mut(dp),
+            &r,
+            int("first row", first)?,
+            int("rows", n)?,
+            c_int::from(to_tiles),
+            stream.cu_stream() as *mut c_void,
+        )
+    };
+    launched("tqkv_copy_rows", code)
 }
 
 /// Shape of an attention call: queries `[batch, q_heads, tokens, head_dim]` over caches
@@ -812,23 +1090,26 @@ pub fn plan_attention_for(
     Ok(SplitPlan { splits, chunk })
 }
 
-/// Slots per tile of a [`TileTable`] (and of the tensor-core kernel's staging).
+/// Slots per tile of the tensor-core kernel's staging (its chunks are multiples of it).
 pub const TILE_SLOTS: usize = 64;
 
-/// A per-sequence table of 64-slot tiles, through which [`AttentionKernel::TensorCore`] reads
-/// the caches (a paged pool shared by many sequences needs no second kernel): slot s of
-/// (sequence b, KV head h) is at byte `table[b·per_seq + s/64]·k_tile + h·k_head +
-/// (s % 64)·record_bytes` of the key cache, values likewise with `v_tile`, `v_head`. A pool
-/// `[tiles, kv_heads, 64, record_bytes]` has `k_tile = kv_heads·64·record_bytes` and
-/// `k_head = 64·record_bytes`. Every tile a query can see must be in the table and in bounds
-/// (the wrapper checks the table's entries against the caches' sizes).
+/// A per-sequence table of tiles through which the kernels read and write records (a paged
+/// arena shared by many sequences, [`crate::paged::RecordTiles`]): slot s of (sequence b, KV
+/// head h) is at byte `table[b·per_seq + s/slots]·k_tile + h·k_head + (s % slots)·record_bytes`
+/// of the key base, values likewise with `v_tile`, `v_head` from the value base. An arena of
+/// tiles `[keys kv_heads × slots × Rk | values kv_heads × slots × Rv]` has `k_tile = v_tile =`
+/// the tile bytes, `k_head = slots·Rk`, `v_head = slots·Rv`. Entries −1: tiles not held. Every
+/// tile an op reads or writes must be held and in bounds (the wrappers check the entries
+/// against the buffers' sizes).
 pub struct TileTable<'a> {
     /// `[batch, per_seq]` physical tile indices on the device.
     pub table: &'a CudaSlice<i32>,
-    /// The same table on the host (checked against the caches' sizes before a launch).
+    /// The same table on the host (checked against the buffers' sizes before a launch).
     pub host: &'a [i32],
     /// Logical tiles per sequence (columns of the table).
     pub per_seq: usize,
+    /// Slots per tile.
+    pub slots: usize,
     /// Key bytes between physical tiles.
     pub k_tile: usize,
     /// Key bytes between the KV heads of one tile.
@@ -839,8 +1120,8 @@ pub struct TileTable<'a> {
     pub v_head: usize,
 }
 
-/// How an attention is computed: which split kernel, and (tensor-core kernel only) a tile
-/// table instead of the contiguous `[batch, kv_heads, capacity, record_bytes]` layout.
+/// How an attention is computed: which split kernel, and a tile table instead of the
+/// contiguous `[batch, kv_heads, capacity, record_bytes]` layout.
 #[derive(Default)]
 pub struct AttentionOptions<'a> {
     /// The split kernel.
@@ -969,42 +1250,25 @@ pub fn decode_attention<T: KernelFloat, O: KernelFloat>(
 }
 
 /// The full-precision part of an attention ([`decode_attention_mixed`]): sinks and windows of
-/// exact recent tokens in f16.
+/// exact recent tokens, rows in the tiles of an arena ([`crate::paged::ExactTiles`]: position
+/// p of sequence b in tile `table[b·per_seq + p / rows]`, f16 or q8_0 rows).
 pub struct ExactPart<'a> {
-    /// The stored rows: position p < sinks at slot p, position p ≥ sinks at slot
-    /// `sinks + p % ring`, per (sequence, KV head) `sinks + ring` slots.
-    pub rows: ExactRows<'a>,
-    /// Sink slots.
+    /// The arena.
+    pub arena: &'a CudaSlice<u8>,
+    /// `[batch, per_seq]` tiles on the device (−1: not held).
+    pub table: &'a CudaSlice<i32>,
+    /// The same table on the host (checked before a launch).
+    pub host_table: &'a [i32],
+    /// Table entries per sequence.
+    pub per_seq: usize,
+    /// How the rows fill a tile.
+    pub tiles: crate::paged::ExactTiles,
+    /// Sink positions.
     pub sinks: usize,
-    /// Ring slots after the sinks (0: sinks only).
-    pub ring: usize,
     /// `[batch, tokens]` on the host: query (b, t) reads the records of positions
     /// `sinks..packed_end[b·tokens + t]`, and positions `0..min(sinks, vis)` and
     /// `packed_end..vis` from the rows (each in `min(sinks, vis)..=vis`).
     pub packed_end: &'a [usize],
-}
-
-/// The rows of an [`ExactPart`], as the cache's exact store holds them.
-pub enum ExactRows<'a> {
-    /// Keys and values `[batch, kv_heads, sinks + ring, head_dim]` f16.
-    F16 {
-        /// Keys.
-        k: &'a CudaSlice<half::f16>,
-        /// Values.
-        v: &'a CudaSlice<half::f16>,
-    },
-    /// llama.cpp's q8_0 (head_dim a multiple of 32): codes `[.., head_dim]` u8 (code + 128)
-    /// and scales `[.., head_dim / 32]` f16, read as f16((code − 128)·scale).
-    Q8 {
-        /// Key codes.
-        k: &'a CudaSlice<u8>,
-        /// Key scales.
-        k_scales: &'a CudaSlice<half::f16>,
-        /// Value codes.
-        v: &'a CudaSlice<u8>,
-        /// Value scales.
-        v_scales: &'a CudaSlice<half::f16>,
-    },
 }
 
 /// [`decode_attention`] where some positions are read in full precision from an
@@ -1113,7 +1377,46 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
             need("key cache", kcache, b * hkv * cap * kt.record_bytes())?;
             need("value cache", vcache, b * hkv * cap * vt.record_bytes())?;
         }
-        Some(tt) => check_tiles(tt, kernel, b, hkv, max_visible, kt, vt, kcache, vcache)?,
+        Some(tt) => {
+            // The records each sequence's queries read: after the sinks, up to their packed
+            // ends (with an exact part), else up to what they see.
+            let ranges: Vec<_> = (0..b)
+                .map(|i| {
+                    let (from, ends) = match exact {
+                        Some(e) => (e.sinks, &e.packed_end[i * t..(i + 1) * t]),
+                        None => (0, &visible[i * t..(i + 1) * t]),
+                    };
+                    let to = ends.iter().copied().max().unwrap_or(0);
+                    from.min(to)..to
+                })
+                .collect();
+            if exact.is_some_and(|e| e.packed_end.len() != b * t) {
+                return Err(Error::Shape {
+                    what: "packed ends",
+                    expected: b * t,
+                    got: exact.map_or(0, |e| e.packed_end.len()),
+                });
+            }
+            let (rk, rv) = (kt.record_bytes(), vt.record_bytes());
+            check_table(
+                tt,
+                &ranges,
+                kcache.len(),
+                (tt.k_tile, tt.k_head),
+                rk,
+                hkv,
+                "key cache",
+            )?;
+            check_table(
+                tt,
+                &ranges,
+                vcache.len(),
+                (tt.v_tile, tt.v_head),
+                rv,
+                hkv,
+                "value cache",
+            )?;
+        }
     }
     need("attention output", out, b * hq * t * d)?;
     if b == 0 || t == 0 {
@@ -1143,42 +1446,7 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
                 visible[i]
             )));
         }
-        let window = e
-            .packed_end
-            .iter()
-            .zip(visible)
-            .map(|(&pe, &vis)| vis - pe)
-            .max()
-            .unwrap_or(0);
-        if window > 0 && e.ring < window {
-            return Err(Error::Config(format!(
-                "a window of {window} positions does not fit a ring of {}",
-                e.ring
-            )));
-        }
-        let rows = b * hkv * (e.sinks + e.ring);
-        match &e.rows {
-            ExactRows::F16 { k, v } => {
-                need("exact keys", *k, rows * d)?;
-                need("exact values", *v, rows * d)?;
-            }
-            ExactRows::Q8 {
-                k,
-                k_scales,
-                v,
-                v_scales,
-            } => {
-                if d % 32 != 0 {
-                    return Err(Error::Config(format!(
-                        "q8_0 exact rows need a head_dim that is a multiple of 32, not {d}"
-                    )));
-                }
-                need("exact key codes", *k, rows * d)?;
-                need("exact key scales", *k_scales, rows * d / 32)?;
-                need("exact value codes", *v, rows * d)?;
-                need("exact value scales", *v_scales, rows * d / 32)?;
-            }
-        }
+        check_exact(e, b, t, hkv, d, visible)?;
         // Positions a block may read: its sinks, then window starts to visible ends.
         let lo = e
             .packed_end
@@ -1256,64 +1524,29 @@ pub fn decode_attention_with<T: KernelFloat, O: KernelFloat>(
     let mut guards_t = Vec::new();
     let ex = match exact {
         Some(e) => {
-            let null16 = std::ptr::null::<half::f16>();
-            let (mut x, mut q8) = (
-                (null16, null16),
-                (std::ptr::null::<u8>(), null16, std::ptr::null(), null16),
-            );
-            let format = match &e.rows {
-                ExactRows::F16 { k, v } => {
-                    let ((kp, g1), (vp, g2)) = (k.device_ptr(stream), v.device_ptr(stream));
-                    guards.push(vec![g1, g2]);
-                    x = (raw(kp), raw(vp));
-                    0
-                }
-                ExactRows::Q8 {
-                    k,
-                    k_scales,
-                    v,
-                    v_scales,
-                } => {
-                    let (kp, g1) = k.device_ptr(stream);
-                    let (ksp, g2) = k_scales.device_ptr(stream);
-                    let (vp, g3) = v.device_ptr(stream);
-                    let (vsp, g4) = v_scales.device_ptr(stream);
-                    guards.push(vec![g1, g2, g3, g4]);
-                    q8 = (raw(kp), raw(ksp), raw(vp), raw(vsp));
-                    1
-                }
-            };
+            let (ap, g1) = e.arena.device_ptr(stream);
+            let (tp, g2) = e.table.device_ptr(stream);
+            guards.push(vec![g1, g2]);
             Some(TqExact {
-                k: x.0,
-                v: x.1,
-                packed_end: raw(pep),
-                sinks: int("sinks", e.sinks)?,
-                ring: int("ring", e.ring)?,
-                splits: int("exact splits", xsplits)?,
-                format,
-                kq: q8.0,
-                kqs: q8.1,
-                vq: q8.2,
-                vqs: q8.3,
-            })
-        }
-        None => None,
-    };
-    let tiles = match &opts.tiles {
-        Some(tt) => {
-            let (tp, g) = tt.table.device_ptr(stream);
-            guards_t.push(g);
-            Some(TqTiles {
+                base: raw(ap),
                 table: raw(tp),
-                per_seq: int("tiles per sequence", tt.per_seq)?,
-                k_tile: tt.k_tile as c_long,
-                k_head: tt.k_head as c_long,
-                v_tile: tt.v_tile as c_long,
-                v_head: tt.v_head as c_long,
+                packed_end: raw(pep),
+                per_seq: int("exact tiles per sequence", e.per_seq)?,
+                rows: int("exact positions per tile", e.tiles.rows)?,
+                sinks: int("sinks", e.sinks)?,
+                splits: int("exact splits", xsplits)?,
+                format: match e.tiles.format {
+                    crate::ExactFormat::F16 => 0,
+                    crate::ExactFormat::Q8 => 1,
+                },
+                heads: int("kv heads", hkv)?,
+                tile_bytes: e.tiles.tile_bytes as c_long,
             })
         }
         None => None,
     };
+    let (tiles, g_t) = tiles_arg(opts.tiles.as_ref(), stream)?;
+    guards_t.extend(g_t);
     // SAFETY: sizes checked above; the workspace is sized by the kernel's own formula for all
     // splits; every slot a block writes is fully written before the merge reads it (same
     // stream); the exact part's pointers outlive the launch (guards held).
@@ -1363,62 +1596,59 @@ fn group_shape(s: &TqSpec) -> Vec<(c_int, c_int, c_int)> {
         .collect()
 }
 
-/// A tile table's shape and entries against the caches it points into: every tile a query
-/// can see lies inside both caches.
-#[allow(clippy::too_many_arguments)]
-fn check_tiles(
-    tt: &TileTable,
-    kernel: AttentionKernel,
+/// An exact part's table and tiles against its arena: every row a query reads (its sinks and
+/// window) lies in a held tile inside the arena.
+fn check_exact(
+    e: &ExactPart,
     b: usize,
+    t: usize,
     hkv: usize,
-    max_visible: usize,
-    kt: &DeviceTables,
-    vt: &DeviceTables,
-    kcache: &impl DevicePtr<u8>,
-    vcache: &impl DevicePtr<u8>,
+    d: usize,
+    visible: &[usize],
 ) -> Result<()> {
-    if kernel != AttentionKernel::TensorCore {
+    let x = &e.tiles;
+    if x.heads != hkv || x.dim != d || x.rows == 0 {
         return Err(Error::Config(format!(
-            "the {kernel} attention kernel reads the contiguous layout only, not a tile table"
+            "exact rows of {} heads × {} channels ({} per tile) for {hkv} heads of {d}",
+            x.heads, x.dim, x.rows
         )));
     }
-    if tt.host.len() != b * tt.per_seq || tt.table.len() != tt.host.len() {
+    if x.format == crate::ExactFormat::Q8 && d % 32 != 0 {
+        return Err(Error::Config(format!(
+            "q8_0 exact rows need a head_dim that is a multiple of 32, not {d}"
+        )));
+    }
+    if x.tile_bytes < x.rows * x.heads * x.row_bytes() || x.tile_bytes % 16 != 0 {
+        return Err(Error::Config(format!(
+            "tiles of {} bytes do not hold {} exact positions",
+            x.tile_bytes, x.rows
+        )));
+    }
+    if e.host_table.len() != b * e.per_seq || e.table.len() != e.host_table.len() {
         return Err(Error::Shape {
-            what: "tile table",
-            expected: b * tt.per_seq,
-            got: tt.host.len().min(tt.table.len()),
+            what: "exact table",
+            expected: b * e.per_seq,
+            got: e.host_table.len().min(e.table.len()),
         });
     }
-    let used = max_visible.div_ceil(TILE_SLOTS);
-    if used > tt.per_seq {
-        return Err(Error::Config(format!(
-            "a query sees {max_visible} slots but the tile table has {} tiles of {TILE_SLOTS} per sequence",
-            tt.per_seq
-        )));
-    }
-    let caches = [
-        ("key", kcache.len(), tt.k_tile, tt.k_head, kt.record_bytes()),
-        (
-            "value",
-            vcache.len(),
-            tt.v_tile,
-            tt.v_head,
-            vt.record_bytes(),
-        ),
-    ];
-    for (what, len, tile, head, rb) in caches {
-        for row in tt.host.chunks(tt.per_seq.max(1)) {
-            for &p in &row[..used] {
-                let end = usize::try_from(p)
-                    .ok()
-                    .and_then(|p| p.checked_mul(tile))
-                    .and_then(|o| o.checked_add((hkv - 1) * head + TILE_SLOTS * rb));
-                if end.is_none_or(|e| e > len) {
-                    return Err(Error::Config(format!(
-                        "tile {p} of the table lies outside the {what} cache ({len} bytes)"
-                    )));
-                }
-            }
+    let tiles = e.arena.len() / x.tile_bytes;
+    for i in 0..b {
+        let row = &e.host_table[i * e.per_seq..(i + 1) * e.per_seq];
+        let qs = i * t..(i + 1) * t;
+        let vis = visible[qs.clone()].iter().copied().max().unwrap_or(0);
+        let lo = qs
+            .filter(|&j| e.packed_end[j] < visible[j])
+            .map(|j| e.packed_end[j])
+            .min()
+            .unwrap_or(vis);
+        let held = |p: usize| {
+            row.get(p / x.rows)
+                .is_some_and(|&tile| tile >= 0 && (tile as usize) < tiles)
+        };
+        if let Some(p) = (0..e.sinks.min(vis)).chain(lo..vis).find(|&p| !held(p)) {
+            return Err(Error::Config(format!(
+                "sequence {i}: the exact row of position {p} is not in a held tile of the arena"
+            )));
         }
     }
     Ok(())

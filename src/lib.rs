@@ -38,6 +38,7 @@ pub mod kernel;
 pub mod lognorm;
 pub mod mse;
 pub mod packing;
+pub mod paged;
 pub mod qjl;
 pub mod quantizer;
 pub mod rng;

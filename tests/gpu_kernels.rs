@@ -6,8 +6,9 @@
 //!   slots outside the write window untouched.
 //! * dequantize: within 1e-5 (f32), 1e-3 (f16), 8e-3 (bf16) of the largest |value|.
 //! * decode attention: relative error ≤ 1e-3 against `attend_packed` on the same packed cache
-//!   (the tensor-core kernel, f16 operands: 4e-3; through a shuffled tile table: bit-equal to
-//!   its contiguous run).
+//!   (the tensor-core kernel, f16 operands: 4e-3; each kernel also through shuffled tile tables
+//!   of 64 and of 7 slots per tile: bit-equal to its contiguous run); the exact rows (sinks and
+//!   windows) in shuffled tiles of 3 positions, as a cache's arena holds them.
 #![cfg(feature = "cuda")]
 mod common;
 use common::{fresh_seed, kv_data as data, layer_heads};
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use tqkv::cuda::{
     attention_supported, decode_attention, decode_attention_mixed, decode_attention_with,
     dequantize, quantize_append, AppendShape, AttentionOptions, AttentionShape, DeviceTables,
-    ExactPart, ExactRows, StatusWord, TileTable, TILE_SLOTS,
+    ExactPart, StatusWord, TileTable,
 };
 use tqkv::device_tables::LayerTables;
 use tqkv::rng::Rng;
@@ -196,6 +197,7 @@ fn quantize_append_matches_the_cpu_quantizer() {
                 shape,
                 &start,
                 &new,
+                None,
                 &mut status,
             ))
             .unwrap();
@@ -324,7 +326,7 @@ where
     f32: From<T>,
 {
     let mut out = stream.alloc_zeros::<T>(len).unwrap();
-    dequantize(stream, dev, cache, shape, n, &mut out).unwrap();
+    dequantize(stream, dev, cache, shape, n, None, &mut out).unwrap();
     stream
         .clone_dtoh(&out)
         .unwrap()
@@ -462,14 +464,67 @@ fn mixed_attention_case(
         tokens: t,
         capacity: cap,
     };
-    let (ekd, evd) = (
-        stream.clone_htod(&ek).unwrap(),
-        stream.clone_htod(&ev).unwrap(),
+    // The exact rows repacked from the ring into shuffled tiles of 3 positions (an arena's
+    // layout, tqkv::paged::ExactTiles); tiles no query reads are absent.
+    let xt = tqkv::paged::ExactTiles {
+        tile_bytes: (3 * hkv * 4 * d).div_ceil(16) * 16,
+        heads: hkv,
+        dim: d,
+        format: tqkv::ExactFormat::F16,
+        rows: 3,
+    };
+    let eper = cap.div_ceil(xt.rows);
+    let mut eorder: Vec<usize> = (0..b * eper).collect();
+    for i in (1..eorder.len()).rev() {
+        eorder.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let mut earena: Vec<u8> = (0..b * eper * xt.tile_bytes)
+        .map(|_| rng.next_u64() as u8)
+        .collect();
+    let mut etable = vec![tqkv::paged::NO_TILE; b * eper];
+    if exact.is_some() {
+        for bi in 0..b {
+            let qs = bi * t..(bi + 1) * t;
+            let vis = visible[qs.clone()].iter().copied().max().unwrap_or(0);
+            let lo = qs
+                .filter(|&j| packed_end[j] < visible[j])
+                .map(|j| packed_end[j])
+                .min()
+                .unwrap_or(vis);
+            for p in (0..sinks.min(vis)).chain(lo..vis) {
+                let e = &mut etable[bi * eper + p / xt.rows];
+                if *e == tqkv::paged::NO_TILE {
+                    *e = eorder[bi * eper + p / xt.rows] as u32;
+                }
+                for h in 0..hkv {
+                    let src = ((bi * hkv + h) * slots + slot(p)) * d;
+                    let at = xt
+                        .rows()
+                        .at(&etable[bi * eper..(bi + 1) * eper], p, h)
+                        .unwrap();
+                    for j in 0..d {
+                        earena[at + 2 * j..at + 2 * j + 2]
+                            .copy_from_slice(&ek[src + j].to_le_bytes());
+                        earena[at + 2 * d + 2 * j..at + 2 * d + 2 * j + 2]
+                            .copy_from_slice(&ev[src + j].to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+    let etables: Vec<&[u32]> = etable.chunks(eper).collect();
+    let ehost = tqkv::paged::device_table(&etables, eper);
+    let (ead, etd) = (
+        stream.clone_htod(&earena).unwrap(),
+        stream.clone_htod(&ehost).unwrap(),
     );
     let part = ExactPart {
-        rows: ExactRows::F16 { k: &ekd, v: &evd },
+        arena: &ead,
+        table: &etd,
+        host_table: &ehost,
+        per_seq: eper,
+        tiles: xt,
         sinks,
-        ring,
         packed_end: &packed_end,
     };
     let part = exact.map(|_| &part);
@@ -478,83 +533,128 @@ fn mixed_attention_case(
     ))
     .unwrap();
     // Each kernel that takes the layout, with its tolerance against the CPU reference: the
-    // split kernel computes in f32 (1e-3), the tensor-core one with f16 operands (4e-3), also
-    // through a tile table over a shuffled pool (then bit-equal to its contiguous run).
+    // split kernel computes in f32 (1e-3), the tensor-core one with f16 operands (4e-3); each
+    // also through tile tables of 64 and of 7 slots over shuffled arenas (then bit-equal to
+    // its contiguous run).
     let mut runs = vec![("split", stream.clone_dtoh(&out).unwrap(), 1e-3)];
-    if attention_supported(AttentionKernel::TensorCore, &kd, &vd) {
-        // One cached workspace for both runs (as a layer reuses it).
-        let ws = std::sync::Mutex::new(tqkv::cuda::Workspace::default());
-        let run = |tiles: Option<TileTable>, kc: &CudaSlice<u8>, vc: &CudaSlice<u8>| {
-            let mut o = stream.alloc_zeros::<f32>(b * hq * t * d).unwrap();
-            let opts = AttentionOptions {
-                kernel: AttentionKernel::TensorCore,
-                tiles,
-                workspace: Some(&ws),
-            };
-            with_input_as!(stream, dtype, &q, |qd| decode_attention_with(
-                stream, &kd, &vd, &qd, kc, vc, shape, &visible, part, &opts, scale, &status,
-                &mut o,
-            ))
-            .unwrap();
-            stream.clone_dtoh(&o).unwrap()
+    // One cached workspace for every run (as a layer reuses it).
+    let ws = std::sync::Mutex::new(tqkv::cuda::Workspace::default());
+    let run = |kernel: AttentionKernel,
+               tiles: Option<TileTable>,
+               kc: &cudarc::driver::CudaView<u8>,
+               vc: &cudarc::driver::CudaView<u8>| {
+        let mut o = stream.alloc_zeros::<f32>(b * hq * t * d).unwrap();
+        let opts = AttentionOptions {
+            kernel,
+            tiles,
+            workspace: Some(&ws),
         };
-        let plain = run(None, &kcd, &vcd);
-        // The pool: the sequences' tiles in a random order among garbage tiles.
-        let per_seq = cap.div_ceil(TILE_SLOTS);
-        let n_tiles = b * per_seq + 3;
-        let mut order: Vec<i32> = (0..n_tiles as i32).collect();
-        for i in (1..n_tiles).rev() {
-            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
-        let table: Vec<i32> = order[..b * per_seq].to_vec();
-        let pool = |c: &[u8], rb: usize, rng: &mut Rng| -> Vec<u8> {
-            let mut p: Vec<u8> = (0..n_tiles * hkv * TILE_SLOTS * rb)
+        with_input_as!(stream, dtype, &q, |qd| decode_attention_with(
+            stream, &kd, &vd, &qd, kc, vc, shape, &visible, part, &opts, scale, &status, &mut o,
+        ))
+        .unwrap();
+        stream.clone_dtoh(&o).unwrap()
+    };
+    let kernels = if attention_supported(AttentionKernel::TensorCore, &kd, &vd) {
+        vec![AttentionKernel::Split, AttentionKernel::TensorCore]
+    } else {
+        eprintln!("{kcfg:?}/v{vbits} d={d}: not on the tensor-core kernel's path");
+        vec![AttentionKernel::Split]
+    };
+    // Records the queries read: after the sinks (with an exact part), up to the packed ends.
+    let rec_hi: Vec<usize> = (0..b)
+        .map(|bi| {
+            let ends = if exact.is_some() {
+                &packed_end
+            } else {
+                &visible
+            };
+            ends[bi * t..(bi + 1) * t]
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let lo_rec = if exact.is_some() { sinks } else { 0 };
+    for kernel in kernels {
+        let plain = run(kernel, None, &kcd.slice(0..), &vcd.slice(0..));
+        for slots_per_tile in [64usize, 7] {
+            // The arena: tiles [keys hkv × P × rbk | values hkv × P × rbv] in a random order
+            // among garbage tiles; tiles holding no record a query reads are absent (−1).
+            let rt = tqkv::paged::RecordTiles {
+                tile_bytes: (hkv * slots_per_tile * (rbk + rbv)).div_ceil(16) * 16,
+                heads: hkv,
+                slots: slots_per_tile,
+                key_bytes: rbk,
+                value_bytes: rbv,
+            };
+            let per_seq = cap.div_ceil(slots_per_tile);
+            let n_tiles = b * per_seq + 3;
+            let mut order: Vec<i32> = (0..n_tiles as i32).collect();
+            for i in (1..n_tiles).rev() {
+                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            let mut table = vec![-1i32; b * per_seq];
+            let mut arena: Vec<u8> = (0..n_tiles * rt.tile_bytes)
                 .map(|_| rng.next_u64() as u8)
                 .collect();
             for bi in 0..b {
                 for l in 0..per_seq {
-                    let phys = table[bi * per_seq + l] as usize;
+                    if (l + 1) * slots_per_tile <= lo_rec || l * slots_per_tile >= rec_hi[bi] {
+                        continue;
+                    }
+                    table[bi * per_seq + l] = order[bi * per_seq + l];
+                    let row: Vec<u32> = table[bi * per_seq..(bi + 1) * per_seq]
+                        .iter()
+                        .map(|&x| {
+                            if x < 0 {
+                                tqkv::paged::NO_TILE
+                            } else {
+                                x as u32
+                            }
+                        })
+                        .collect();
                     for h in 0..hkv {
-                        for s in l * TILE_SLOTS..cap.min((l + 1) * TILE_SLOTS) {
-                            let src = ((bi * hkv + h) * cap + s) * rb;
-                            let dst = ((phys * hkv + h) * TILE_SLOTS + s % TILE_SLOTS) * rb;
-                            p[dst..dst + rb].copy_from_slice(&c[src..src + rb]);
+                        for s in l * slots_per_tile..cap.min((l + 1) * slots_per_tile) {
+                            for (rows, c, rb) in [(rt.keys(), &kc, rbk), (rt.values(), &vc, rbv)] {
+                                let src = ((bi * hkv + h) * cap + s) * rb;
+                                let dst = rows.at(&row, s, h).unwrap();
+                                arena[dst..dst + rb].copy_from_slice(&c[src..src + rb]);
+                            }
                         }
                     }
                 }
             }
-            p
-        };
-        let (kp, vp) = (pool(&kc, rbk, rng), pool(&vc, rbv, rng));
-        let (kpd, vpd) = (
-            stream.clone_htod(&kp).unwrap(),
-            stream.clone_htod(&vp).unwrap(),
-        );
-        let td = stream.clone_htod(&table).unwrap();
-        let paged = run(
-            Some(TileTable {
-                table: &td,
-                host: &table,
-                per_seq,
-                k_tile: hkv * TILE_SLOTS * rbk,
-                k_head: TILE_SLOTS * rbk,
-                v_tile: hkv * TILE_SLOTS * rbv,
-                v_head: TILE_SLOTS * rbv,
-            }),
-            &kpd,
-            &vpd,
-        );
-        assert!(
-            plain
-                .iter()
-                .zip(&paged)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "{kcfg:?}/v{vbits} d={d} G={g} T={t}: the tile table changes the tensor-core result"
-        );
-        runs.push(("tc", plain, 4e-3));
-        runs.push(("tc + tile table", paged, 4e-3));
-    } else {
-        eprintln!("{kcfg:?}/v{vbits} d={d}: not on the tensor-core kernel's path");
+            let ad = stream.clone_htod(&arena).unwrap();
+            let td = stream.clone_htod(&table).unwrap();
+            let (kr, vr) = (rt.keys(), rt.values());
+            let paged = run(
+                kernel,
+                Some(TileTable {
+                    table: &td,
+                    host: &table,
+                    per_seq,
+                    slots: slots_per_tile,
+                    k_tile: kr.tile_bytes,
+                    k_head: kr.head_stride,
+                    v_tile: vr.tile_bytes,
+                    v_head: vr.head_stride,
+                }),
+                &ad.slice(0..),
+                &ad.slice(vr.offset..),
+            );
+            assert!(
+                plain
+                    .iter()
+                    .zip(&paged)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{kernel}: {kcfg:?}/v{vbits} d={d} G={g} T={t}: tiles of {slots_per_tile} change the result"
+            );
+        }
+        if kernel == AttentionKernel::TensorCore {
+            runs.push(("tc", plain, 4e-3));
+        }
     }
     let case = common::PackedCase {
         q: &q,
@@ -809,7 +909,17 @@ fn bad_inputs_are_errors_not_panics() {
         capacity: 4,
     };
     let append = |cache: &mut CudaSlice<u8>, start: usize, status: &mut StatusWord| {
-        quantize_append(&stream, &dev, &xd, cache, shape, &[start], &[t], status)
+        quantize_append(
+            &stream,
+            &dev,
+            &xd,
+            cache,
+            shape,
+            &[start],
+            &[t],
+            None,
+            status,
+        )
     };
     append(&mut cache, 0, &mut status).unwrap();
     let err = status.read(&stream).unwrap_err().to_string();

@@ -1,11 +1,14 @@
 // Runs kernels/decode_attention.cu on the CPU (tq_emu.h) over the cases written by
 // tests/emu_cases.rs and compares with the CPU reference's output they carry: both split
-// kernels (the tensor-core one where it takes the layout), several split plans, the
-// tensor-core kernel also through a shuffled tile table (bit-equal to its contiguous run).
+// kernels (the tensor-core one where it takes the layout), several split plans, each also
+// through shuffled tile tables of 64 and of 7 slots per tile (bit-equal to its contiguous
+// run; tiles no query reads are absent, −1). The exact rows (sinks and windows) are repacked
+// from the case's ring into shuffled tiles of 3 positions, as a cache's arena holds them.
 // Outputs and workspace start poisoned (NaN), so an element a kernel fails to write fails.
 //
 //   scripts/emulate-kernels.sh (g++ -DTQ_EMU -I tests/emu -I kernels -I $CUDA_ROOT/include …)
 #include "../../kernels/decode_attention.cu"
+#include "../../kernels/tile_rows.cu"
 
 #include <map>
 #include <string>
@@ -103,8 +106,38 @@ static uint64_t next_u64() {
   return rng_state;
 }
 
+// tile_rows.cu: rows scattered into shuffled tiles land where tqkv::paged::TileRows puts them
+// and gather back unchanged (rows of 7 and 8 bytes: the byte and the word paths).
+static int check_copy_rows() {
+  int failures = 0;
+  for (int rb : {7, 8}) {
+    const int heads = 3, per_tile = 5, first = 4, n = 13;
+    const long slot_stride = (long)heads * rb, tile_bytes = ((long)per_tile * slot_stride + 5 + 15) / 16 * 16;
+    const int t0 = first / per_tile, t1 = (first + n - 1) / per_tile + 1;
+    std::vector<int> table;
+    for (int j = t0; j < t1; ++j) table.push_back((j * 7 + 3) % (t1 - t0 + 2));
+    std::vector<unsigned char> arena((size_t)(t1 - t0 + 2) * tile_bytes, 0xAB), dense((size_t)heads * n * rb);
+    for (auto& x : dense) x = (unsigned char)next_u64();
+    const TqRows r{table.data(), per_tile, heads, tile_bytes, 5, slot_stride, (long)rb, (long)rb};
+    int rc = tqkv_copy_rows(arena.data(), dense.data(), &r, first, n, 1, nullptr);
+    long wrong = 0;
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < n; ++i) {
+        const int s = first + i;
+        const long at = (long)table[s / per_tile - t0] * tile_bytes + 5 + (s % per_tile) * slot_stride + h * rb;
+        wrong += memcmp(&arena[at], &dense[((size_t)h * n + i) * rb], rb) != 0;
+      }
+    std::vector<unsigned char> back(dense.size(), 0);
+    rc |= tqkv_copy_rows(arena.data(), back.data(), &r, first, n, 0, nullptr);
+    wrong += back != dense;
+    printf("copy rows of %d bytes: %ld rows misplaced (rc %d)%s\n", rb, wrong, rc, wrong || rc ? "  FAIL" : "");
+    failures += wrong || rc;
+  }
+  return failures;
+}
+
 int main(int argc, char** argv) {
-  int failures = 0, runs = 0;
+  int failures = check_copy_rows(), runs = 2;
   for (int a = 1; a < argc; ++a) {
     const auto m = load(argv[a]);
     const int* dm = get(m, "dims").as<int>();
@@ -139,46 +172,108 @@ int main(int argc, char** argv) {
       if (packed_end[i] < visible[i]) lo = min(lo, packed_end[i]);
     }
     if (lo == 1 << 30) lo = maxvis;
+    // Per sequence: the records its queries read (lo_rec .. rec_hi[b]) and the exact rows
+    // (sinks, then ex_lo[b] .. ex_hi[b]).
+    std::vector<int> rec_hi(B, 0), ex_lo(B, 1 << 30), ex_hi(B, 0);
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < T; ++t) {
+        const int i = b * T + t;
+        rec_hi[b] = max(rec_hi[b], has_exact ? packed_end[i] : visible[i]);
+        ex_hi[b] = max(ex_hi[b], visible[i]);
+        if (packed_end[i] < visible[i]) ex_lo[b] = min(ex_lo[b], packed_end[i]);
+      }
+    const int lo_rec = has_exact ? sinks : 0;
     TqExact ex{};
+    std::vector<unsigned char> earena;
+    std::vector<int> etable;
     if (has_exact) {
       ex.format = dm[11];
-      if (ex.format == 1) {
-        ex.kq = get(m, "ekq").as<uint8_t>();
-        ex.kqs = get(m, "eks").as<__half>();
-        ex.vq = get(m, "evq").as<uint8_t>();
-        ex.vqs = get(m, "evs").as<__half>();
-      } else {
-        ex.k = get(m, "ek").as<__half>();
-        ex.v = get(m, "ev").as<__half>();
-      }
+      // The ring's rows repacked into tiles of ER positions [ER, Hkv, key | value], shuffled;
+      // tiles holding no row a query reads are absent (−1).
+      const int ER = 3;
+      const int vb = ex.format == 0 ? 2 * d : d + d / 16, rowb = 2 * vb, slots = sinks + ring;
+      const long etb = ((long)ER * Hkv * rowb + 15) / 16 * 16;
+      const int eper = (cap + ER - 1) / ER;
+      std::vector<int> order(B * eper);
+      for (int i = 0; i < B * eper; ++i) order[i] = i;
+      for (int i = B * eper - 1; i > 0; --i) std::swap(order[i], order[next_u64() % (i + 1)]);
+      earena.resize((size_t)B * eper * etb);
+      for (auto& x : earena) x = (unsigned char)next_u64();
+      etable.assign(B * eper, -1);
+      const __half* ek = get(m, "ek").as<__half>();
+      const __half* ev = get(m, "ev").as<__half>();
+      const uint8_t* ekq = get(m, "ekq").as<uint8_t>();
+      const __half* eks = get(m, "eks").as<__half>();
+      const uint8_t* evq = get(m, "evq").as<uint8_t>();
+      const __half* evs = get(m, "evs").as<__half>();
+      for (int b = 0; b < B; ++b)
+        for (int p = 0; p < ex_hi[b]; ++p) {
+          if (!(p < sinks || p >= ex_lo[b])) continue;
+          int& tile = etable[b * eper + p / ER];
+          if (tile < 0) tile = order[b * eper + p / ER];
+          const int slot = p < sinks ? p : sinks + p % max(1, ring);
+          for (int h = 0; h < Hkv; ++h) {
+            const long src = ((long)b * Hkv + h) * slots + slot;
+            unsigned char* dst = &earena[(size_t)tile * etb + ((size_t)(p % ER) * Hkv + h) * rowb];
+            if (ex.format == 0) {
+              memcpy(dst, ek + src * d, 2 * d);
+              memcpy(dst + vb, ev + src * d, 2 * d);
+            } else {
+              memcpy(dst, ekq + src * d, d);
+              memcpy(dst + d, eks + src * (d / 32), d / 16);
+              memcpy(dst + vb, evq + src * d, d);
+              memcpy(dst + vb + d, evs + src * (d / 32), d / 16);
+            }
+          }
+        }
+      ex.base = earena.data();
+      ex.table = etable.data();
+      ex.per_seq = eper;
+      ex.rows = ER;
+      ex.heads = Hkv;
+      ex.tile_bytes = etb;
       ex.packed_end = packed_end;
       ex.sinks = sinks;
-      ex.ring = ring;
       const int positions = min(sinks, maxvis) + max(0, maxvis - lo);
       ex.splits = max(1, min(64, (positions + 255) / 256));
     }
-    // A shuffled pool of 64-slot tiles for the table runs.
-    const int per_seq = (cap + TQ_TC_TILE - 1) / TQ_TC_TILE, n_tiles = B * per_seq + 3;
-    std::vector<int> order(n_tiles);
-    for (int i = 0; i < n_tiles; ++i) order[i] = i;
-    for (int i = n_tiles - 1; i > 0; --i) std::swap(order[i], order[next_u64() % (i + 1)]);
-    std::vector<int> table(order.begin(), order.begin() + B * per_seq);
-    auto pool = [&](const Arr& c, int rb) {
-      std::vector<unsigned char> p((size_t)n_tiles * Hkv * TQ_TC_TILE * rb);
-      for (auto& x : p) x = (unsigned char)next_u64();
-      for (int b = 0; b < B; ++b)
-        for (int l = 0; l < per_seq; ++l)
-          for (int h = 0; h < Hkv; ++h)
-            for (int s = l * TQ_TC_TILE; s < min(cap, (l + 1) * TQ_TC_TILE); ++s)
-              memcpy(&p[(((size_t)table[b * per_seq + l] * Hkv + h) * TQ_TC_TILE + s % TQ_TC_TILE) * rb],
-                     &c.data[(((size_t)b * Hkv + h) * cap + s) * rb], rb);
-      return p;
+    // Record arenas of P slots per tile [keys Hkv × P × rbk | values Hkv × P × rbv], shuffled;
+    // tiles holding no record a query reads are absent (−1).
+    struct Paged {
+      std::vector<unsigned char> arena;
+      std::vector<int> table;
+      TqTiles tt;
+      long voff;
     };
-    const auto kp = pool(kc, rbk), vp = pool(vc, rbv);
-    const TqTiles tt{table.data(), per_seq, (long)Hkv * TQ_TC_TILE * rbk, (long)TQ_TC_TILE * rbk,
-                     (long)Hkv * TQ_TC_TILE * rbv, (long)TQ_TC_TILE * rbv};
+    auto paged = [&](int P) {
+      Paged pg;
+      const int per_seq = (cap + P - 1) / P, n_tiles = B * per_seq + 3;
+      const long tb = ((long)Hkv * P * (rbk + rbv) + 15) / 16 * 16;
+      std::vector<int> order(n_tiles);
+      for (int i = 0; i < n_tiles; ++i) order[i] = i;
+      for (int i = n_tiles - 1; i > 0; --i) std::swap(order[i], order[next_u64() % (i + 1)]);
+      pg.table.assign(B * per_seq, -1);
+      pg.arena.resize((size_t)n_tiles * tb);
+      for (auto& x : pg.arena) x = (unsigned char)next_u64();
+      pg.voff = (long)Hkv * P * rbk;
+      for (int b = 0; b < B; ++b)
+        for (int l = 0; l < per_seq; ++l) {
+          if ((l + 1) * P <= lo_rec || l * P >= rec_hi[b]) continue;
+          const int tile = order[b * per_seq + l];
+          pg.table[b * per_seq + l] = tile;
+          for (int h = 0; h < Hkv; ++h)
+            for (int s = l * P; s < min(cap, (l + 1) * P); ++s) {
+              memcpy(&pg.arena[(size_t)tile * tb + ((size_t)h * P + s % P) * rbk],
+                     &kc.data[(((size_t)b * Hkv + h) * cap + s) * rbk], rbk);
+              memcpy(&pg.arena[(size_t)tile * tb + pg.voff + ((size_t)h * P + s % P) * rbv],
+                     &vc.data[(((size_t)b * Hkv + h) * cap + s) * rbv], rbv);
+            }
+        }
+      pg.tt = TqTiles{pg.table.data(), per_seq, P, tb, (long)P * rbk, tb, (long)P * rbv};
+      return pg;
+    };
+    const Paged pages[2] = {paged(64), paged(7)};
     int status = 0;
-    std::vector<float> tc_plain;
     for (int kernel = 0; kernel < 2; ++kernel) {
       if (!tqkv_decode_attention_supported(kernel, ks.data(), vs.data(), cycle)) {
         printf("%-36s kernel %d: layout not taken (skipped)\n", argv[a], kernel);
@@ -187,17 +282,21 @@ int main(int argc, char** argv) {
       const double tol = kernel == 0 ? 1e-3 : 4e-3;
       // Plans: small chunks (many splits), and one split.
       const int chunks[2] = {kernel == 1 ? 64 : 50, max(64, (maxvis + 63) / 64 * 64)};
-      for (int pi = 0; pi < 2; ++pi)
-        for (int use_table = 0; use_table < (kernel == 1 ? 2 : 1); ++use_table) {
+      for (int pi = 0; pi < 2; ++pi) {
+        std::vector<float> plain;
+        // Layouts: contiguous, then the tile tables of 64 and of 7 slots per tile.
+        for (int layout = 0; layout < 3; ++layout) {
+          const Paged* pg = layout == 0 ? nullptr : &pages[layout - 1];
+          const uint8_t* kbase = pg ? pg->arena.data() : kc.data.data();
+          const uint8_t* vbase = pg ? pg->arena.data() + pg->voff : vc.data.data();
           const int chunk = chunks[pi];
           const int splits = max(1, (max(1, maxvis) + chunk - 1) / chunk);
           const int total = splits + (has_exact ? ex.splits : 0);
           const long wsf = tqkv_decode_attention_workspace(kernel, &vs[0], cycle, B, Hq, Hkv, T, total);
           std::vector<float> ws(wsf, NAN), out(nq, NAN);
-          const int rc = tqkv_decode_attention(
-              kernel, q, qd, use_table ? kp.data() : kc.data.data(), use_table ? vp.data() : vc.data.data(), visible,
-              kch, vch, ks.data(), vs.data(), cycle, B, Hq, Hkv, T, cap, use_table ? &tt : nullptr, scale, splits,
-              chunk, has_exact ? &ex : nullptr, ws.data(), &status, out.data(), 0, nullptr);
+          const int rc = tqkv_decode_attention(kernel, q, qd, kbase, vbase, visible, kch, vch, ks.data(), vs.data(),
+                                               cycle, B, Hq, Hkv, T, cap, pg ? &pg->tt : nullptr, scale, splits, chunk,
+                                               has_exact ? &ex : nullptr, ws.data(), &status, out.data(), 0, nullptr);
           ++runs;
           if (rc != 0) {
             printf("%-36s kernel %d chunk %d: launcher returned %d\n", argv[a], kernel, chunk, rc);
@@ -230,14 +329,14 @@ int main(int argc, char** argv) {
                 }
                 worst = std::isnan(rel) ? INFINITY : max(worst, rel);
               }
-          if (pi == 0 && !use_table) {
+          if (pi == 0 && layout == 0) {
             // The same plan with f16 output: the f32 output rounded, element for element.
             std::vector<__half> o16(nq, __float2half_rn(NAN));
             std::vector<float> ws2(wsf, NAN);
-            const int rc2 = tqkv_decode_attention(kernel, q, qd, kc.data.data(), vc.data.data(), visible, kch, vch,
-                                                  ks.data(), vs.data(), cycle, B, Hq, Hkv, T, cap, nullptr, scale,
-                                                  splits, chunk, has_exact ? &ex : nullptr, ws2.data(), &status,
-                                                  o16.data(), 1, nullptr);
+            const int rc2 = tqkv_decode_attention(kernel, q, qd, kbase, vbase, visible, kch, vch, ks.data(),
+                                                  vs.data(), cycle, B, Hq, Hkv, T, cap, nullptr, scale, splits, chunk,
+                                                  has_exact ? &ex : nullptr, ws2.data(), &status, o16.data(), 1,
+                                                  nullptr);
             long diff = 0;
             for (long i = 0; i < nq; ++i) {
               const __half r = __float2half_rn(out[i]);
@@ -249,16 +348,17 @@ int main(int argc, char** argv) {
               ++failures;
             }
           }
-          if (kernel == 1 && pi == 0 && !use_table) tc_plain = out;
+          if (layout == 0) plain = out;
           bool same = true;
-          if (kernel == 1 && pi == 0 && use_table)
-            for (long i = 0; i < nq; ++i) same &= memcmp(&out[i], &tc_plain[i], 4) == 0;
+          if (layout > 0)
+            for (long i = 0; i < nq; ++i) same &= memcmp(&out[i], &plain[i], 4) == 0;
           const bool ok = bad_rows == 0 && same;
+          const char* names[3] = {"          ", " tiles 64 ", " tiles 7  "};
           printf("%-36s kernel %d chunk %4d splits %3d%s: max rel %.2e (tol %.0e)%s%s\n", argv[a], kernel, chunk,
-                 splits, use_table ? " table" : "      ", worst, tol, same ? "" : " DIFFERS FROM CONTIGUOUS",
-                 ok ? "" : "  FAIL");
+                 splits, names[layout], worst, tol, same ? "" : " DIFFERS FROM CONTIGUOUS", ok ? "" : "  FAIL");
           if (!ok) ++failures;
         }
+      }
     }
   }
   printf("%d runs, %d failures\n", runs, failures);

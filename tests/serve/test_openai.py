@@ -60,7 +60,7 @@ def wait_idle(base, timeout=60):
     while time.time() - t < timeout:
         if (metric(base, "tqkv_requests_running") == 0
                 and metric(base, "tqkv_requests_waiting") == 0
-                and metric(base, "tqkv_kv_tiles_used") == 0):
+                and metric(base, "tqkv_kv_tiles_used") == metric(base, "tqkv_prefix_tiles")):
             return
         time.sleep(0.2)
     raise AssertionError(f"the server did not return to idle: {metrics(base)}")

@@ -191,6 +191,27 @@ impl Attention {
         self.cache.as_ref()
     }
 
+    /// A layer like this one over a fork of its cache's sequence `0` ([`KvCache::fork`]).
+    pub fn fork(&self) -> Result<Attention> {
+        if self.step_open {
+            fail!(Protocol, "fork inside an open step");
+        }
+        Ok(Attention {
+            cache: self.cache.fork(0)?,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            chunk: self.chunk,
+            step_open: false,
+        })
+    }
+
+    /// The cache, mutably (truncation and the like; a step of the layer must not be open).
+    pub fn cache_mut(&mut self) -> &mut dyn KvCache {
+        self.cache.as_mut()
+    }
+
     /// Forgets all tokens (and closes an open step).
     pub fn reset(&mut self) {
         self.step_open = false;

@@ -89,6 +89,51 @@ pub trait KvCache: Send + Sync {
 
     /// A short name of the kind, e.g. `f16`, `q8`, `tq3.5`.
     fn kind_name(&self) -> String;
+
+    /// Tiles of its arena the cache holds (a tile shared with other caches counts in each);
+    /// 0 for kinds that keep their own buffers.
+    fn tiles_held(&self) -> usize {
+        0
+    }
+
+    /// The arena tiles the cache holds references to (empty for kinds that keep their own
+    /// buffers): accounting checks count the distinct ones against the arena's own count.
+    fn tile_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// For a paged cache: (tiles it holds right after appending a sequence from `have` to
+    /// `total` tokens, tiles it holds once that step commits) — what a server plans its
+    /// arena with. `None` for kinds that keep their own buffers, or before the calibration a
+    /// kind's layout depends on.
+    fn tiles_for(&self, _have: usize, _total: usize) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Drops the tokens of sequence `seq` past `len` (≤ its length), as if they had never been
+    /// appended; outside a step. A kind that quantized positions the shorter sequence reads
+    /// exactly (a TurboQuant window) errors and changes nothing, unless it kept their rows
+    /// ([`KvCache::set_truncation_margin`]).
+    fn truncate(&mut self, _seq: usize, _len: usize) -> Result<()> {
+        Err(Error::Unsupported(format!(
+            "the {} KV cache cannot be truncated",
+            self.kind_name()
+        )))
+    }
+
+    /// Keeps what truncating any sequence by up to `tokens` tokens needs (a TurboQuant cache
+    /// with an exact window: the rows of the positions those shorter windows read, held longer;
+    /// nothing for kinds that can always truncate).
+    fn set_truncation_margin(&mut self, _tokens: usize) {}
+
+    /// A new cache (batch 1) holding sequence `seq` of this one, sharing its storage where
+    /// the kind can (paged caches: the tiles, reference-counted), outside a step.
+    fn fork(&self, _seq: usize) -> Result<Box<dyn KvCache>> {
+        Err(Error::Unsupported(format!(
+            "the {} KV cache cannot be forked",
+            self.kind_name()
+        )))
+    }
 }
 
 /// Shape and bookkeeping shared by all caches: sequence lengths and the last append.

@@ -33,6 +33,34 @@ pub enum CacheKind {
     Turbo(KvSpec),
 }
 
+impl CacheKind {
+    /// Whether the kind stores its tokens in a [`crate::TileArena`]'s tiles
+    /// ([`CacheConfig::build_paged`]).
+    pub fn pages(&self) -> bool {
+        matches!(self, CacheKind::Turbo(_))
+    }
+
+    /// For a kind that pages, the bytes of one position of one KV head at `head_dim`: (a key
+    /// record + a value record, an exact row — 0 without exact tokens); `None` for the others.
+    pub fn position_bytes(&self, head_dim: usize) -> Result<Option<(usize, usize)>> {
+        let CacheKind::Turbo(spec) = self else {
+            return Ok(None);
+        };
+        let rb = |s: tqkv::QuantSpec| -> Result<usize> {
+            Ok(
+                tqkv::VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, 0)?
+                    .record_bytes(),
+            )
+        };
+        let exact = if spec.has_exact() {
+            2 * spec.exact_format.vector_bytes(head_dim)
+        } else {
+            0
+        };
+        Ok(Some((rb(spec.key)? + rb(spec.value)?, exact)))
+    }
+}
+
 impl std::str::FromStr for CacheKind {
     type Err = Error;
     /// `f32`, `f16`, `bf16`, `q8`, `q4h`, `q5h`, `kivi2`, `kivi4`, `kivi<b>-r<N>`; the presets
@@ -456,6 +484,28 @@ impl CacheConfig {
             kv_heads,
             head_dim,
             device,
+            None,
+        )
+    }
+
+    /// [`Self::build_in`] with the storage in `arena` (shared with every cache built in it)
+    /// for the kinds that page ([`CacheKind::pages`]); the other kinds keep their own buffers
+    /// on the arena's device.
+    pub fn build_paged(
+        &self,
+        layer: usize,
+        n_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        arena: &std::sync::Arc<crate::TileArena>,
+    ) -> Result<Box<dyn KvCache>> {
+        self.build_kind(
+            self.kind_for(layer, n_layers, kv_heads, head_dim)?,
+            layer,
+            kv_heads,
+            head_dim,
+            arena.device(),
+            Some(arena),
         )
     }
 
@@ -467,7 +517,7 @@ impl CacheConfig {
         head_dim: usize,
         device: &Device,
     ) -> Result<Box<dyn KvCache>> {
-        self.build_kind(self.kind_of(layer), layer, kv_heads, head_dim, device)
+        self.build_kind(self.kind_of(layer), layer, kv_heads, head_dim, device, None)
     }
 
     fn build_kind(
@@ -477,6 +527,7 @@ impl CacheConfig {
         kv_heads: usize,
         head_dim: usize,
         device: &Device,
+        arena: Option<&std::sync::Arc<crate::TileArena>>,
     ) -> Result<Box<dyn KvCache>> {
         if kv_heads == 0 || head_dim == 0 {
             fail!(Kind, "a KV cache needs kv_heads ≥ 1 and head_dim ≥ 1");
@@ -506,14 +557,13 @@ impl CacheConfig {
             CacheKind::Kivi { bits, residual } => {
                 Box::new(KiviCache::new(bits, residual, kv_heads, head_dim, max)?)
             }
-            CacheKind::Turbo(spec) => Box::new(TurboCache::new(
-                spec,
-                kv_heads,
-                head_dim,
-                device,
-                tqkv::rng::derive_seed(self.seed, layer as u64),
-                max,
-            )?),
+            CacheKind::Turbo(spec) => {
+                let seed = tqkv::rng::derive_seed(self.seed, layer as u64);
+                Box::new(match arena {
+                    Some(a) => TurboCache::new_in(spec, kv_heads, head_dim, a, seed, max)?,
+                    None => TurboCache::new(spec, kv_heads, head_dim, device, seed, max)?,
+                })
+            }
         })
     }
 }

@@ -5,17 +5,19 @@
 //! prefill appends and by [`crate::TurboCache::check_status`]; attention over a poisoned cache
 //! returns NaN).
 //!
-//! Layouts are those of [`crate::ops`]: caches u8 `[batch, kv_heads, capacity, record_bytes]`
-//! (contiguous, offset 0), inputs and queries f32/f16/bf16 `[batch, heads, tokens, head_dim]`
-//! (contiguous), attention output `[batch, q_heads, tokens, head_dim]` in the queries' dtype.
+//! Layouts are those of [`crate::ops`] and [`crate::tile_ops`]: the arena u8 `[tiles,
+//! tile_bytes]` (contiguous, offset 0) reached through the sequences' tables (uploaded per call),
+//! inputs and queries f32/f16/bf16 `[batch, heads, tokens, head_dim]` (contiguous), attention
+//! output `[batch, q_heads, tokens, head_dim]` in the queries' dtype.
 
 use crate::ops::{TqAppend, TqAttend, TqDequantize};
+use crate::tile_ops::{GatherRows, RowsPlace};
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 use std::sync::{Arc, Mutex};
-use tqkv::cuda::{AppendShape, AttentionShape, DeviceTables, StatusWord};
+use tqkv::cuda::{AppendShape, AttentionShape, DeviceTables, StatusWord, TileTable};
 use tqkv::device_tables::LayerTables;
 
 fn wrap(e: tqkv::Error) -> candle_core::Error {
@@ -123,6 +125,40 @@ fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
+/// A table of every sequence's tiles (`[batch, per_seq]`, −1 where none) on the host and the
+/// device.
+fn upload_tables(
+    tables: &[Vec<u32>],
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> Result<(Vec<i32>, CudaSlice<i32>, usize)> {
+    let per_seq = tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+    let host = tqkv::paged::device_table(&refs, per_seq);
+    let dev = stream
+        .clone_htod(&host)
+        .map_err(|e| candle_core::Error::msg(format!("uploading a tile table: {e}")))?;
+    Ok((host, dev, per_seq))
+}
+
+/// A [`TileTable`] of one part of an arena (its strides in the key fields).
+fn part_table<'a>(
+    host: &'a [i32],
+    dev: &'a CudaSlice<i32>,
+    per_seq: usize,
+    rows: &tqkv::paged::TileRows,
+) -> TileTable<'a> {
+    TileTable {
+        table: dev,
+        host,
+        per_seq,
+        slots: rows.per_tile,
+        k_tile: rows.tile_bytes,
+        k_head: rows.head_stride,
+        v_tile: rows.tile_bytes,
+        v_head: rows.head_stride,
+    }
+}
+
 /// Quantize-append on the GPU.
 pub fn append(
     op: &TqAppend,
@@ -134,8 +170,8 @@ pub fn append(
     let gpu = gpu_of(&op.gpu, "tqkv-append")?;
     let tables = if op.what == "values" { &gpu.v } else { &gpu.k };
     let stream = dst.device.cuda_stream();
-    if offsets(dl, "the cache")?.0 != 0 {
-        candle_core::bail!("tqkv-append: the cache must start at offset 0");
+    if offsets(dl, "the arena")?.0 != 0 {
+        candle_core::bail!("tqkv-append: the arena must start at offset 0");
     }
     let (b, h, t, _) = dims4(sl, op.what)?;
     let (s, e) = offsets(sl, op.what)?;
@@ -143,49 +179,50 @@ pub fn append(
         batch: b,
         heads: h,
         tokens: t,
-        capacity: op.capacity,
+        capacity: 0,
     };
-    let cache = dst.as_cuda_slice_mut::<u8>()?;
+    let (host, dev, per_seq) = upload_tables(&op.tables, &stream)?;
+    let tt = part_table(&host, &dev, per_seq, &op.rows);
+    let arena = dst.as_cuda_slice_mut::<u8>()?;
+    let mut part = arena.slice_mut(op.rows.offset..);
     let mut status = lock(&gpu.status)?;
     let what = || format!("tqkv-append: {}", op.what);
     let r = with_float_slice!(&src.slice, what(), |x| tqkv::cuda::quantize_append(
         &stream,
         tables,
         &x.slice(s..e),
-        cache,
+        &mut part,
         shape,
         &op.start,
         &op.new,
+        Some(&tt),
         &mut status,
     ));
     r.map_err(wrap)
 }
 
-fn u8_cache<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<&'a CudaSlice<u8>> {
+fn arena_slice<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<&'a CudaSlice<u8>> {
     if offsets(l, what)?.0 != 0 {
         candle_core::bail!("{what} must start at offset 0");
     }
     s.as_cuda_slice::<u8>()
 }
 
-/// Fused attention over the packed caches on the GPU.
+/// Fused attention over the records (and exact rows) in the arena on the GPU.
 pub fn attend(
     op: &TqAttend,
     q: &CudaStorage,
     ql: &Layout,
-    k: &CudaStorage,
-    kl: &Layout,
-    v: &CudaStorage,
-    vl: &Layout,
+    s: &CudaStorage,
+    l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let gpu = gpu_of(&op.gpu, "tqkv-attend")?;
     let stream = q.device.cuda_stream();
     let (b, hq, t, d) = dims4(ql, "queries")?;
-    let (s, e) = offsets(ql, "queries")?;
-    let (kc, vc) = (
-        u8_cache(k, kl, "key cache")?,
-        u8_cache(v, vl, "value cache")?,
-    );
+    let (qs, qe) = offsets(ql, "queries")?;
+    let arena = arena_slice(s, l, "the arena")?;
+    let (kr, vr) = (op.records.keys(), op.records.values());
+    let (kc, vc) = (arena.slice(kr.offset..), arena.slice(vr.offset..));
     let visible: Vec<usize> = (0..b)
         .flat_map(|i| (0..t).map(move |r| (i, r)))
         .map(|(i, r)| op.state.visible(i, r))
@@ -195,38 +232,36 @@ pub fn attend(
         q_heads: hq,
         kv_heads: op.state.kv_heads,
         tokens: t,
-        capacity: op.capacity,
+        capacity: 0,
     };
-    // The exact part straight from the store's tensors (contiguous, offset 0): f16 rows, or
-    // q8_0 codes and scales, which the kernel decodes itself.
-    let guards: Vec<_> = op
-        .exact
-        .iter()
-        .flat_map(|x| x.store.parts.iter().map(|t| t.storage_and_layout()))
-        .collect();
-    let part = match &op.exact {
-        Some(x) => {
-            let rows = match (x.store.format, &guards[..]) {
-                (tqkv::ExactFormat::F16, [k, v]) => tqkv::cuda::ExactRows::F16 {
-                    k: store_slice(&k.0, k.1)?,
-                    v: store_slice(&v.0, v.1)?,
-                },
-                (tqkv::ExactFormat::Q8, [kc, ks, vc, vs]) => tqkv::cuda::ExactRows::Q8 {
-                    k: store_slice(&kc.0, kc.1)?,
-                    k_scales: store_slice(&ks.0, ks.1)?,
-                    v: store_slice(&vc.0, vc.1)?,
-                    v_scales: store_slice(&vs.0, vs.1)?,
-                },
-                (f, p) => candle_core::bail!("tqkv-attend: a {f:?} store of {} parts", p.len()),
-            };
-            Some(tqkv::cuda::ExactPart {
-                rows,
-                sinks: x.store.sinks,
-                ring: x.store.ring,
-                packed_end: &x.packed_end,
-            })
-        }
+    let (host, dev, per_seq) = upload_tables(&op.tables, &stream)?;
+    let tiles = TileTable {
+        table: &dev,
+        host: &host,
+        per_seq,
+        slots: op.records.slots,
+        k_tile: kr.tile_bytes,
+        k_head: kr.head_stride,
+        v_tile: vr.tile_bytes,
+        v_head: vr.head_stride,
+    };
+    // The exact part straight from the arena: f16 rows, or q8_0 codes and scales, which the
+    // kernel decodes itself.
+    let ex_tables = match &op.exact {
+        Some(x) => Some(upload_tables(&x.tables, &stream)?),
         None => None,
+    };
+    let part = match (&op.exact, &ex_tables) {
+        (Some(x), Some((h, d_, per))) => Some(tqkv::cuda::ExactPart {
+            arena,
+            table: d_,
+            host_table: h,
+            per_seq: *per,
+            tiles: x.tiles,
+            sinks: x.sinks,
+            packed_end: &x.packed_end,
+        }),
+        _ => None,
     };
     // The chosen kernel where it takes the layout, else the split kernel (documented fallback).
     let kernel = if tqkv::cuda::attention_supported(op.kernel, &gpu.k, &gpu.v) {
@@ -236,7 +271,7 @@ pub fn attend(
     };
     let opts = tqkv::cuda::AttentionOptions {
         kernel,
-        tiles: None,
+        tiles: Some(tiles),
         workspace: Some(&gpu.workspace),
     };
     let status = lock(&gpu.status)?;
@@ -248,9 +283,9 @@ pub fn attend(
             &stream,
             &gpu.k,
             &gpu.v,
-            &x.slice(s..e),
-            kc,
-            vc,
+            &x.slice(qs..qe),
+            &kc,
+            &vc,
             shape,
             &visible,
             part.as_ref(),
@@ -263,6 +298,94 @@ pub fn attend(
         CudaStorage::wrap_cuda_slice(out, q.device.clone())
     });
     Ok((storage, Shape::from((b, hq, t, d))))
+}
+
+/// Writes rows into the arena's tiles on the GPU ([`crate::tile_ops::ScatterRows`]).
+pub fn scatter_rows(
+    p: &RowsPlace,
+    dst: &mut CudaStorage,
+    dl: &Layout,
+    src: &CudaStorage,
+    sl: &Layout,
+) -> Result<()> {
+    if offsets(dl, "the arena")?.0 != 0 {
+        candle_core::bail!("tqkv-scatter-rows: the arena must start at offset 0");
+    }
+    let stream = dst.device.cuda_stream();
+    let (s, e) = offsets(sl, "rows")?;
+    let arena = dst.as_cuda_slice_mut::<u8>()?;
+    let r = match &src.slice {
+        CudaStorageSlice::U8(x) => tqkv::cuda::scatter_rows(
+            &stream,
+            arena,
+            &x.slice(s..e),
+            &p.rows,
+            &p.table,
+            p.first,
+            p.n,
+        ),
+        CudaStorageSlice::F16(x) => tqkv::cuda::scatter_rows(
+            &stream,
+            arena,
+            &x.slice(s..e),
+            &p.rows,
+            &p.table,
+            p.first,
+            p.n,
+        ),
+        CudaStorageSlice::BF16(x) => tqkv::cuda::scatter_rows(
+            &stream,
+            arena,
+            &x.slice(s..e),
+            &p.rows,
+            &p.table,
+            p.first,
+            p.n,
+        ),
+        CudaStorageSlice::F32(x) => tqkv::cuda::scatter_rows(
+            &stream,
+            arena,
+            &x.slice(s..e),
+            &p.rows,
+            &p.table,
+            p.first,
+            p.n,
+        ),
+        _ => candle_core::bail!("tqkv-scatter-rows: rows of u8, f16, bf16 or f32"),
+    };
+    r.map_err(wrap)
+}
+
+/// Reads rows out of the arena's tiles on the GPU ([`crate::tile_ops::GatherRows`]).
+pub fn gather_rows(op: &GatherRows, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let p = &op.place;
+    let w = p.width(op.dtype)?;
+    let arena = arena_slice(s, l, "the arena")?;
+    let stream = s.device.cuda_stream();
+    let n = p.rows.heads * p.n * w;
+    fn run<T: cudarc::driver::DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        s: &CudaStorage,
+        arena: &CudaSlice<u8>,
+        p: &RowsPlace,
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let stream = s.device.cuda_stream();
+        // SAFETY: the copy below writes every element (heads · n rows of width elements).
+        let mut out = unsafe { stream.alloc::<T>(n) }
+            .map_err(|e| candle_core::Error::msg(format!("tqkv-gather-rows: {e}")))?;
+        tqkv::cuda::gather_rows(&stream, arena, &mut out, &p.rows, &p.table, p.first, p.n)
+            .map_err(wrap)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, s.device.clone()))
+    }
+    let _ = &stream;
+    let storage = match op.dtype {
+        DType::U8 => run::<u8>(s, arena, p, n)?,
+        DType::F16 => run::<half::f16>(s, arena, p, n)?,
+        DType::BF16 => run::<half::bf16>(s, arena, p, n)?,
+        DType::F32 => run::<f32>(s, arena, p, n)?,
+        other => candle_core::bail!("tqkv-gather-rows: u8, f16, bf16 or f32, not {other:?}"),
+    };
+    Ok((storage, Shape::from((1, p.rows.heads, p.n, w))))
 }
 
 /// `n` uninitialised elements of `x`'s type on `stream`.
@@ -349,36 +472,27 @@ impl DeviceStatus {
     }
 }
 
-/// The slice of one of the exact store's tensors (contiguous, offset 0, on the cache's device).
-fn store_slice<'a, T: candle_core::cuda_backend::CudaDType>(
-    st: &'a candle_core::Storage,
-    l: &Layout,
-) -> Result<&'a CudaSlice<T>> {
-    match (st, l.contiguous_offsets()) {
-        (candle_core::Storage::Cuda(c), Some((0, _))) => c.as_cuda_slice::<T>(),
-        _ => candle_core::bail!(
-            "tqkv-attend: the exact store must be contiguous at offset 0 on the cache's device"
-        ),
-    }
-}
-
-/// Dequantize of the first `n` slots on the GPU.
+/// Dequantize of the first `n` slots of every sequence on the GPU.
 pub fn dequantize(op: &TqDequantize, c: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let gpu = gpu_of(&op.gpu, "tqkv-dequantize")?;
     let tables = if op.values { &gpu.v } else { &gpu.k };
-    let cache = u8_cache(c, l, "the cache")?;
-    let (b, h) = (op.batch, tables.heads());
+    let arena = arena_slice(c, l, "the arena")?;
+    let part = arena.slice(op.rows.offset..);
+    let (b, h) = (op.tables.len(), tables.heads());
     let d = tables.head_dim();
     let shape = AppendShape {
         batch: b,
         heads: h,
         tokens: 0,
-        capacity: op.capacity,
+        capacity: 0,
     };
+    let stream = c.device.cuda_stream();
+    let (host, dev, per_seq) = upload_tables(&op.tables, &stream)?;
+    let tt = part_table(&host, &dev, per_seq, &op.rows);
     let storage = match op.dtype {
-        DType::F32 => dequantize_as::<f32>(c, tables, cache, shape, op.n)?,
-        DType::F16 => dequantize_as::<half::f16>(c, tables, cache, shape, op.n)?,
-        DType::BF16 => dequantize_as::<half::bf16>(c, tables, cache, shape, op.n)?,
+        DType::F32 => dequantize_as::<f32>(c, tables, &part, shape, op.n, &tt)?,
+        DType::F16 => dequantize_as::<half::f16>(c, tables, &part, shape, op.n, &tt)?,
+        DType::BF16 => dequantize_as::<half::bf16>(c, tables, &part, shape, op.n, &tt)?,
         other => {
             candle_core::bail!("tqkv-dequantize: output must be f32, f16 or bf16, not {other:?}")
         }
@@ -389,9 +503,10 @@ pub fn dequantize(op: &TqDequantize, c: &CudaStorage, l: &Layout) -> Result<(Cud
 fn dequantize_as<T>(
     c: &CudaStorage,
     tables: &DeviceTables,
-    cache: &CudaSlice<u8>,
+    part: &cudarc::driver::CudaView<'_, u8>,
     shape: AppendShape,
     n: usize,
+    tt: &TileTable,
 ) -> Result<CudaStorage>
 where
     T: tqkv::cuda::KernelFloat
@@ -404,6 +519,6 @@ where
     let mut o = stream
         .alloc_zeros::<T>(len)
         .map_err(|e| candle_core::Error::msg(format!("tqkv-dequantize: {e}")))?;
-    tqkv::cuda::dequantize(&stream, tables, cache, shape, n, &mut o).map_err(wrap)?;
+    tqkv::cuda::dequantize(&stream, tables, part, shape, n, Some(tt), &mut o).map_err(wrap)?;
     Ok(CudaStorage::wrap_cuda_slice(o, c.device.clone()))
 }

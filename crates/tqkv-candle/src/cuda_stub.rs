@@ -2,6 +2,7 @@
 //! so these are unreachable; they return errors rather than panic.
 
 use crate::ops::{TqAppend, TqAttend, TqDequantize};
+use crate::tile_ops::{GatherRows, RowsPlace};
 use candle_core::{CudaStorage, Layout, Result, Shape};
 
 fn off() -> candle_core::Error {
@@ -61,9 +62,23 @@ pub fn attend(
     _: &Layout,
     _: &CudaStorage,
     _: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    Err(off())
+}
+
+/// Always an error without `cuda`.
+pub fn scatter_rows(
+    _: &RowsPlace,
+    _: &mut CudaStorage,
+    _: &Layout,
     _: &CudaStorage,
     _: &Layout,
-) -> Result<(CudaStorage, Shape)> {
+) -> Result<()> {
+    Err(off())
+}
+
+/// Always an error without `cuda`.
+pub fn gather_rows(_: &GatherRows, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
     Err(off())
 }
 

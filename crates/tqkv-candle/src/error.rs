@@ -47,6 +47,16 @@ pub enum Error {
         /// The cache's maximum per sequence.
         max: usize,
     },
+    /// The tile arena has fewer free tiles than an append needs; nothing was stored.
+    #[error("KV arena full: {need} tiles needed, {free} free of {total}")]
+    ArenaFull {
+        /// Tiles the operation needed.
+        need: usize,
+        /// Tiles free.
+        free: usize,
+        /// Tiles in the arena.
+        total: usize,
+    },
     /// Tensors of the wrong rank or sizes, or batch / token counts that do not match the cache.
     #[error("shape: {0}")]
     Shape(String),

@@ -28,6 +28,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod arena;
 pub mod attention;
 pub mod cache;
 pub mod codec;
@@ -42,8 +43,10 @@ pub mod full;
 pub mod kivi;
 pub mod ops;
 pub mod profiles;
+pub mod tile_ops;
 pub mod turbo;
 
+pub use arena::TileArena;
 pub use attention::Attention;
 pub use cache::{KvCache, MemoryUsage};
 pub use codec::{BlockHadamard, CodecCache, Q4Hadamard, Q5Hadamard, Q8};

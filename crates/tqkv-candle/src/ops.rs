@@ -1,28 +1,31 @@
-//! The candle ops of the TurboQuant cache — the boundary the CUDA kernels (issue 5) fill.
+//! The candle ops of the TurboQuant cache — the boundary the CUDA kernels fill. Records live
+//! in an arena of tiles ([`crate::arena::TileArena`]; `tqkv::paged` has the layouts) and every
+//! op reaches a sequence's records through its table.
 //!
-//! * [`TqAppend`] (`InplaceOp2`): writes the records of new vectors into a packed cache tensor.
-//!   dst: u8 `[batch, kv_heads, capacity, record_bytes]`, contiguous, offset 0.
+//! * [`TqAppend`] (`InplaceOp2`): writes the records of new vectors into the arena.
+//!   dst: the arena u8 `[tiles, tile_bytes]`, contiguous, offset 0.
 //!   src: f32 / f16 / bf16 `[batch, kv_heads, tokens, head_dim]`, contiguous.
-//!   Token t < new[b] of sequence b, head h goes to slot `start[b] + t`; padding is skipped.
-//! * [`TqAttend`] (`CustomOp3`): attention of the queries over the packed K and V caches.
-//!   q: f32 / f16 / bf16 `[batch, q_heads, tokens, head_dim]`, contiguous; k, v: the caches above.
+//!   Token t < new[b] of sequence b, head h goes to slot `start[b] + t` of its table.
+//! * [`TqAttend`] (`CustomOp2`): attention of the queries over the records (and the exact rows
+//!   of sinks and window, [`ExactAttend`], in the same arena).
+//!   q: f32 / f16 / bf16 `[batch, q_heads, tokens, head_dim]`, contiguous; the arena as above.
 //!   out: `[batch, q_heads, tokens, head_dim]`, f32 on the CPU, the queries' dtype on CUDA.
 //!   Query row t of sequence b sees slots `0..visible(b, t)` (causal, per-sequence lengths; 0
 //!   for padding rows → zeros).
-//!
-//! * [`TqDequantize`] (`CustomOp1`): the first `n` slots of a cache back to vectors
+//! * [`TqDequantize`] (`CustomOp1`): the first `n` slots of every sequence back to vectors
 //!   `[batch, kv_heads, n, head_dim]` in f32 / f16 / bf16 (the CUDA prefill path feeds them to
 //!   candle's matmuls).
 //!
 //! CPU: the reference of `tqkv` ([`tqkv::VectorQuantizer::quantize`],
-//! [`tqkv::attention::attend_packed`]), parallel over (sequence, KV head). CUDA: the kernels of
+//! [`tqkv::attention::attend_cycled`]), parallel over (sequence, KV head). CUDA: the kernels of
 //! `tqkv::cuda` through [`crate::cuda_ops`] on candle's stream, never a copy to the host.
 
 use crate::cache::{grouped_attention, SeqState};
 use crate::cuda_ops::GpuTables;
-use crate::exact::ExactStore;
+use crate::tile_ops::{arena_bytes, arena_bytes_mut};
 use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp2, Layout, Result, Shape};
 use std::sync::Arc;
+use tqkv::paged::{ExactTiles, RecordTiles, TileRows};
 use tqkv::VectorQuantizer;
 
 /// Contiguous f32 copy of a float storage region.
@@ -39,11 +42,25 @@ fn float_slice(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
     })
 }
 
-fn u8_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u8]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::U8(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{what} must be a contiguous u8 cache tensor"),
+/// Records of slots `slots` of head `h` of one sequence, gathered into `out` (`[n, row_bytes]`
+/// indexed by slot from 0; other slots stay as they are). Errors on a slot whose tile is not
+/// held.
+fn gather_records(
+    arena: &[u8],
+    rows: &TileRows,
+    table: &[u32],
+    h: usize,
+    slots: std::ops::Range<usize>,
+    out: &mut [u8],
+) -> Result<()> {
+    let rb = rows.row_bytes;
+    for s in slots {
+        let Some(at) = rows.at(table, s, h).filter(|&a| a + rb <= arena.len()) else {
+            candle_core::bail!("record of slot {s} (head {h}): its tile is not held")
+        };
+        out[s * rb..(s + 1) * rb].copy_from_slice(&arena[at..at + rb]);
     }
+    Ok(())
 }
 
 /// Quantize-append: see the module docs for layouts.
@@ -55,8 +72,10 @@ pub struct TqAppend {
     pub start: Vec<usize>,
     /// Real tokens per sequence.
     pub new: Vec<usize>,
-    /// Slots per (sequence, head) in the cache tensor.
-    pub capacity: usize,
+    /// Each sequence's record table (its tiles hold every slot written).
+    pub tables: Vec<Vec<u32>>,
+    /// The records' place in the tiles (the keys or the values of a [`RecordTiles`]).
+    pub rows: TileRows,
     /// `keys` or `values` (picks the GPU tables, names errors).
     pub what: &'static str,
     /// The layer's tables on the GPU (CUDA caches only).
@@ -78,27 +97,29 @@ impl InplaceOp2 for TqAppend {
         use rayon::prelude::*;
         let x = float_slice(src, sl, self.what)?;
         let dims = sl.shape().dims();
-        let (h, t, d) = (dims[1], dims[2], dims[3]);
+        let (b_n, h, t, d) = (dims[0], dims[1], dims[2], dims[3]);
         let rb = self.quantizers[0].record_bytes();
+        if rb != self.rows.row_bytes || self.tables.len() != b_n {
+            candle_core::bail!(
+                "{}: records of {rb} bytes for {b_n} sequences, the tiles hold {}-byte rows for {}",
+                self.name(),
+                self.rows.row_bytes,
+                self.tables.len()
+            );
+        }
         // Quantizers [head · cycle + m]: slot s of a head is written by m = s % cycle.
         let cycle = (self.quantizers.len() / h).max(1);
-        let cache = match (dst, dl.contiguous_offsets()) {
-            (CpuStorage::U8(v), Some((0, end))) => &mut v[..end],
-            _ => candle_core::bail!(
-                "{}: the cache must be a contiguous u8 tensor at offset 0",
-                self.name()
-            ),
-        };
-        cache
-            .par_chunks_mut(self.capacity * rb)
-            .enumerate()
-            .try_for_each(|(idx, slots)| -> Result<()> {
+        // Records of each (sequence, head), quantized in parallel, then copied into the tiles.
+        let recs: Vec<Vec<u8>> = (0..b_n * h)
+            .into_par_iter()
+            .map(|idx| -> Result<Vec<u8>> {
                 let (b, head) = (idx / h, idx % h);
+                let mut out = vec![0u8; self.new[b] * rb];
                 for tok in 0..self.new[b] {
                     let off = (idx * t + tok) * d;
                     let slot = self.start[b] + tok;
                     let q = &self.quantizers[head * cycle + slot % cycle];
-                    q.quantize(&x[off..off + d], &mut slots[slot * rb..(slot + 1) * rb])
+                    q.quantize(&x[off..off + d], &mut out[tok * rb..(tok + 1) * rb])
                         .map_err(|e| {
                             candle_core::Error::msg(format!(
                                 "{} of sequence {b}, head {head}, token {tok}: {e}",
@@ -106,8 +127,18 @@ impl InplaceOp2 for TqAppend {
                             ))
                         })?;
                 }
-                Ok(())
+                Ok(out)
             })
+            .collect::<Result<_>>()?;
+        let arena = arena_bytes_mut(dst, dl)?;
+        for b in 0..b_n {
+            let slots = self.start[b]..self.start[b] + self.new[b];
+            let dense: Vec<u8> = recs[b * h..(b + 1) * h].concat();
+            self.rows
+                .scatter(arena, &self.tables[b], slots, &dense)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        Ok(())
     }
 
     fn cuda_fwd(
@@ -121,19 +152,23 @@ impl InplaceOp2 for TqAppend {
     }
 }
 
-/// The full-precision part of an attend: the store, and per query token where its packed range
-/// ends (its window starts).
+/// The full-precision part of an attend (sinks and windows): where the rows sit, and per query
+/// token where its packed range ends (its window starts).
 #[derive(Debug, Clone)]
 pub struct ExactAttend {
-    /// Sinks and recent tokens in f16 or q8_0 ([`crate::exact`]).
-    pub store: ExactStore,
+    /// How the exact rows fill a tile.
+    pub tiles: ExactTiles,
+    /// Each sequence's exact table (position p in its entry p / rows).
+    pub tables: Vec<Vec<u32>>,
+    /// Attention sinks (positions `0..sinks`, read exactly by every query that sees them).
+    pub sinks: usize,
     /// `[batch, tokens]`: query token t of sequence b reads positions `0..min(sinks, vis)` and
-    /// `packed_end[b·tokens + t]..vis` from the store, the rest from records
+    /// `packed_end[b·tokens + t]..vis` from the exact rows, the rest from records
     /// (vis = `visible(b, t)`; 0 for padding rows).
     pub packed_end: Vec<usize>,
 }
 
-/// Attention over the packed caches: see the module docs for layouts.
+/// Attention over the records: see the module docs for layouts.
 pub struct TqAttend {
     /// Sequence lengths and the last append.
     pub state: SeqState,
@@ -141,8 +176,10 @@ pub struct TqAttend {
     pub kq: Arc<Vec<VectorQuantizer>>,
     /// Value quantizers, same arrangement.
     pub vq: Arc<Vec<VectorQuantizer>>,
-    /// Slots per (sequence, head).
-    pub capacity: usize,
+    /// How the records fill a tile.
+    pub records: RecordTiles,
+    /// Each sequence's record table.
+    pub tables: Vec<Vec<u32>>,
     /// Softmax scale.
     pub scale: f32,
     /// The layer's tables on the GPU (CUDA caches only).
@@ -153,7 +190,7 @@ pub struct TqAttend {
     pub kernel: tqkv::AttentionKernel,
 }
 
-impl candle_core::CustomOp3 for TqAttend {
+impl candle_core::CustomOp2 for TqAttend {
     fn name(&self) -> &'static str {
         "tqkv-attend"
     }
@@ -162,62 +199,80 @@ impl candle_core::CustomOp3 for TqAttend {
         &self,
         qs: &CpuStorage,
         ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
+        s: &CpuStorage,
+        l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let q = float_slice(qs, ql, "queries")?;
         crate::cache::check_queries_finite(&q)?;
-        let k = u8_slice(ks, kl, "key cache")?;
-        let v = u8_slice(vs, vl, "value cache")?;
+        let arena = arena_bytes(s, l)?;
         let dims = ql.shape().dims().to_vec();
         let (hq, t) = (dims[1], dims[2]);
-        let (rbk, rbv) = (self.kq[0].record_bytes(), self.vq[0].record_bytes());
+        let (kr, vr) = (self.records.keys(), self.records.values());
         let h = self.state.kv_heads;
         let d = self.kq[0].dim();
-        let host = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
-            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-        };
-        let exact = match &self.exact {
-            Some(e) => {
-                let (k, v) = e.store.slots_f16()?;
-                Some((e, host(&k)?, host(&v)?))
-            }
-            None => None,
-        };
         let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {
-            let idx = b * h + head;
             let n = self.state.lens[b];
-            let kr = &k[idx * self.capacity * rbk..][..n * rbk];
-            let vr = &v[idx * self.capacity * rbv..][..n * rbv];
+            let table = &self.tables[b];
             // The exact rows these queries read: the sinks, and the positions from the
-            // earliest window start of the append on (rows gathered in position order).
-            let rows = exact.as_ref().map(|(e, ek, ev)| {
-                let st = &e.store;
-                let slots = st.sinks + st.ring;
-                let base = idx * slots * d;
-                let ns = st.sinks.min(n);
-                let ends: Vec<usize> = (0..vis.len())
-                    .map(|i| e.packed_end[b * t + i % t])
-                    .collect();
-                let lo = ends
-                    .iter()
-                    .zip(vis)
-                    .filter(|(&pe, &v)| pe < v)
-                    .map(|(&pe, _)| pe)
-                    .min()
-                    .unwrap_or(n);
-                let (mut wk, mut wv) = (Vec::new(), Vec::new());
-                for p in lo..n {
-                    let at = base + st.slot(p) * d;
-                    wk.extend_from_slice(&ek[at..at + d]);
-                    wv.extend_from_slice(&ev[at..at + d]);
+            // earliest window start of the append on (rows in position order).
+            let rows = match &self.exact {
+                Some(e) => {
+                    let ns = e.sinks.min(n);
+                    let ends: Vec<usize> = (0..vis.len())
+                        .map(|i| e.packed_end[b * t + i % t])
+                        .collect();
+                    let lo = ends
+                        .iter()
+                        .zip(vis)
+                        .filter(|(&pe, &v)| pe < v)
+                        .map(|(&pe, _)| pe)
+                        .min()
+                        .unwrap_or(n);
+                    let et = &e.tables[b];
+                    let er = e.tiles.rows();
+                    let read = |range: std::ops::Range<usize>| -> Result<(Vec<f32>, Vec<f32>)> {
+                        let (mut ks, mut vs) =
+                            (vec![0f32; range.len() * d], vec![0f32; range.len() * d]);
+                        for (i, p) in range.enumerate() {
+                            let Some(at) = er.at(et, p, head) else {
+                                candle_core::bail!(
+                                    "exact row of position {p}: its tile is not held"
+                                )
+                            };
+                            e.tiles.decode_row(
+                                &arena[at..at + er.row_bytes],
+                                &mut ks[i * d..(i + 1) * d],
+                                &mut vs[i * d..(i + 1) * d],
+                            );
+                        }
+                        Ok((ks, vs))
+                    };
+                    let (sk, sv) = read(0..ns)?;
+                    let (wk, wv) = read(lo.max(ns)..n)?;
+                    // Window rows start at max(lo, sinks): a query's packed end is ≥ its sinks.
+                    Some((e.sinks, ends, sk, sv, lo.max(ns), wk, wv))
                 }
-                let sink_k = ek[base..base + ns * d].to_vec();
-                let sink_v = ev[base..base + ns * d].to_vec();
-                (st.sinks, ends, sink_k, sink_v, lo, wk, wv)
-            });
+                None => None,
+            };
+            // Records of the slots some query reads from them.
+            let (from, to) = match &rows {
+                Some((sinks, ends, ..)) => {
+                    let to = ends
+                        .iter()
+                        .zip(vis)
+                        .map(|(&pe, &v)| pe.min(v))
+                        .max()
+                        .unwrap_or(0);
+                    ((*sinks).min(n), to)
+                }
+                None => (0, vis.iter().copied().max().unwrap_or(0)),
+            };
+            let mut krec = vec![0u8; n * kr.row_bytes];
+            let mut vrec = vec![0u8; n * vr.row_bytes];
+            if from < to {
+                gather_records(arena, &kr, table, head, from..to, &mut krec)?;
+                gather_records(arena, &vr, table, head, from..to, &mut vrec)?;
+            }
             let ex =
                 rows.as_ref().map(
                     |(sinks, ends, sk, sv, lo, wk, wv)| tqkv::attention::ExactRows {
@@ -235,8 +290,8 @@ impl candle_core::CustomOp3 for TqAttend {
                 &self.kq[head * cycle..(head + 1) * cycle],
                 &self.vq[head * cycle..(head + 1) * cycle],
                 qq,
-                kr,
-                vr,
+                &krec,
+                &vrec,
                 ex.as_ref(),
                 vis,
                 self.scale,
@@ -251,12 +306,10 @@ impl candle_core::CustomOp3 for TqAttend {
         &self,
         q: &CudaStorage,
         ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
+        s: &CudaStorage,
+        l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        crate::cuda_ops::attend(self, q, ql, k, kl, v, vl)
+        crate::cuda_ops::attend(self, q, ql, s, l)
     }
 }
 
@@ -264,14 +317,12 @@ impl candle_core::CustomOp3 for TqAttend {
 pub struct TqDequantize {
     /// Quantizers `[head · cycle + m]` (cycle 1: one per KV head).
     pub quantizers: Arc<Vec<VectorQuantizer>>,
-    /// KV heads.
-    pub heads: usize,
     /// Values (else keys): picks the GPU tables.
     pub values: bool,
-    /// Sequences in the cache tensor.
-    pub batch: usize,
-    /// Slots per (sequence, head) in the cache tensor.
-    pub capacity: usize,
+    /// The records' place in the tiles.
+    pub rows: TileRows,
+    /// Each sequence's record table (every slot `0..n` held).
+    pub tables: Vec<Vec<u32>>,
     /// Slots to dequantize.
     pub n: usize,
     /// Output dtype (f32, f16 or bf16).
@@ -286,21 +337,26 @@ impl candle_core::CustomOp1 for TqDequantize {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let cache = u8_slice(s, l, "cache")?;
-        let cycle = (self.quantizers.len() / self.heads.max(1)).max(1);
-        let h = self.heads;
+        let arena = arena_bytes(s, l)?;
+        let h = self.rows.heads;
+        let cycle = (self.quantizers.len() / h.max(1)).max(1);
         let d = self.quantizers[0].dim();
         let rb = self.quantizers[0].record_bytes();
-        let (b, cap, n) = (self.batch, self.capacity, self.n);
-        if cache.len() < b * h * cap * rb || n > cap {
-            candle_core::bail!("tqkv-dequantize: the cache is smaller than {b}×{h}×{cap} records");
-        }
+        let (b, n) = (self.tables.len(), self.n);
         let mut out = vec![0f32; b * h * n * d];
+        let mut rec = vec![0u8; n * rb];
         for (idx, o) in out.chunks_mut((n * d).max(1)).enumerate().take(b * h) {
+            gather_records(
+                arena,
+                &self.rows,
+                &self.tables[idx / h],
+                idx % h,
+                0..n,
+                &mut rec,
+            )?;
             for s in 0..n {
                 let q = &self.quantizers[(idx % h) * cycle + s % cycle];
-                let rec = &cache[(idx * cap + s) * rb..][..rb];
-                q.dequantize(rec, &mut o[s * d..(s + 1) * d])
+                q.dequantize(&rec[s * rb..(s + 1) * rb], &mut o[s * d..(s + 1) * d])
                     .map_err(candle_core::Error::wrap)?;
             }
         }

@@ -6,20 +6,34 @@
 //! For a fractional-bit split, each KV head's high-precision channels are chosen once, from the
 //! first append (the first prefill chunk), by the spec's outlier rule (largest mean square over
 //! that chunk's real tokens of all sequences), then fixed until the cache is rebuilt; `reset`
-//! keeps them. Storage `[batch, kv_heads, capacity, record_bytes]` doubles when full.
+//! keeps them.
+//!
+//! Storage is paged (`tqkv::paged`): records and exact rows live in the tiles of an arena
+//! ([`TileArena`]) — the cache's own, which grows, or one shared with other caches
+//! ([`TurboCache::new_in`]: every layer of every sequence a server runs) — and each sequence
+//! reaches them through its tables. A tile is allocated when a position first needs it and
+//! released when the sequence no longer does: exact tiles once every position in them has left
+//! the window (the tile of the sinks stays), every tile at `reset` and drop. A step's
+//! allocations and releases are undone by its rollback without copying a byte: positions are
+//! only ever written past what the step started with, and released tiles are held until the
+//! step commits. [`TurboCache::fork`] shares a sequence's tiles (reference-counted) with a new
+//! cache; a tile is copied before a holder writes into it while others hold it too.
 //!
 //! On CUDA the layer's tables are uploaded once (at calibration) and every op runs on the GPU:
 //! attention by the fused kernel straight from the codes, for decode and, by default, for prefill
 //! chunks too (the alternative, [`PrefillPath::Dequantize`], feeds candle's matmuls;
 //! docs/KERNELS.md has the numbers).
 
+use crate::arena::TileArena;
 use crate::cache::{KvCache, MemoryUsage, SeqState};
 use crate::cuda_ops::GpuTables;
 use crate::error::{fail, Error, Result};
-use crate::exact::ExactStore;
+use crate::exact::ExactPart;
 use crate::ops::{ExactAttend, TqAppend, TqAttend, TqDequantize};
 use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
 use std::sync::Arc;
+use tqkv::paged::{ExactTiles, RecordTiles, TileRows, NO_TILE};
 use tqkv::{KvSpec, QuantSpec, VectorQuantizer};
 
 /// How a CUDA TurboQuant cache attends with several query tokens (a prefill chunk).
@@ -156,9 +170,6 @@ pub struct TurboCache {
     device: Device,
     kq: Option<Arc<Vec<VectorQuantizer>>>,
     vq: Option<Arc<Vec<VectorQuantizer>>>,
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    capacity: usize,
     gpu: Option<Arc<GpuTables>>,
     prefill: PrefillPath,
     /// The split kernel of CUDA attention (from `TQKV_ATTENTION_KERNEL` at construction).
@@ -172,38 +183,64 @@ pub struct TurboCache {
     /// `[1, kv_heads, 1, head_dim]` f32: the key scales s ([`KvSpec::key_scale`]): records and
     /// exact copies hold k/s, queries are multiplied by s.
     kscale: Option<Tensor>,
-    /// Sinks and the window in f16 or q8_0 ([`crate::exact`]), for specs that keep exact tokens.
-    exact: Option<ExactStore>,
     /// Bytes of a key record + a value record.
     record_bytes: usize,
+    /// Where records and exact rows live.
+    arena: Arc<TileArena>,
+    /// How the records fill a tile.
+    rec: RecordTiles,
+    /// Sinks and the window in f16 or q8_0 ([`crate::exact`]), for specs that keep exact tokens.
+    exact: Option<ExactPart>,
+    /// Each sequence's tables (empty until the first append fixes the batch).
+    seqs: Vec<SeqTables>,
+    /// Exact rows kept for truncating by up to this many tokens
+    /// ([`KvCache::set_truncation_margin`]).
+    margin: usize,
     /// The open step: what [`KvCache::rollback_step`] restores.
     step: Option<Saved>,
 }
 
-/// A TurboQuant cache's state at the start of a step. Tensors are shared, not copied: appends
-/// write records only past the saved lengths and a grown capacity allocates new tensors; the
-/// one thing a step overwrites in place is the ring of exact tokens, whose saved positions (the
-/// window at the start) are copied out the first time a write would reach them.
+/// One sequence's tables: the tile of each `slots`-position run of records, and of each
+/// `rows`-position run of exact rows ([`NO_TILE`] where none is held).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SeqTables {
+    rec: Vec<u32>,
+    exact: Vec<u32>,
+}
+
+impl SeqTables {
+    /// The tiles held.
+    fn held(&self) -> impl Iterator<Item = u32> + '_ {
+        self.rec
+            .iter()
+            .chain(&self.exact)
+            .copied()
+            .filter(|&t| t != NO_TILE)
+    }
+}
+
+/// A TurboQuant cache's state at the start of a step: its lengths, calibration and tables.
+/// Nothing in a tile is saved — positions are written only past the lengths held, and a
+/// released tile stays held (in `retired`) until the step commits.
 struct Saved {
     state: SeqState,
     /// Whether the cache was calibrated (quantizers, means, GPU tables) at the start.
     calibrated: bool,
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    capacity: usize,
-    exact: Option<ExactStore>,
-    /// The step replaced the exact store by a larger one (the saved store is no longer written).
-    store_replaced: bool,
-    /// Per sequence, the saved store's ring positions at the start and their stored rows,
-    /// once copied out.
-    window: Vec<Option<(usize, Vec<Tensor>)>>,
+    seqs: Vec<SeqTables>,
+    /// Tiles taken out of the tables during the step: released at commit; at rollback those
+    /// of the saved tables go back with them, the others are released.
+    retired: Vec<u32>,
     /// The step's decode appends checked on the device (CUDA), located on the host on error.
     pending: crate::cache::PendingChecks,
 }
 
+/// Record positions per tile of a cache's own arena.
+const OWN_TILE_SLOTS: usize = 64;
+
 impl TurboCache {
     /// A cache for `kv_heads` heads of `head_dim` with `spec`, on `device`; `seed` fixes the
-    /// rotations and sketches. Errors early on a spec that cannot quantize `head_dim`.
+    /// rotations and sketches. Its tiles are its own (an arena that grows, tiles of 64 record
+    /// positions). Errors early on a spec that cannot quantize `head_dim`.
     pub fn new(
         spec: KvSpec,
         kv_heads: usize,
@@ -212,13 +249,30 @@ impl TurboCache {
         seed: u64,
         max_tokens: Option<usize>,
     ) -> Result<Self> {
+        let (kb, vb) = Self::record_sizes(&spec, head_dim, seed)?;
+        let tile = RecordTiles::tile_bytes_for(OWN_TILE_SLOTS, kv_heads.max(1), kb, vb);
+        let arena = TileArena::growing(device, tile)?;
+        Self::new_in(spec, kv_heads, head_dim, &arena, seed, max_tokens)
+    }
+
+    /// A cache like [`Self::new`] whose records and exact rows live in `arena` (on the
+    /// arena's device), shared with the other caches built in it. Errors when a tile of the
+    /// arena holds no position of this cache's records or exact rows.
+    pub fn new_in(
+        spec: KvSpec,
+        kv_heads: usize,
+        head_dim: usize,
+        arena: &Arc<TileArena>,
+        seed: u64,
+        max_tokens: Option<usize>,
+    ) -> Result<Self> {
         // Validate now (bits, dims, rotation) with the fixed rule; calibration comes later.
-        let mut record_bytes = 0;
+        let (kb, vb) = Self::record_sizes(&spec, head_dim, seed)?;
+        let record_bytes = kb + vb;
         let mut coords = 0;
         for s in [spec.key, spec.value] {
             let q = VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
                 .map_err(Error::from)?;
-            record_bytes += q.record_bytes();
             let c: usize = q
                 .layout()
                 .groups
@@ -252,27 +306,62 @@ impl TurboCache {
                 );
             }
         }
+        if kv_heads == 0 {
+            fail!(Kind, "a KV cache needs kv_heads ≥ 1");
+        }
+        let tb = arena.tile_bytes();
+        let rec = RecordTiles::new(tb, kv_heads, kb, vb)?;
+        let exact = if spec.has_exact() {
+            Some(ExactPart {
+                tiles: ExactTiles::new(tb, kv_heads, head_dim, spec.exact_format)?,
+            })
+        } else {
+            None
+        };
         let kernel = tqkv::AttentionKernel::from_env().map_err(Error::from)?;
         Ok(TurboCache {
             state: SeqState::new(kv_heads, head_dim, max_tokens),
             spec,
             seed,
-            device: device.clone(),
+            device: arena.device().clone(),
             kq: None,
             vq: None,
-            k: None,
-            v: None,
-            capacity: 0,
             gpu: None,
             prefill: PrefillPath::default(),
             kernel,
             kmean: None,
             vmean: None,
             kscale: None,
-            exact: None,
             record_bytes,
+            arena: arena.clone(),
+            rec,
+            exact,
+            seqs: Vec::new(),
+            margin: 0,
             step: None,
         })
+    }
+
+    /// Bytes of a key record and of a value record of `spec` at `head_dim` (checks the spec).
+    fn record_sizes(spec: &KvSpec, head_dim: usize, seed: u64) -> Result<(usize, usize)> {
+        let size = |s: QuantSpec| -> Result<usize> {
+            Ok(
+                VectorQuantizer::new(s.with_outliers(tqkv::OutlierRule::Fixed), head_dim, seed)
+                    .map_err(Error::from)?
+                    .record_bytes(),
+            )
+        };
+        Ok((size(spec.key)?, size(spec.value)?))
+    }
+
+    /// The arena the cache's tiles live in.
+    pub fn arena(&self) -> &Arc<TileArena> {
+        &self.arena
+    }
+
+    /// Record positions per tile.
+    pub fn record_tile_slots(&self) -> usize {
+        self.rec.slots
     }
 
     /// Chooses how CUDA prefill chunks attend (no effect on the CPU, which always reads codes).
@@ -418,21 +507,6 @@ impl TurboCache {
             out.push(VectorQuantizer::calibrate(spec, d, &sample, seed).map_err(Error::from)?);
         }
         Ok(out)
-    }
-
-    fn grow(&mut self, batch: usize, needed: usize, widths: (usize, usize)) -> Result<()> {
-        self.capacity = crate::cache::grow_pair(
-            &mut self.k,
-            &mut self.v,
-            self.capacity,
-            needed,
-            self.state.max_tokens,
-            (batch, self.state.kv_heads),
-            widths,
-            DType::U8,
-            &self.device,
-        )?;
-        Ok(())
     }
 
     /// Bytes of one exact token of one KV head: its key and value (f16 or q8_0).
@@ -655,11 +729,12 @@ impl KvCache for TurboCache {
 
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
         let (b, _, t, _) = self.state.check_queries(q)?;
-        let (Some(kq), Some(vq), Some(kc), Some(vc)) = (&self.kq, &self.vq, &self.k, &self.v)
-        else {
+        let (Some(kq), Some(vq)) = (&self.kq, &self.vq) else {
             return Err(Error::Empty);
         };
+        let arena = self.arena.tensor()?;
         crate::cache::check_cpu_queries(q)?;
+        let rec_tables: Vec<Vec<u32>> = self.seqs.iter().map(|s| s.rec.clone()).collect();
         if self.gpu.is_some()
             && t > 1
             && self.prefill == PrefillPath::Dequantize
@@ -667,24 +742,25 @@ impl KvCache for TurboCache {
         {
             let n = self.state.lens.iter().copied().max().unwrap_or(0).max(1);
             let dtype = q.dtype();
-            let deq = |cache: &Tensor, qz: &Arc<Vec<VectorQuantizer>>, values: bool| {
-                cache.apply_op1_no_bwd(&TqDequantize {
+            let deq = |rows: TileRows, qz: &Arc<Vec<VectorQuantizer>>, values: bool| {
+                arena.apply_op1_no_bwd(&TqDequantize {
                     quantizers: qz.clone(),
-                    heads: self.state.kv_heads,
                     values,
-                    batch: b,
-                    capacity: self.capacity,
+                    rows,
+                    tables: rec_tables.clone(),
                     n,
                     dtype,
                     gpu: self.gpu.clone(),
                 })
             };
-            let k = deq(self.k.as_ref().ok_or(Error::Empty)?, kq, false)?;
-            let v = deq(self.v.as_ref().ok_or(Error::Empty)?, vq, true)?;
+            let k = deq(self.rec.keys(), kq, false)?;
+            let v = deq(self.rec.values(), vq, true)?;
             return crate::full::dense_attention(&self.state, &k, &v, q, scale, dtype);
         }
-        let exact = self.exact.as_ref().map(|store| ExactAttend {
-            store: store.clone(),
+        let exact = self.exact.as_ref().map(|part| ExactAttend {
+            tiles: part.tiles,
+            tables: self.seqs.iter().map(|s| s.exact.clone()).collect(),
+            sinks: self.spec.sinks,
             packed_end: (0..b)
                 .flat_map(|i| {
                     (0..t).map(move |r| {
@@ -698,7 +774,8 @@ impl KvCache for TurboCache {
             state: self.state.clone(),
             kq: kq.clone(),
             vq: vq.clone(),
-            capacity: self.capacity,
+            records: self.rec,
+            tables: rec_tables,
             scale: scale as f32,
             gpu: self.gpu.clone(),
             exact,
@@ -712,7 +789,7 @@ impl KvCache for TurboCache {
             None => q.clone(),
         };
         let q = q.contiguous()?;
-        let out = q.apply_op3_no_bwd(kc, vc, &op)?;
+        let out = q.apply_op2_no_bwd(&arena, &op)?;
         let out = match &self.vmean {
             Some(m) => self.add_value_mean(out, m, q.dim(1)?)?,
             None => out,
@@ -731,12 +808,8 @@ impl KvCache for TurboCache {
         self.step = Some(Saved {
             state: self.state.clone(),
             calibrated: self.kq.is_some(),
-            k: self.k.clone(),
-            v: self.v.clone(),
-            capacity: self.capacity,
-            exact: self.exact.clone(),
-            store_replaced: false,
-            window: Vec::new(),
+            seqs: self.seqs.clone(),
+            retired: Vec::new(),
             pending: Default::default(),
         });
         Ok(())
@@ -763,18 +836,34 @@ impl KvCache for TurboCache {
     }
 
     fn commit_step(&mut self) {
-        self.step = None;
+        if let Some(st) = self.step.take() {
+            self.arena.release(&st.retired);
+        }
+        // What no later query reads exactly can go now.
+        for i in 0..self.seqs.len() {
+            let n = self.state.lens.get(i).copied().unwrap_or(0);
+            let gone = self.retire_exact(i, n);
+            self.arena.release(&gone);
+        }
     }
 
     fn rollback_step(&mut self) -> Result<()> {
         let Some(st) = self.step.take() else {
             return Ok(());
         };
+        // Tiles the step took (in the tables now or retired since) that the saved tables do
+        // not hold go back to the arena; the saved tables' tiles were never released.
+        let saved: std::collections::HashSet<u32> = st.seqs.iter().flat_map(|s| s.held()).collect();
+        let taken: Vec<u32> = self
+            .seqs
+            .iter()
+            .flat_map(|s| s.held())
+            .chain(st.retired.iter().copied())
+            .filter(|t| !saved.contains(t))
+            .collect();
+        self.arena.release(&taken);
         self.state = st.state;
-        self.k = st.k;
-        self.v = st.v;
-        self.capacity = st.capacity;
-        self.exact = st.exact;
+        self.seqs = st.seqs;
         if !st.calibrated {
             self.kq = None;
             self.vq = None;
@@ -783,33 +872,18 @@ impl KvCache for TurboCache {
             self.kscale = None;
             self.gpu = None;
         }
-        let restore = || -> Result<()> {
-            if let Some(store) = &self.exact {
-                for (i, w) in st.window.iter().enumerate() {
-                    if let Some((p0, raw)) = w {
-                        store.write_raw(i, *p0, raw)?;
-                    }
-                }
+        if let Some(g) = &self.gpu {
+            if let Err(e) = g.clear(&self.device) {
+                self.reset();
+                return Err(e.into());
             }
-            if let Some(g) = &self.gpu {
-                g.clear(&self.device)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = restore() {
-            self.reset();
-            return Err(e);
         }
         Ok(())
     }
 
     fn reset(&mut self) {
+        self.release_all();
         self.state.reset();
-        self.step = None;
-        self.k = None;
-        self.v = None;
-        self.capacity = 0;
-        self.exact = None;
         if let Some(g) = &self.gpu {
             // Best effort: a failing device shows up again at the next append.
             let _ = g.clear(&self.device);
@@ -825,12 +899,41 @@ impl KvCache for TurboCache {
             records += r.len();
             exact += n - r.len();
         }
-        let slots = self.exact.as_ref().map_or(0, |e| e.sinks + e.ring);
+        let allocated = if self.arena.is_growing() {
+            self.arena.bytes()
+        } else {
+            self.tiles_held() * self.arena.tile_bytes()
+        };
         MemoryUsage {
             logical: h * (records * rb + exact * eb),
-            allocated: self.state.lens.len() * h * (self.capacity * rb + slots * eb),
+            allocated,
             tables: self.table_bytes(),
         }
+    }
+
+    fn tiles_held(&self) -> usize {
+        self.seqs.iter().map(|s| s.held().count()).sum()
+    }
+
+    fn tile_ids(&self) -> Vec<u32> {
+        self.seqs.iter().flat_map(|s| s.held()).collect()
+    }
+
+    fn tiles_for(&self, have: usize, total: usize) -> Option<(usize, usize)> {
+        self.kq.as_ref()?;
+        Some(self.tile_counts(have, total))
+    }
+
+    fn truncate(&mut self, seq: usize, len: usize) -> Result<()> {
+        self.truncate_seq(seq, len)
+    }
+
+    fn set_truncation_margin(&mut self, tokens: usize) {
+        self.margin = tokens;
+    }
+
+    fn fork(&self, seq: usize) -> Result<Box<dyn KvCache>> {
+        Ok(Box::new(self.fork_seq(seq)?))
     }
 
     fn kind_name(&self) -> String {
@@ -888,28 +991,52 @@ impl KvCache for TurboCache {
     }
 }
 
+/// Sizes of the union of index ranges.
+fn union_len(mut rs: Vec<Range<usize>>) -> usize {
+    rs.retain(|r| !r.is_empty());
+    rs.sort_by_key(|r| r.start);
+    let (mut n, mut end) = (0, 0);
+    for r in rs {
+        let lo = r.start.max(end);
+        if r.end > lo {
+            n += r.end - lo;
+        }
+        end = end.max(r.end);
+    }
+    n
+}
+
+/// A table entry waiting for the tile [`Need`] says (only in an append's own copy).
+const PENDING: u32 = NO_TILE - 1;
+
+/// A table entry that must hold a tile this append writes into: a new one, or a copy of a
+/// tile other holders share.
+enum Need {
+    New,
+    Copy(u32),
+}
+
 impl TurboCache {
     /// The append once the quantizers exist: records for the positions that leave the window
-    /// (from the ring) or never enter it (from `k`, `v`), then the exact copies. Changes nothing
-    /// visible on error (a grown capacity aside).
+    /// (from the exact rows held, or from `k`, `v`), then the exact rows. Works on a copy of the
+    /// tables and allocates every tile it needs first: on error the tiles it took are released
+    /// and nothing visible changed.
     fn append_calibrated(
         &mut self,
         k: &Tensor,
         v: &Tensor,
         b: usize,
-        t: usize,
+        _t: usize,
         new: &[usize],
         (kq, vq, gpu): Calibration<'_>,
     ) -> Result<()> {
-        let (h, d) = (self.state.kv_heads, self.state.head_dim);
         let sinks = self.spec.sinks;
         let have: Vec<usize> = (0..b)
             .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
             .collect();
         let total: Vec<usize> = have.iter().zip(new).map(|(h, n)| h + n).collect();
-        let needed = total.iter().copied().max().unwrap_or(0);
         // Records to write per sequence: from where the old records end to where the new end.
-        let rec: Vec<std::ops::Range<usize>> = have
+        let rec: Vec<Range<usize>> = have
             .iter()
             .zip(&total)
             .map(|(&hv, &n)| {
@@ -917,70 +1044,151 @@ impl TurboCache {
                 old.end.max(now.start)..now.end
             })
             .collect();
-        // The ring must hold every position from the oldest not yet quantized on.
-        let mut replaced = false;
-        let store = if self.spec.has_exact() {
-            let ring_from = |i: usize| sinks.max(self.records(have[i]).end);
-            let need = if self.spec.has_window() {
-                (0..b)
-                    .map(|i| total[i].saturating_sub(ring_from(i)))
-                    .max()
-                    .unwrap_or(0)
-            } else {
-                0
-            };
-            Some(match &self.exact {
-                Some(e) if e.ring >= need => e.clone(),
-                old => {
-                    replaced = true;
-                    let ring = if need == 0 {
-                        0
+        // Exact positions written: the sinks the append brings and, with a window, every
+        // position after the sinks (each is in its own query's window).
+        let spans: Vec<[Range<usize>; 2]> = (0..b)
+            .map(|i| {
+                let (hv, n) = (have[i], total[i]);
+                let sink_end = sinks.min(n);
+                [
+                    hv.min(sink_end)..sink_end,
+                    if self.spec.has_window() {
+                        hv.max(sinks)..n
                     } else {
-                        need.max(2 * old.as_ref().map_or(0, |e| e.ring))
-                    };
-                    let keep: Vec<_> = (0..b).map(|i| ring_from(i)..have[i]).collect();
-                    ExactStore::with_ring(
-                        old.as_ref(),
-                        (b, h, d),
-                        self.spec.exact_format,
-                        sinks,
-                        ring,
-                        &keep,
-                        &self.device,
-                    )?
-                }
+                        n..n
+                    },
+                ]
             })
-        } else {
-            None
-        };
-        if let (true, Some(st)) = (replaced, self.step.as_mut()) {
-            // Writes now go to the new store; the saved one stays as it is.
-            st.store_replaced = true;
+            .collect();
+        // The tables this append leaves, built aside; references dropped on success.
+        let mut seqs = self.seqs.clone();
+        seqs.resize(b, SeqTables::default());
+        let mut drops = Vec::new();
+        // Exact tiles no query of this append reads (wholly before the records' end).
+        for (i, st) in seqs.iter_mut().enumerate() {
+            drops.extend(self.retire_in(st, have[i]));
         }
-        // The source rows of the records, `[b, h, rows, d]`, sequence i's from rec[i].start on:
-        // without exact tokens the append itself; else the rows as the store holds them (f16 or
-        // q8_0, the same whether they come from the ring or the append, so chunking changes
-        // nothing).
-        let (ks, vs, start, count) = match &store {
-            None => (k.contiguous()?, v.contiguous()?, have.clone(), new.to_vec()),
-            Some(st) => {
+        let mut needs: Vec<(usize, bool, usize, Need)> = Vec::new();
+        for (i, st) in seqs.iter_mut().enumerate() {
+            let tiles = self.rec.keys().tiles_covering(rec[i].clone());
+            self.needs_for(&mut st.rec, tiles, |j, n| needs.push((i, false, j, n)));
+            if let Some(ex) = &self.exact {
+                for r in &spans[i] {
+                    let tiles = ex.tiles.rows().tiles_covering(r.clone());
+                    self.needs_for(&mut st.exact, tiles, |j, n| needs.push((i, true, j, n)));
+                }
+            }
+        }
+        let fresh = self.arena.alloc(needs.len())?;
+        let result = (|| -> Result<()> {
+            let data = self.arena.tensor()?;
+            for ((i, exact, j, need), &t) in needs.iter().zip(&fresh) {
+                if let Need::Copy(old) = need {
+                    let row = data.narrow(0, *old as usize, 1)?.copy()?;
+                    data.slice_set(&row, 0, t as usize)?;
+                }
+                let table = if *exact {
+                    &mut seqs[*i].exact
+                } else {
+                    &mut seqs[*i].rec
+                };
+                table[*j] = t;
+            }
+            self.write_records(&data, &seqs, k, v, &have, &rec, (kq, vq, gpu))?;
+            if let Some(ex) = &self.exact {
+                // The append's sinks and window positions, into the exact rows.
+                for (i, sp) in spans.iter().enumerate() {
+                    for r in sp.iter().filter(|r| !r.is_empty()) {
+                        let sl =
+                            |x: &Tensor| x.narrow(0, i, 1)?.narrow(2, r.start - have[i], r.len());
+                        ex.write(&data, &seqs[i].exact, r.start, &sl(k)?, &sl(v)?)?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.arena.release(&fresh);
+            return Err(e);
+        }
+        drops.extend(needs.iter().filter_map(|(.., n)| match n {
+            Need::Copy(old) => Some(*old),
+            Need::New => None,
+        }));
+        self.seqs = seqs;
+        for t in drops {
+            self.drop_ref(t);
+        }
+        Ok(())
+    }
+
+    /// Calls `need(j, what)` for each entry `j` of `tiles` in `table` (grown with
+    /// [`NO_TILE`]) that must get a tile before a write: a new one where none is held, a copy
+    /// where the tile held is shared with another holder.
+    fn needs_for(
+        &self,
+        table: &mut Vec<u32>,
+        tiles: Range<usize>,
+        mut need: impl FnMut(usize, Need),
+    ) {
+        if table.len() < tiles.end {
+            table.resize(tiles.end, NO_TILE);
+        }
+        for j in tiles {
+            match table[j] {
+                PENDING => {}
+                NO_TILE => need(j, Need::New),
+                t if self.arena.holders(t) > 1 => need(j, Need::Copy(t)),
+                _ => continue,
+            }
+            // Once per entry, however many ranges cover it.
+            table[j] = PENDING;
+        }
+    }
+
+    /// Quantizes the records `rec[i]` of each sequence into the tiles of `seqs`: from the
+    /// exact rows held for positions before `have[i]`, else from the append (rounded as the
+    /// exact rows would hold them, so that chunking changes nothing).
+    #[allow(clippy::too_many_arguments)]
+    fn write_records(
+        &self,
+        data: &Tensor,
+        seqs: &[SeqTables],
+        k: &Tensor,
+        v: &Tensor,
+        have: &[usize],
+        rec: &[Range<usize>],
+        (kq, vq, gpu): Calibration<'_>,
+    ) -> Result<()> {
+        let b = have.len();
+        let (h, d) = (self.state.kv_heads, self.state.head_dim);
+        let (ks, vs, start, count): (Tensor, Tensor, Vec<usize>, Vec<usize>) = match &self.exact {
+            // Without exact rows every new position is a record: rec[i] = have[i]..total[i].
+            None => (
+                k.contiguous()?,
+                v.contiguous()?,
+                rec.iter().map(|r| r.start).collect(),
+                rec.iter().map(|r| r.len()).collect(),
+            ),
+            Some(ex) => {
                 let rows = rec.iter().map(|r| r.len()).max().unwrap_or(0);
+                if rows == 0 {
+                    return Ok(());
+                }
                 let (mut kp, mut vp) = (Vec::new(), Vec::new());
                 for i in 0..b {
                     let r = &rec[i];
-                    let mut kparts = Vec::new();
-                    let mut vparts = Vec::new();
-                    let from_ring = r.start..r.end.min(have[i]);
-                    if !from_ring.is_empty() {
-                        let (rk, rv) = st.read(i, from_ring)?;
+                    let (mut kparts, mut vparts) = (Vec::new(), Vec::new());
+                    let held = r.start..r.end.min(have[i]);
+                    if !held.is_empty() {
+                        let (rk, rv) = ex.read(data, &seqs[i].exact, held)?;
                         kparts.push(rk);
                         vparts.push(rv);
                     }
                     let lo = r.start.max(have[i]);
                     if lo < r.end {
-                        // Rounded as the store would have held them.
                         for (x, parts) in [(k, &mut kparts), (v, &mut vparts)] {
-                            parts.push(st.round(&x.narrow(0, i, 1)?.narrow(
+                            parts.push(ex.round(&x.narrow(0, i, 1)?.narrow(
                                 2,
                                 lo - have[i],
                                 r.end - lo,
@@ -993,43 +1201,39 @@ impl TurboCache {
                         kparts.push(pad.clone());
                         vparts.push(pad);
                     }
-                    if rows > 0 {
-                        kp.push(Tensor::cat(&kparts, 2)?);
-                        vp.push(Tensor::cat(&vparts, 2)?);
-                    }
+                    kp.push(Tensor::cat(&kparts, 2)?);
+                    vp.push(Tensor::cat(&vparts, 2)?);
                 }
-                if rows == 0 {
-                    (k.contiguous()?, v.contiguous()?, vec![0; b], vec![0; b])
-                } else {
-                    (
-                        Tensor::cat(&kp, 0)?.contiguous()?,
-                        Tensor::cat(&vp, 0)?.contiguous()?,
-                        rec.iter().map(|r| r.start).collect(),
-                        rec.iter().map(|r| r.len()).collect(),
-                    )
-                }
+                (
+                    Tensor::cat(&kp, 0)?.contiguous()?,
+                    Tensor::cat(&vp, 0)?.contiguous()?,
+                    rec.iter().map(|r| r.start).collect(),
+                    rec.iter().map(|r| r.len()).collect(),
+                )
             }
         };
-        self.grow(b, needed, (kq[0].record_bytes(), vq[0].record_bytes()))?;
-        if count.iter().any(|&c| c > 0) {
-            for (cache, x, q, what) in [
-                (self.k.as_ref().unwrap(), &ks, kq, "keys"),
-                (self.v.as_ref().unwrap(), &vs, vq, "values"),
-            ] {
-                cache.inplace_op2(
-                    x,
-                    &TqAppend {
-                        quantizers: q.clone(),
-                        start: start.clone(),
-                        new: count.clone(),
-                        capacity: self.capacity,
-                        what,
-                        gpu: gpu.clone(),
-                    },
-                )?;
-            }
+        if count.iter().all(|&c| c == 0) {
+            return Ok(());
         }
-        if t > 1 {
+        let tables: Vec<Vec<u32>> = seqs.iter().map(|s| s.rec.clone()).collect();
+        for (x, q, rows, what) in [
+            (&ks, kq, self.rec.keys(), "keys"),
+            (&vs, vq, self.rec.values(), "values"),
+        ] {
+            data.inplace_op2(
+                x,
+                &TqAppend {
+                    quantizers: q.clone(),
+                    start: start.clone(),
+                    new: count.clone(),
+                    tables: tables.clone(),
+                    rows,
+                    what,
+                    gpu: gpu.clone(),
+                },
+            )?;
+        }
+        if ks.dim(2)? > 1 {
             if let Some(g) = gpu {
                 // A prefill chunk: one status read is cheap next to the chunk. The bad token's
                 // records were not written and nothing is committed, so the cache is intact.
@@ -1039,73 +1243,240 @@ impl TurboCache {
                 }
             }
         }
-        if let Some(st) = &store {
-            self.save_window(st, &have, &total)?;
-            // The append's sinks and ring positions, into the store.
-            for i in 0..b {
-                let (hv, n) = (have[i], total[i]);
-                let sink_end = sinks.min(n);
-                let spans = [
-                    hv.min(sink_end)..sink_end,
-                    if st.ring > 0 { hv.max(sinks)..n } else { n..n },
-                ];
-                for r in spans {
-                    if r.is_empty() {
-                        continue;
-                    }
-                    let sl = |x: &Tensor| x.narrow(0, i, 1)?.narrow(2, r.start - hv, r.len());
-                    st.write(i, r.start, &sl(k)?, &sl(v)?)?;
-                }
-            }
-        }
-        self.exact = store;
         Ok(())
     }
 
-    /// Before the ring positions `have[i]..total[i]` are written into `store`: copies out the
-    /// positions of the open step's saved window that the writes would overwrite (writing
-    /// position p overwrites p − ring), once per sequence, so that a rollback can put them back.
-    /// Nothing to do in a decode step (the ring always holds the window plus the new token) or
-    /// once the step has replaced the store.
-    fn save_window(&mut self, store: &ExactStore, have: &[usize], total: &[usize]) -> Result<()> {
-        let Some(st) = &self.step else {
-            return Ok(());
+    /// Takes out of `st` the exact tiles no query of a sequence holding `n` tokens reads
+    /// (every position in them before the records' end, none a sink) and returns them.
+    fn retire_in(&self, st: &mut SeqTables, n: usize) -> Vec<u32> {
+        let Some(ex) = &self.exact else {
+            return Vec::new();
         };
-        if st.store_replaced || store.ring == 0 {
+        let rows = ex.tiles.rows;
+        let bound = self.packed_end(n.saturating_sub(self.margin));
+        let mut out = Vec::new();
+        for (j, t) in st.exact.iter_mut().enumerate() {
+            if *t != NO_TILE && (j + 1) * rows <= bound && j * rows >= self.spec.sinks {
+                out.push(*t);
+                *t = NO_TILE;
+            }
+        }
+        out
+    }
+
+    /// [`Self::retire_in`] of sequence `i`.
+    fn retire_exact(&mut self, i: usize, n: usize) -> Vec<u32> {
+        let mut st = std::mem::take(&mut self.seqs[i]);
+        let out = self.retire_in(&mut st, n);
+        self.seqs[i] = st;
+        out
+    }
+
+    /// Drops one reference to tile `t`: at once, or at the open step's commit.
+    fn drop_ref(&mut self, t: u32) {
+        match self.step.as_mut() {
+            Some(st) => st.retired.push(t),
+            None => self.arena.release(&[t]),
+        }
+    }
+
+    /// Releases every tile the cache holds (tables and an open step's retired ones), closes
+    /// the step and forgets the tables.
+    fn release_all(&mut self) {
+        let mut all: Vec<u32> = self.seqs.iter().flat_map(|s| s.held()).collect();
+        if let Some(st) = self.step.take() {
+            all.extend(st.retired);
+        }
+        self.arena.release(&all);
+        self.seqs.clear();
+    }
+
+    /// (Tiles held right after appending a sequence from `have` to `total` tokens, tiles held
+    /// once that step commits): the records' tiles, and the exact tiles of the sinks, of the
+    /// window and of the positions the append writes. Calibrated caches only (the window
+    /// depends on the tables).
+    fn tile_counts(&self, have: usize, total: usize) -> (usize, usize) {
+        let recs = self.rec.keys().tiles_covering(self.records(total)).len();
+        let Some(ex) = &self.exact else {
+            return (recs, recs);
+        };
+        let er = ex.tiles.rows();
+        let s = self.spec.sinks;
+        let sink_tiles = er.tiles_covering(0..s.min(total));
+        let kept = |n: usize| self.packed_end(n.saturating_sub(self.margin))..n;
+        let after = union_len(vec![sink_tiles.clone(), er.tiles_covering(kept(total))]);
+        let mut during = vec![sink_tiles];
+        if have > 0 {
+            during.push(er.tiles_covering(kept(have)));
+        }
+        if self.spec.has_window() {
+            during.push(er.tiles_covering(have.max(s)..total));
+        }
+        (recs + union_len(during), recs + after)
+    }
+
+    /// The shortest length sequence `i` can be truncated to (besides 0): exact rows of its
+    /// window at that length must still be held.
+    pub fn shortest_truncation(&self, i: usize) -> usize {
+        let n = self.state.lens.get(i).copied().unwrap_or(0);
+        let Some(ex) = &self.exact else {
+            return 0;
+        };
+        let Some(st) = self.seqs.get(i) else {
+            return 0;
+        };
+        let er = ex.tiles.rows();
+        let held = |p: usize| er.at(&st.exact, p, 0).is_some();
+        let mut len = n;
+        while len > 1 {
+            let l = len - 1;
+            let ok = (self.packed_end(l)..l).all(held) && (0..self.spec.sinks.min(l)).all(held);
+            if !ok {
+                break;
+            }
+            len = l;
+        }
+        len
+    }
+
+    /// Drops the tokens of sequence `i` past `len` (see [`KvCache::truncate`]).
+    fn truncate_seq(&mut self, i: usize, len: usize) -> Result<()> {
+        if self.step.is_some() {
+            fail!(Protocol, "truncate inside an open step");
+        }
+        let Some(&n) = self.state.lens.get(i) else {
+            fail!(Shape, "truncate: the cache holds no sequence {i}");
+        };
+        if len > n {
+            fail!(Shape, "truncate: sequence {i} holds {n} tokens, not {len}");
+        }
+        if len == n {
             return Ok(());
         }
-        let (sinks, r) = (self.spec.sinks, store.ring);
-        let mut saves = Vec::new();
-        for i in 0..have.len() {
-            if st.window.get(i).is_some_and(|w| w.is_some()) {
-                continue;
-            }
-            let l = st.state.lens.get(i).copied().unwrap_or(0);
-            let a = sinks.max(self.records(l).end);
-            let (s0, n) = (have[i].max(sinks), total[i]);
-            let lo = s0.saturating_sub(r).max(a);
-            let hi = n.saturating_sub(r).min(l);
-            if a < l && s0 < n && lo < hi {
-                saves.push((i, a..l));
+        if len > 0 {
+            let shortest = self.shortest_truncation(i);
+            if len < shortest {
+                fail!(
+                    Unsupported,
+                    "truncating sequence {i} from {n} to {len} tokens needs exact rows of positions \
+                     that were quantized since; it can be truncated to {shortest}..{n} tokens or to 0"
+                );
             }
         }
-        let mut copied = Vec::with_capacity(saves.len());
-        for (i, range) in saves {
-            let raw = store
-                .read_raw(i, range.clone())?
-                .into_iter()
-                .map(|t| t.copy())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            copied.push((i, range.start, raw));
+        let mut st = std::mem::take(&mut self.seqs[i]);
+        let mut gone = Vec::new();
+        let keep_rec = if len == 0 {
+            0
+        } else {
+            self.rec.keys().tiles_covering(self.records(len)).end
+        };
+        for t in st.rec.iter_mut().skip(keep_rec) {
+            gone.push(std::mem::replace(t, NO_TILE));
         }
-        if let Some(st) = self.step.as_mut() {
-            for (i, p0, raw) in copied {
-                if st.window.len() <= i {
-                    st.window.resize(i + 1, None);
-                }
-                st.window[i] = Some((p0, raw));
+        if let Some(ex) = &self.exact {
+            let keep = if len == 0 {
+                0
+            } else {
+                (len - 1) / ex.tiles.rows + 1
+            };
+            for t in st.exact.iter_mut().skip(keep) {
+                gone.push(std::mem::replace(t, NO_TILE));
             }
+        }
+        gone.extend(self.retire_in(&mut st, len));
+        gone.retain(|&t| t != NO_TILE);
+        self.arena.release(&gone);
+        self.seqs[i] = st;
+        self.state.lens[i] = len;
+        if let Some(x) = self.state.last_new.get_mut(i) {
+            *x = 0;
         }
         Ok(())
+    }
+
+    /// A cache holding a copy of sequence `i` (batch 1) that shares its tiles (one more holder
+    /// each) and its calibration: the tokens are stored once. The fork copies the (at most two)
+    /// partial tiles it will write into; a holder that writes into a tile others still hold
+    /// copies it first. Errors inside an open step.
+    pub fn fork_seq(&self, i: usize) -> Result<TurboCache> {
+        if self.step.is_some() {
+            fail!(Protocol, "fork inside an open step");
+        }
+        let (Some(st), Some(&n)) = (self.seqs.get(i), self.state.lens.get(i)) else {
+            fail!(Shape, "fork: the cache holds no sequence {i}");
+        };
+        // The tiles the fork will write into (the partial record tile, where the window's
+        // next record goes, and the partial exact tile, where the next position goes) are its
+        // own copies; the others are shared.
+        let mut st = st.clone();
+        let pe = self.packed_end(n);
+        let mut own: Vec<(bool, usize)> = Vec::new();
+        if pe % self.rec.slots != 0 {
+            own.push((false, pe / self.rec.slots));
+        }
+        if let Some(ex) = &self.exact {
+            if n % ex.tiles.rows != 0 {
+                own.push((true, n / ex.tiles.rows));
+            }
+        }
+        own.retain(|&(x, j)| {
+            let t = if x { &st.exact } else { &st.rec };
+            t.get(j).is_some_and(|&t| t != NO_TILE)
+        });
+        let fresh = self.arena.alloc(own.len())?;
+        let shared: Vec<u32> = st
+            .held()
+            .filter(|t| {
+                !own.iter()
+                    .any(|&(x, j)| (if x { &st.exact } else { &st.rec })[j] == *t)
+            })
+            .collect();
+        let copy = || -> Result<()> {
+            let data = self.arena.tensor()?;
+            for (&(x, j), &t) in own.iter().zip(&fresh) {
+                let old = (if x { &st.exact } else { &st.rec })[j];
+                let row = data.narrow(0, old as usize, 1)?.copy()?;
+                data.slice_set(&row, 0, t as usize)?;
+            }
+            self.arena.retain(&shared)
+        };
+        if let Err(e) = copy() {
+            self.arena.release(&fresh);
+            return Err(e);
+        }
+        for (&(x, j), &t) in own.iter().zip(&fresh) {
+            (if x { &mut st.exact } else { &mut st.rec })[j] = t;
+        }
+        let mut state = self.state.clone();
+        state.lens = vec![n];
+        state.last_new = vec![0];
+        state.last_chunk = 0;
+        Ok(TurboCache {
+            state,
+            spec: self.spec,
+            seed: self.seed,
+            device: self.device.clone(),
+            kq: self.kq.clone(),
+            vq: self.vq.clone(),
+            gpu: self.gpu.clone(),
+            prefill: self.prefill,
+            kernel: self.kernel,
+            kmean: self.kmean.clone(),
+            vmean: self.vmean.clone(),
+            kscale: self.kscale.clone(),
+            record_bytes: self.record_bytes,
+            arena: self.arena.clone(),
+            rec: self.rec,
+            exact: self.exact,
+            seqs: vec![st],
+            margin: self.margin,
+            step: None,
+        })
+    }
+}
+
+impl Drop for TurboCache {
+    fn drop(&mut self) {
+        self.release_all();
     }
 }

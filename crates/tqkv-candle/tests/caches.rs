@@ -169,7 +169,10 @@ fn prefill_then_decode_equals_one_shot() {
         let c = run(&mut build(), &q, &k, &v, &[n], &[9, 14]);
         let (fa, fc) = (flat(&a), flat(&c));
         let diff = max_abs_diff(&fa, &fc);
-        assert!(diff < 1e-4, "{kind}: decode and one-shot differ by {diff}");
+        // bf16 scores and sums round at 8 bits: one chunk and single tokens may differ by an
+        // ulp of outputs up to 2 (seed 1796239682150521519: 0.0039).
+        let tol = if kind == "bf16" { 1e-2 } else { 1e-4 };
+        assert!(diff < tol, "{kind}: decode and one-shot differ by {diff}");
         // The layer's own chunking of a long prefill (chunk 5) gives the same as one chunk.
         let mut chunked = build().with_chunk(5);
         let mut whole = build();

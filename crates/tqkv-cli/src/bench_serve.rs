@@ -159,8 +159,10 @@ pub fn run(a: Args) -> Result<()> {
         let per_seq = engine
             .bytes_at(full)
             .context("the context is shorter than prompt + completion")?;
-        let tile = engine.metrics.tile_bytes.load(Relaxed);
-        let fit = engine.metrics.tiles_total.load(Relaxed) / per_seq.div_ceil(tile).max(1);
+        let tiles = engine
+            .tiles_at(full)
+            .context("the context is shorter than prompt + completion")?;
+        let fit = engine.metrics.tiles_total.load(Relaxed) / tiles.max(1);
         let prompts = (0..a.requests)
             .map(|i| prompt(&state.tokenizer, i, a.prompt_tokens))
             .collect::<Result<Vec<_>>>()?;

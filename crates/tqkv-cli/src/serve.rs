@@ -29,8 +29,9 @@ pub struct EngineArgs {
     /// KV cache memory for all sequences together (e.g. 2GiB, 512MiB).
     #[arg(long, default_value = "1GiB")]
     pub kv_memory: String,
-    /// Bytes per KV pool tile.
-    #[arg(long, default_value = "64KiB")]
+    /// Bytes per KV tile ("auto": 16 record positions of the widest layer for kinds that page,
+    /// 64KiB of budget for the others).
+    #[arg(long, default_value = "auto")]
     pub kv_tile: String,
     /// Most sequences in the running batch.
     #[arg(long, default_value_t = 64)]
@@ -45,6 +46,13 @@ pub struct EngineArgs {
     /// at its full length); 0 admits on what they hold now and preempts as they grow.
     #[arg(long, default_value_t = 128)]
     pub admit_lookahead: usize,
+    /// Shortest chat system prompt (tokens) kept once and shared by the requests that start
+    /// with it (kinds that page; 0: no sharing).
+    #[arg(long, default_value_t = 32)]
+    pub prefix_min: usize,
+    /// Most shared prefixes kept (least recently used go first, and whenever tiles run out).
+    #[arg(long, default_value_t = 16)]
+    pub prefix_cache: usize,
 }
 
 /// Loads the model and starts the engine; returns it with what the HTTP layer needs.
@@ -57,13 +65,19 @@ pub fn start(m: &ModelArgs, e: &EngineArgs, name: Option<String>) -> Result<Arc<
     let cfg = EngineConfig {
         cache,
         kv_memory: parse_bytes(&e.kv_memory).context("--kv-memory")?,
-        tile_bytes: parse_bytes(&e.kv_tile).context("--kv-tile")?,
+        tile_bytes: if e.kv_tile == "auto" {
+            0
+        } else {
+            parse_bytes(&e.kv_tile).context("--kv-tile")?
+        },
         max_batch: e.max_batch,
         max_waiting: e.max_waiting,
         step_tokens: e.step_tokens,
         max_context,
         kind_name: m.kv.clone(),
         admit_lookahead: e.admit_lookahead,
+        prefix_min: e.prefix_min,
+        prefix_cache: e.prefix_cache,
     };
     let mut served = vec![name.unwrap_or_else(|| {
         loaded
@@ -115,10 +129,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
         let addr = listener.local_addr()?;
-        let pool = state.engine.metrics.tiles_total.load(std::sync::atomic::Ordering::Relaxed);
+        let m = &state.engine.metrics;
+        let (pool, tile) = (
+            m.tiles_total.load(std::sync::atomic::Ordering::Relaxed),
+            m.tile_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let how = if m.paged.load(std::sync::atomic::Ordering::Relaxed) == 1 {
+            "paged"
+        } else {
+            "a byte budget"
+        };
         eprintln!(
-            "serving {} with the {} KV cache on http://{addr}/v1 ({} KV tiles of {}, {} sequences at most); Ctrl-C drains and stops",
-            state.served[0], a.model.kv, pool, a.engine.kv_tile, a.engine.max_batch
+            "serving {} with the {} KV cache on http://{addr}/v1 ({pool} KV tiles of {tile} bytes, {how}; {} sequences at most); Ctrl-C drains and stops",
+            state.served[0], a.model.kv, a.engine.max_batch
         );
         println!("listening on http://{addr}");
         use std::io::Write;

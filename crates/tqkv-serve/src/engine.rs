@@ -5,12 +5,19 @@
 //!
 //! Admission is by free tiles of the [`KvPool`]: a waiting request joins when the tiles its
 //! prompt needs fit beside what the running sequences will hold after the step. When the pool
-//! runs out mid-generation, the most recently admitted sequence is preempted by recomputation:
-//! its cache is dropped, its tiles freed, and it waits at the head of the queue with its prompt
-//! and what it has generated, to be prefilled again. A request whose client went away
-//! (its event channel closed) is cancelled between steps and its tiles freed.
+//! runs out mid-generation, cached prefixes go first (least recently used), then the most
+//! recently admitted sequence is preempted by recomputation: its cache is dropped, its tiles
+//! freed, and it waits at the head of the queue with its prompt and what it has generated, to
+//! be prefilled again. A request whose client went away (its event channel closed) is
+//! cancelled between steps and its tiles freed.
+//!
+//! Shared prefixes (paged kinds): a request may name a prefix of its prompt (a chat's system
+//! message). Its prefill stops once at the prefix's end, where the engine keeps a snapshot of
+//! the sequence (a fork: the tiles are shared, not copied); a later request with the same
+//! prefix starts from a fork of the snapshot instead of prefilling it — the prefix's tiles are
+//! held once, however many sequences read them.
 
-use crate::pool::{CostCurve, KvPool, PoolError};
+use crate::pool::{CostCurve, KvPool, PoolError, Probes};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
@@ -27,7 +34,8 @@ pub struct EngineConfig {
     pub cache: CacheConfig,
     /// Bytes of KV cache for all sequences together.
     pub kv_memory: usize,
-    /// Bytes per pool tile.
+    /// Bytes per pool tile (0: chosen for the kind — 16 record positions of its widest layer
+    /// for kinds that page, 64 KiB of budget for the others).
     pub tile_bytes: usize,
     /// Most sequences in the running batch.
     pub max_batch: usize,
@@ -41,6 +49,11 @@ pub struct EngineConfig {
     pub kind_name: String,
     /// Tokens of growth per sequence the pool must hold before a request is admitted.
     pub admit_lookahead: usize,
+    /// Shortest prefix (tokens) kept and shared across requests (0: no prefix sharing; kinds
+    /// that do not page never share).
+    pub prefix_min: usize,
+    /// Most prefix snapshots kept.
+    pub prefix_cache: usize,
 }
 
 /// What one request asks for.
@@ -98,6 +111,9 @@ pub enum Event {
 pub struct Request {
     /// Prompt token ids (≥ 1).
     pub prompt: Vec<u32>,
+    /// Tokens of the prompt that other requests may share (a chat's system message), kept as
+    /// a snapshot and forked instead of prefilled again (see the module docs).
+    pub prefix: Option<usize>,
     /// What to generate.
     pub params: GenParams,
     /// Where its events go; dropping the receiver cancels the request.
@@ -147,6 +163,8 @@ pub struct Metrics {
     pub peak_running: AtomicUsize,
     /// Pool tiles held.
     pub tiles_used: AtomicUsize,
+    /// Most pool tiles held after a step.
+    pub tiles_peak: AtomicUsize,
     /// Pool tiles in all.
     pub tiles_total: AtomicUsize,
     /// Bytes per tile.
@@ -168,8 +186,22 @@ pub struct Metrics {
     /// Tokens per second over the last second of steps (f64 bits).
     pub tokens_per_s: AtomicU64,
     /// Steps after which the pool's count disagreed with the caches (tiles held ≠ ⌈bytes /
-    /// tile⌉ of some sequence, or more tiles than the pool has): 0 unless there is a bug.
+    /// tile⌉ of some sequence, the arena's count ≠ the distinct tiles the caches hold, or more
+    /// tiles than the pool has): 0 unless there is a bug.
     pub accounting_errors: AtomicU64,
+    /// Prefix snapshots kept.
+    pub prefix_snapshots: AtomicUsize,
+    /// Tiles the prefix snapshots hold (shared with the sequences forked from them).
+    pub prefix_tiles: AtomicUsize,
+    /// Requests that started from a prefix snapshot.
+    pub prefix_hits: AtomicU64,
+    /// Prompt tokens not prefilled thanks to a snapshot.
+    pub prefix_tokens: AtomicU64,
+    /// Tiles referenced by more than one holder, counted once per extra holder (what sharing
+    /// saves).
+    pub tiles_shared: AtomicUsize,
+    /// 1 when the tiles are an arena's (paged kinds), 0 for a byte budget.
+    pub paged: AtomicUsize,
 }
 
 impl Metrics {
@@ -191,6 +223,7 @@ pub struct EngineHandle {
     draining: Arc<AtomicBool>,
     max_waiting: usize,
     max_context: usize,
+    step_tokens: usize,
     /// Tiles a sequence of n tokens holds (admission checks at submit).
     pool: Arc<Mutex<KvPool>>,
     /// Name of the cache kind.
@@ -219,7 +252,14 @@ impl EngineHandle {
             // The prompt and at least one token must fit the pool alone; a completion longer
             // than the pool holds for one sequence is cut there (finish_reason "length").
             let pool = self.pool.lock().expect("pool lock");
-            let need = pool.predict(prompt + 1).unwrap_or(usize::MAX);
+            // Its prompt's last prefill chunk and its first decoded token, alone.
+            let need = match (
+                pool.alone_need(prompt, self.step_tokens),
+                pool.alone_need(prompt + 1, 1),
+            ) {
+                (Some(a), Some(b)) => a.max(b),
+                _ => usize::MAX,
+            };
             if need > pool.total() {
                 return Err(SubmitError::TooBig {
                     need,
@@ -241,9 +281,24 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// The KV bytes one sequence of `tokens` tokens holds (an upper bound; the pool's curve).
+    /// The KV bytes one sequence of `tokens` tokens holds (its tiles; a budget pool's curve).
     pub fn bytes_at(&self, tokens: usize) -> Option<usize> {
-        self.pool.lock().expect("pool lock").curve().bytes(tokens)
+        self.pool.lock().expect("pool lock").bytes_at(tokens)
+    }
+
+    /// Bytes one sequence needs alone to prefill `prompt` tokens (in chunks of the step's
+    /// tokens) and generate `completion` more (the pool's tiles, or a budget pool's curve).
+    pub fn bytes_alone(&self, prompt: usize, completion: usize) -> Option<usize> {
+        let pool = self.pool.lock().expect("pool lock");
+        let tiles = pool
+            .alone_need(prompt, self.step_tokens)?
+            .max(pool.alone_need(prompt + completion, 1)?);
+        Some(tiles * pool.tile_bytes())
+    }
+
+    /// Tiles one sequence of `tokens` tokens holds.
+    pub fn tiles_at(&self, tokens: usize) -> Option<usize> {
+        self.pool.lock().expect("pool lock").predict(tokens)
     }
 
     /// The most tokens per sequence.
@@ -296,17 +351,43 @@ pub fn start(
     }
     let mc = model.config();
     let max_context = cfg.max_context.min(mc.max_position_embeddings);
-    let curve = CostCurve::measure(
-        &cfg.cache,
-        mc.num_layers,
-        mc.num_kv_heads,
-        mc.head_dim,
-        max_context,
-    )?;
-    let pool = KvPool::new(cfg.kv_memory, cfg.tile_bytes, curve)?;
+    let (layers, kv, d) = (mc.num_layers, mc.num_kv_heads, mc.head_dim);
+    let kinds = (0..layers)
+        .map(|l| cfg.cache.kind_for(l, layers, kv, d))
+        .collect::<tqkv_candle::Result<Vec<_>>>()
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+    let pool = if kinds.iter().all(|k| k.pages()) {
+        // 16 record positions of the widest layer per tile, unless told.
+        let tile = if cfg.tile_bytes > 0 {
+            cfg.tile_bytes
+        } else {
+            let mut widest = 0;
+            for k in &kinds {
+                if let Ok(Some((rec, exact))) = k.position_bytes(d) {
+                    widest = widest.max(16 * rec).max(exact);
+                }
+            }
+            (kv * widest).div_ceil(16).max(1) * 16
+        };
+        let tiles = KvPool::count(cfg.kv_memory, tile)?;
+        let arena = tqkv_candle::TileArena::new(model.device(), tile, tiles)
+            .map_err(|e| EngineError::Config(format!("allocating the KV arena: {e}")))?;
+        let probes = Probes::new(&cfg.cache, layers, kv, d, tile, max_context)?;
+        KvPool::paged(arena, probes)?
+    } else {
+        let tile = if cfg.tile_bytes > 0 {
+            cfg.tile_bytes
+        } else {
+            64 << 10
+        };
+        let curve = CostCurve::measure(&cfg.cache, layers, kv, d, max_context)?;
+        KvPool::new(cfg.kv_memory, tile, curve)?
+    };
     let metrics = Arc::new(Metrics::default());
     metrics.tiles_total.store(pool.total(), Relaxed);
     metrics.tile_bytes.store(pool.tile_bytes(), Relaxed);
+    metrics.paged.store(usize::from(pool.is_paged()), Relaxed);
+    let arena = pool.arena().cloned();
     // Build one sequence now: a kind that cannot be built fails here, not per request.
     model
         .new_sequence(&cfg.cache)
@@ -321,6 +402,7 @@ pub fn start(
         draining: draining.clone(),
         max_waiting: cfg.max_waiting,
         max_context,
+        step_tokens: cfg.step_tokens,
         pool: pool.clone(),
         kind,
         done: Arc::new(Mutex::new(None)),
@@ -331,10 +413,13 @@ pub fn start(
         eos_ids,
         cfg: EngineConfig { max_context, ..cfg },
         pool,
+        arena,
         metrics,
         running: Vec::new(),
         waiting: VecDeque::new(),
+        prefixes: Vec::new(),
         next_id: 0,
+        steps: 0,
         rate: (Instant::now(), 0),
     };
     let h = std::thread::Builder::new()
@@ -343,6 +428,17 @@ pub fn start(
         .map_err(|e| EngineError::Config(format!("starting the engine thread: {e}")))?;
     *handle.done.lock().expect("join lock") = Some(h);
     Ok(handle)
+}
+
+/// Whether a step failed because the KV arena had no tile left (nothing was committed).
+fn arena_full(e: &tqkv_llama::Error) -> bool {
+    match e {
+        tqkv_llama::Error::InSequence { source, .. } => arena_full(source),
+        tqkv_llama::Error::Layer { source, .. } | tqkv_llama::Error::Cache(source) => {
+            matches!(source, tqkv_candle::Error::ArenaFull { .. })
+        }
+        _ => false,
+    }
 }
 
 /// A request inside the engine.
@@ -360,6 +456,8 @@ struct Active {
     sent: usize,
     /// Ended by a stop string (the text after it is not sent).
     cut: bool,
+    /// The shared prefix's length while it is still to be kept as a snapshot.
+    snapshot_at: Option<usize>,
 }
 
 impl Active {
@@ -378,13 +476,32 @@ impl Active {
         }
     }
 
-    /// Bytes its caches hold (stored tokens and their tables): what the pool counts.
+    /// Bytes its caches hold (stored tokens and their tables): what a budget pool counts.
     fn held_bytes(&self) -> usize {
         self.seq.as_ref().map_or(0, |s| {
             let m = s.kv_memory();
             m.logical + m.tables
         })
     }
+
+    /// The shared prefix of its prompt worth a snapshot (at least `min` tokens, shorter than
+    /// the prompt).
+    fn prefix(&self, min: usize) -> Option<usize> {
+        self.req
+            .prefix
+            .filter(|&p| min > 0 && p >= min && p < self.prompt_len)
+    }
+}
+
+/// A kept prefix: the sequence at the end of a prompt prefix, forked by later requests with
+/// the same prefix.
+struct Snapshot {
+    /// Its id in the pool.
+    id: u64,
+    tokens: Vec<u32>,
+    seq: Sequence,
+    /// The step it was last forked (or made) at.
+    used: u64,
 }
 
 struct Engine {
@@ -393,10 +510,16 @@ struct Engine {
     eos_ids: Vec<u32>,
     cfg: EngineConfig,
     pool: Arc<Mutex<KvPool>>,
+    /// The arena of a paged pool (where new sequences' caches live).
+    arena: Option<Arc<tqkv_candle::TileArena>>,
     metrics: Arc<Metrics>,
     running: Vec<Active>,
     waiting: VecDeque<Active>,
+    /// Kept prefixes, least recently used first.
+    prefixes: Vec<Snapshot>,
     next_id: u64,
+    /// Steps run.
+    steps: u64,
     /// Start of the current tokens/s window and the tokens in it.
     rate: (Instant, u64),
 }
@@ -462,6 +585,7 @@ impl Engine {
             sampler,
             sent: 0,
             cut: false,
+            snapshot_at: None,
         });
     }
 
@@ -494,41 +618,134 @@ impl Engine {
     /// Admits waiting requests, first come first served, while the batch has room and the pool
     /// holds every running sequence and the new ones `admit_lookahead` tokens ahead (capped at
     /// their full length): admitting on what they hold now alone would let short prompts in
-    /// that the next tokens push out again (preemption by recomputation, paid in prefill).
+    /// that the next tokens push out again (preemption by recomputation, paid in prefill). A
+    /// request whose prompt starts with a kept prefix starts from a fork of it: its shared
+    /// tiles cost nothing, and what the fork holds counts from the start.
     fn admit(&mut self) {
-        let pool = self.pool.lock().expect("pool lock");
-        let mut wants: Vec<(u64, usize)> = self
-            .running
-            .iter()
-            .map(|a| (a.id, self.ahead_tiles(&pool, a)))
-            .collect();
-        let mut admitted = Vec::new();
-        while self.running.len() + admitted.len() < self.cfg.max_batch {
-            let Some(a) = self.waiting.front() else { break };
-            // A prompt is admitted when all of it fits: its prefill may span several steps.
-            wants.push((a.id, self.ahead_tiles(&pool, a)));
-            // Nothing running: the head of the queue goes in, lookahead or not (it fits alone:
-            // submit cut its completion to what the pool holds for one sequence).
-            let alone = self.running.is_empty() && admitted.is_empty();
-            if !(pool.fits(&wants) || alone) {
-                wants.pop();
+        while self.running.len() < self.cfg.max_batch {
+            let Some(mut a) = self.waiting.pop_front() else {
+                break;
+            };
+            if a.seq.is_none() {
+                if let Err(e) = self.start_sequence(&mut a) {
+                    self.metrics.waiting.fetch_sub(1, Relaxed);
+                    self.fail(a, &e);
+                    continue;
+                }
+            }
+            let fits = {
+                let pool = self.pool.lock().expect("pool lock");
+                let mut wants: Vec<(u64, usize)> = self
+                    .running
+                    .iter()
+                    .map(|r| (r.id, self.ahead_tiles(&pool, r)))
+                    .collect();
+                wants.push((a.id, self.ahead_tiles(&pool, &a)));
+                // Nothing running: the head of the queue goes in, lookahead or not (it fits
+                // alone: submit cut its completion to what the pool holds for one sequence).
+                pool.fits(&wants) || self.running.is_empty()
+            };
+            if !fits && self.evict_prefix() {
+                self.waiting.push_front(a);
+                continue;
+            }
+            if !fits {
+                // Back to the head of the queue, its cache dropped (a fork's tiles freed).
+                a.seq = None;
+                a.fed = 0;
+                self.pool.lock().expect("pool lock").release(a.id);
+                self.waiting.push_front(a);
                 break;
             }
-            admitted.push(self.waiting.pop_front().expect("front"));
-        }
-        drop(pool);
-        for mut a in admitted {
             self.metrics.waiting.fetch_sub(1, Relaxed);
-            match self.model.new_sequence(&self.cfg.cache) {
-                Ok(s) => {
-                    a.seq = Some(s);
-                    self.running.push(a);
-                }
-                Err(e) => self.fail(a, &e.to_string()),
-            }
+            self.running.push(a);
         }
         let n = self.running.len();
         self.metrics.peak_running.fetch_max(n, Relaxed);
+    }
+
+    /// Builds the sequence of a request about to be admitted: a fork of a kept prefix of its
+    /// prompt, or a fresh one (which keeps its prefix as a snapshot once prefilled).
+    fn start_sequence(&mut self, a: &mut Active) -> Result<(), String> {
+        a.snapshot_at = None;
+        let prefix = if self.arena.is_some() {
+            a.prefix(self.cfg.prefix_min)
+        } else {
+            None
+        };
+        if let Some(p) = prefix {
+            let hit = self
+                .prefixes
+                .iter()
+                .position(|s| s.tokens[..] == a.tokens[..p]);
+            if let Some(i) = hit {
+                self.prefixes[i].used = self.steps;
+                // A fork copies at most its partial tiles; an arena too full for them makes
+                // it prefill instead.
+                if let Ok(seq) = self.prefixes[i].seq.fork() {
+                    let held = seq.tiles_held();
+                    let _ = self.pool.lock().expect("pool lock").set_tiles(a.id, held);
+                    a.seq = Some(seq);
+                    a.fed = p;
+                    self.metrics.prefix_hits.fetch_add(1, Relaxed);
+                    self.metrics.prefix_tokens.fetch_add(p as u64, Relaxed);
+                    return Ok(());
+                }
+            } else if self.cfg.prefix_cache > 0 {
+                a.snapshot_at = Some(p);
+            }
+        }
+        let seq = match &self.arena {
+            Some(arena) => self.model.new_sequence_in(&self.cfg.cache, arena),
+            None => self.model.new_sequence(&self.cfg.cache),
+        };
+        a.seq = Some(seq.map_err(|e| e.to_string())?);
+        a.fed = 0;
+        Ok(())
+    }
+
+    /// Drops the least recently used prefix snapshot (its tiles that no fork holds go back to
+    /// the arena); false when none is kept.
+    fn evict_prefix(&mut self) -> bool {
+        let Some(i) = (0..self.prefixes.len()).min_by_key(|&i| self.prefixes[i].used) else {
+            return false;
+        };
+        let s = self.prefixes.remove(i);
+        self.pool.lock().expect("pool lock").release(s.id);
+        true
+    }
+
+    /// Keeps sequence `i`'s prefix as a snapshot if it has just been prefilled to its end.
+    fn keep_prefix(&mut self, i: usize) {
+        let a = &mut self.running[i];
+        let Some(p) = a.snapshot_at else { return };
+        if a.fed != p {
+            return;
+        }
+        a.snapshot_at = None;
+        if self.prefixes.iter().any(|s| s.tokens[..] == a.tokens[..p]) {
+            return;
+        }
+        let Some(Ok(seq)) = a.seq.as_ref().map(Sequence::fork) else {
+            return;
+        };
+        let tokens = a.tokens[..p].to_vec();
+        if self.prefixes.len() >= self.cfg.prefix_cache {
+            self.evict_prefix();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let _ = self
+            .pool
+            .lock()
+            .expect("pool lock")
+            .set_tiles(id, seq.tiles_held());
+        self.prefixes.push(Snapshot {
+            id,
+            tokens,
+            seq,
+            used: self.steps,
+        });
     }
 
     fn fail(&mut self, a: Active, why: &str) {
@@ -575,22 +792,28 @@ impl Engine {
             // A sequence's first chunk is always min(prompt, step tokens), whatever else runs:
             // caches that calibrate on their first step (centred keys) then see the same
             // tokens as when the request runs alone, and a preempted sequence recomputes as it
-            // first ran. One first chunk per step may exceed what the decode tokens left.
+            // first ran. One first chunk per step may exceed what the decode tokens left. No
+            // chunk crosses the end of a shared prefix: the prefix's state is kept there (and
+            // every request with that prefix calibrates on the same tokens).
             let mut first_taken = false;
             for (p, a) in plan.iter_mut().zip(&self.running) {
                 let left = a.tokens.len() - a.fed;
                 if left <= 1 {
                     continue;
                 }
+                let cut = self
+                    .shared_prefix(a)
+                    .filter(|&c| c > a.fed)
+                    .map_or(usize::MAX, |c| c - a.fed);
                 if a.fed == 0 {
-                    let first = a.prompt_len.min(self.cfg.step_tokens).min(left);
+                    let first = a.prompt_len.min(self.cfg.step_tokens).min(left).min(cut);
                     if first <= budget || !first_taken {
                         *p = first;
                         budget = budget.saturating_sub(first);
                         first_taken = true;
                     }
                 } else if budget > 0 {
-                    *p = left.min(budget);
+                    *p = left.min(budget).min(cut);
                     budget -= *p;
                 }
             }
@@ -599,14 +822,19 @@ impl Engine {
                 .running
                 .iter()
                 .zip(&plan)
-                .map(|(a, &n)| (a.id, pool.predict(a.fed + n).unwrap_or(usize::MAX)))
+                .map(|(a, &n)| {
+                    let need = pool.step_need(a.fed, a.fed + n).unwrap_or(usize::MAX);
+                    (a.id, need)
+                })
                 .collect();
             let fits = pool.fits(&wants);
             drop(pool);
-            if fits || self.running.len() == 1 {
+            if fits || (self.running.len() == 1 && self.prefixes.is_empty()) {
                 break plan;
             }
-            self.preempt_last();
+            if !self.evict_prefix() {
+                self.preempt_last();
+            }
         };
         let mut idx: Vec<usize> = (0..self.running.len()).filter(|&i| plan[i] > 0).collect();
         if idx.is_empty() {
@@ -630,6 +858,17 @@ impl Engine {
         };
         let logits = match result {
             Ok(l) => l,
+            Err(e) if arena_full(&e) => {
+                // The plan said it fits and the arena disagrees (nothing was committed): make
+                // room as for a plan that does not fit, and run again next step.
+                if !self.evict_prefix() && self.running.len() > 1 {
+                    self.preempt_last();
+                } else if self.running.len() == 1 {
+                    let a = self.running.remove(0);
+                    self.fail(a, &e.to_string());
+                }
+                return;
+            }
             Err(tqkv_llama::Error::InSequence { seq, source }) => {
                 // That request fails; the others run again next step (nothing was committed).
                 let a = self.running.remove(idx[seq]);
@@ -653,16 +892,11 @@ impl Engine {
             let a = &mut self.running[i];
             a.fed += n;
             stepped += n as u64;
-            let bytes = a.held_bytes();
-            if self
-                .pool
-                .lock()
-                .expect("pool lock")
-                .set_bytes(a.id, bytes)
-                .is_err()
-            {
-                over.push(a.id);
+            if self.set_held(i).is_err() {
+                over.push(self.running[i].id);
             }
+            self.keep_prefix(i);
+            let a = &mut self.running[i];
             if n > 1 || a.fed <= a.prompt_len {
                 // A prefill (of the prompt, or of a preempted sequence's whole text).
                 self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
@@ -685,6 +919,7 @@ impl Engine {
             }
         }
         self.rate.1 += stepped;
+        self.steps += 1;
         self.metrics.steps.fetch_add(1, Relaxed);
         for (i, end) in done.into_iter().rev() {
             let a = self.running.remove(i);
@@ -705,14 +940,7 @@ impl Engine {
         for &id in over {
             // (Not running: it finished in this step and its tiles are free.)
             while let Some(i) = self.running.iter().position(|a| a.id == id) {
-                let bytes = self.running[i].held_bytes();
-                if self
-                    .pool
-                    .lock()
-                    .expect("pool lock")
-                    .set_bytes(id, bytes)
-                    .is_ok()
-                {
+                if self.set_held(i).is_ok() {
                     break;
                 }
                 match (0..self.running.len()).rev().find(|&j| j != i) {
@@ -724,6 +952,25 @@ impl Engine {
                     }
                 }
             }
+        }
+    }
+
+    /// The end of the shared prefix of `a`'s prompt, when prefixes are shared.
+    fn shared_prefix(&self, a: &Active) -> Option<usize> {
+        self.arena.as_ref()?;
+        a.prefix(self.cfg.prefix_min)
+    }
+
+    /// Tells the pool what running sequence `i` holds now: the tiles its caches reference
+    /// (paged), or its bytes in tiles (budget; an error when more than is free).
+    fn set_held(&mut self, i: usize) -> Result<(), PoolError> {
+        let a = &self.running[i];
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool.is_paged() {
+            let t = a.seq.as_ref().map_or(0, Sequence::tiles_held);
+            pool.set_tiles(a.id, t)
+        } else {
+            pool.set_bytes(a.id, a.held_bytes())
         }
     }
 
@@ -804,6 +1051,7 @@ impl Engine {
         let pool = self.pool.lock().expect("pool lock");
         m.running.store(self.running.len(), Relaxed);
         m.tiles_used.store(pool.used(), Relaxed);
+        m.tiles_peak.fetch_max(pool.used(), Relaxed);
         // Bytes and tokens held, and the pool's count against the caches' own: exact (a sequence
         // not yet fed holds no tiles), and within the pool.
         let (mut bytes, mut toks, mut held, mut exact) = (0, 0, 0, true);
@@ -812,11 +1060,39 @@ impl Engine {
             bytes += b;
             toks += a.seq.as_ref().map_or(0, Sequence::position);
             held += pool.held(a.id);
-            exact &= a.fed == 0 || pool.held(a.id) == pool.tiles_for(b);
+            exact &= if pool.is_paged() {
+                pool.held(a.id) == a.seq.as_ref().map_or(0, Sequence::tiles_held)
+            } else {
+                a.fed == 0 || pool.held(a.id) == pool.tiles_for(b)
+            };
         }
-        if !exact || held != pool.used() || pool.used() > pool.total() {
+        let prefix_tiles: usize = self.prefixes.iter().map(|s| s.seq.tiles_held()).sum();
+        if pool.is_paged() {
+            // The arena counts each tile once: the distinct tiles of every cache, snapshots
+            // included; what the holders reference beyond that is shared.
+            let ids: std::collections::HashSet<u32> = self
+                .running
+                .iter()
+                .filter_map(|a| a.seq.as_ref())
+                .chain(self.prefixes.iter().map(|s| &s.seq))
+                .flat_map(Sequence::tile_ids)
+                .collect();
+            exact &= ids.len() == pool.used();
+            exact &= self
+                .prefixes
+                .iter()
+                .all(|s| pool.held(s.id) == s.seq.tiles_held());
+            held += prefix_tiles;
+            m.tiles_shared
+                .store(held.saturating_sub(pool.used()), Relaxed);
+        } else {
+            exact &= held == pool.used();
+        }
+        if !exact || pool.used() > pool.total() {
             m.accounting_errors.fetch_add(1, Relaxed);
         }
+        m.prefix_snapshots.store(self.prefixes.len(), Relaxed);
+        m.prefix_tiles.store(prefix_tiles, Relaxed);
         m.kv_bytes.store(bytes, Relaxed);
         m.kv_tokens.store(toks, Relaxed);
         let dt = self.rate.0.elapsed().as_secs_f64();

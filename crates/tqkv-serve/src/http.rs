@@ -118,19 +118,21 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let prompt = match (|| {
+    let (prompt, prefix) = match (|| {
         api::check_model(r.common.model.as_deref(), &s.served)?;
         let messages = api::normalise_messages(&r.messages)?;
         let text = s
             .template
             .render_json(&messages, r.tools.as_ref(), true)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        encode(&s, &text)
+        let prompt = encode(&s, &text)?;
+        let prefix = system_prefix(&s, &messages, r.tools.as_ref(), &prompt);
+        Ok::<_, ApiError>((prompt, prefix))
     })() {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    complete(s, Kind::Chat, prompt, r.common).await
+    complete(s, Kind::Chat, prompt, prefix, r.common).await
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -172,7 +174,28 @@ async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    complete(s, Kind::Text, prompt, r.common).await
+    complete(s, Kind::Text, prompt, None, r.common).await
+}
+
+/// The prompt tokens of a chat's leading system message (rendered alone by the template,
+/// without a generation prompt) when they begin `prompt`: the part of the prompt that requests
+/// with the same system message share.
+fn system_prefix(
+    s: &AppState,
+    messages: &Value,
+    tools: Option<&Value>,
+    prompt: &[u32],
+) -> Option<usize> {
+    let first = messages.as_array()?.first()?;
+    if first.get("role")?.as_str()? != "system" {
+        return None;
+    }
+    let text = s
+        .template
+        .render_json(&Value::Array(vec![first.clone()]), tools, false)
+        .ok()?;
+    let ids = s.tokenizer.encode(text, false).ok()?.get_ids().to_vec();
+    (!ids.is_empty() && ids.len() < prompt.len() && prompt.starts_with(&ids)).then_some(ids.len())
 }
 
 fn encode(s: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -208,7 +231,13 @@ fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
-async fn complete(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) -> Response {
+async fn complete(
+    s: Arc<AppState>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    prefix: Option<usize>,
+    c: Common,
+) -> Response {
     let n = s.counter.fetch_add(1, Relaxed);
     let params = match api::gen_params(&c, prompt.len(), s.engine.max_context(), n) {
         Ok(p) => p,
@@ -217,6 +246,7 @@ async fn complete(s: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Common) -> 
     let (tx, rx) = mpsc::unbounded_channel();
     if let Err(e) = s.engine.submit(Request {
         prompt,
+        prefix,
         params,
         events: tx,
     }) {
@@ -417,6 +447,12 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
             used.to_string(),
         ),
         (
+            "tqkv_kv_tiles_peak",
+            "gauge",
+            "Most KV pool tiles held after a step.",
+            m.tiles_peak.load(Relaxed).to_string(),
+        ),
+        (
             "tqkv_kv_tiles_free",
             "gauge",
             "KV pool tiles free.",
@@ -481,6 +517,42 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
             "counter",
             "Engine steps.",
             m.steps.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_kv_paged",
+            "gauge",
+            "1 when the KV tiles are where the bytes live (an arena the kernels read through tables), 0 for a byte budget.",
+            m.paged.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_kv_tiles_shared",
+            "gauge",
+            "References to KV tiles beyond the first (tiles stored once, read by several sequences).",
+            m.tiles_shared.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_prefix_snapshots",
+            "gauge",
+            "Prompt prefixes kept for sharing.",
+            m.prefix_snapshots.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_prefix_tiles",
+            "gauge",
+            "KV tiles held by the kept prefixes (shared with the sequences forked from them).",
+            m.prefix_tiles.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_prefix_hits_total",
+            "counter",
+            "Requests that started from a kept prefix.",
+            m.prefix_hits.load(Relaxed).to_string(),
+        ),
+        (
+            "tqkv_prefix_tokens_total",
+            "counter",
+            "Prompt tokens not prefilled thanks to a kept prefix.",
+            m.prefix_tokens.load(Relaxed).to_string(),
         ),
         (
             "tqkv_kv_accounting_errors_total",

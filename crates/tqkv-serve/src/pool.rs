@@ -1,22 +1,25 @@
 //! The KV pool: one memory budget (`--kv-memory`) shared by every sequence's cache, counted in
 //! fixed-size tiles of bytes, so that a kind that stores a token in fewer bytes admits more
-//! sequences into the same memory.
+//! sequences into the same memory. Two modes:
 //!
-//! A sequence holds `⌈bytes of its caches / tile bytes⌉` tiles (stored tokens plus the
-//! per-layer tables each sequence holds for itself), set from the caches'
-//! own [`tqkv_candle::MemoryUsage`] after every step (the accounting is what the caches hold,
-//! not an estimate). Before a step the scheduler asks how many tiles a sequence will need at
-//! its new length: [`CostCurve`] answers from a probe of the kind's caches measured once at
-//! start-up (bytes at every multiple of [`CostCurve::STEP`] tokens, rounded up between them),
-//! an upper bound that a test holds against real runs.
-//!
-//! What this is not (yet): the tiles are a budget, not where the bytes live — each sequence's
-//! caches keep their own buffers, and a shared system prompt is held once per sequence. The
-//! per-layer tile storage that the CUDA kernel would read through tile tables is the next step.
+//! * **Paged** (the TurboQuant kinds, [`tqkv_candle::CacheKind::pages`]): the tiles are where
+//!   the bytes live — one [`TileArena`] of `--kv-memory / tile` tiles on the model's device
+//!   holds every layer's records and exact rows of every sequence, each sequence reaching its
+//!   tiles through its caches' tables, and a tile shared by several sequences (a common prompt
+//!   prefix) is stored once. The pool's count is the arena's; a sequence's share is the tiles its
+//!   caches reference. Before a step the scheduler asks what a sequence will hold: the layers'
+//!   own layouts answer exactly ([`tqkv_candle::KvCache::tiles_for`] of calibrated probe caches).
+//! * **Budget** (kinds that keep their own buffers: f16, q8, q4h, KIVI): a sequence holds
+//!   `⌈bytes of its caches / tile bytes⌉` tiles (stored tokens plus the per-layer tables each
+//!   sequence holds for itself), set from the caches' own [`tqkv_candle::MemoryUsage`] after
+//!   every step; predictions come from [`CostCurve`], a probe of the kind's caches measured once
+//!   at start-up (bytes at every multiple of [`CostCurve::STEP`] tokens, rounded up between
+//!   them), an upper bound that a test holds against real runs.
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use tqkv_candle::CacheConfig;
+use std::sync::Arc;
+use tqkv_candle::{CacheConfig, KvCache, TileArena};
 
 /// Pool errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,19 +108,127 @@ impl CostCurve {
     }
 }
 
+/// What a paged pool predicts with: one calibrated cache per layer (in a private arena of the
+/// pool's tile size), whose layout gives the tiles any length holds.
+pub struct Probes {
+    layers: Vec<Box<dyn KvCache>>,
+    max_tokens: usize,
+}
+
+impl Probes {
+    /// Calibrated caches of every layer of `cache` (as a model of `layers` layers with
+    /// `kv_heads` heads of `head_dim` builds them), in tiles of `tile_bytes`.
+    pub fn new(
+        cache: &CacheConfig,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        tile_bytes: usize,
+        max_tokens: usize,
+    ) -> Result<Self, PoolError> {
+        let probe = |e: &dyn std::fmt::Display| PoolError::Probe(e.to_string());
+        let dev = Device::Cpu;
+        let mut out = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            let arena = TileArena::growing(&dev, tile_bytes).map_err(|e| probe(&e))?;
+            let mut c = cache
+                .build_paged(layer, layers, kv_heads, head_dim, &arena)
+                .map_err(|e| probe(&e))?;
+            let x = |_| Tensor::randn(0f32, 1.0, (1, kv_heads, CostCurve::STEP, head_dim), &dev);
+            let (k, v) = (x(0).map_err(|e| probe(&e))?, x(1).map_err(|e| probe(&e))?);
+            c.append(&k, &v, None).map_err(|e| probe(&e))?;
+            if c.tiles_for(0, 1).is_none() {
+                return Err(PoolError::Probe(format!(
+                    "layer {layer}'s cache ({}) does not page",
+                    c.kind_name()
+                )));
+            }
+            out.push(c);
+        }
+        Ok(Probes {
+            layers: out,
+            max_tokens,
+        })
+    }
+
+    /// (Tiles held right after a step from `have` to `total` tokens, tiles held once it
+    /// commits), over all layers; `None` beyond the context.
+    pub fn tiles(&self, have: usize, total: usize) -> Option<(usize, usize)> {
+        if total > self.max_tokens {
+            return None;
+        }
+        self.layers.iter().try_fold((0, 0), |(p, a), c| {
+            let (pp, aa) = c.tiles_for(have, total)?;
+            Some((p + pp, a + aa))
+        })
+    }
+
+    /// Layers.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+enum Mode {
+    /// Tiles as a byte budget: `used` of `total`.
+    Budget { curve: CostCurve, used: usize },
+    /// Tiles of an arena.
+    Paged {
+        arena: Arc<TileArena>,
+        probes: Probes,
+    },
+}
+
 /// The pool: `total` tiles of `tile_bytes`, held by sequences.
-#[derive(Debug, Clone)]
 pub struct KvPool {
     tile_bytes: usize,
     total: usize,
-    used: usize,
     held: HashMap<u64, usize>,
-    curve: CostCurve,
+    mode: Mode,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KvPool {{ {} of {} tiles of {} bytes, {} }}",
+            self.used(),
+            self.total,
+            self.tile_bytes,
+            if self.is_paged() { "paged" } else { "budget" }
+        )
+    }
 }
 
 impl KvPool {
-    /// A pool of `budget / tile_bytes` tiles for caches whose bytes `curve` predicts.
+    /// A budget pool of `budget / tile_bytes` tiles for caches whose bytes `curve` predicts.
     pub fn new(budget: usize, tile_bytes: usize, curve: CostCurve) -> Result<Self, PoolError> {
+        let total = Self::count(budget, tile_bytes)?;
+        Ok(KvPool {
+            tile_bytes,
+            total,
+            held: HashMap::new(),
+            mode: Mode::Budget { curve, used: 0 },
+        })
+    }
+
+    /// A paged pool: the tiles of `arena` (fixed), predictions from `probes`.
+    pub fn paged(arena: Arc<TileArena>, probes: Probes) -> Result<Self, PoolError> {
+        if arena.is_growing() {
+            return Err(PoolError::Config(
+                "a server's arena has a fixed number of tiles".into(),
+            ));
+        }
+        Ok(KvPool {
+            tile_bytes: arena.tile_bytes(),
+            total: arena.total(),
+            held: HashMap::new(),
+            mode: Mode::Paged { arena, probes },
+        })
+    }
+
+    /// Tiles of `tile_bytes` in `budget` (at least one, else an error).
+    pub fn count(budget: usize, tile_bytes: usize) -> Result<usize, PoolError> {
         if tile_bytes == 0 {
             return Err(PoolError::Config("the tile size is 0 bytes".into()));
         }
@@ -127,30 +238,69 @@ impl KvPool {
                 "a budget of {budget} bytes holds no tile of {tile_bytes} bytes"
             )));
         }
-        Ok(KvPool {
-            tile_bytes,
-            total,
-            used: 0,
-            held: HashMap::new(),
-            curve,
-        })
+        Ok(total)
     }
 
-    /// Tiles covering `bytes`.
+    /// Whether the tiles are an arena's (else a byte budget).
+    pub fn is_paged(&self) -> bool {
+        matches!(self.mode, Mode::Paged { .. })
+    }
+
+    /// The arena of a paged pool.
+    pub fn arena(&self) -> Option<&Arc<TileArena>> {
+        match &self.mode {
+            Mode::Paged { arena, .. } => Some(arena),
+            Mode::Budget { .. } => None,
+        }
+    }
+
+    /// Tiles covering `bytes` (a budget pool's unit).
     pub fn tiles_for(&self, bytes: usize) -> usize {
         bytes.div_ceil(self.tile_bytes)
     }
 
-    /// Tiles a sequence of `tokens` tokens will hold (`None`: longer than the curve).
+    /// Tiles a sequence of `tokens` tokens will hold (`None`: longer than the pool knows).
     pub fn predict(&self, tokens: usize) -> Option<usize> {
-        self.curve.bytes(tokens).map(|b| self.tiles_for(b))
+        match &self.mode {
+            Mode::Budget { curve, .. } => curve.bytes(tokens).map(|b| self.tiles_for(b)),
+            Mode::Paged { probes, .. } => probes.tiles(tokens, tokens).map(|t| t.1),
+        }
     }
 
-    /// The longest sequence (tokens) the pool holds alone.
+    /// Tiles a sequence holds while a step takes it from `have` to `total` tokens (a paged
+    /// cache holds the step's new exact rows until the step commits).
+    pub fn step_need(&self, have: usize, total: usize) -> Option<usize> {
+        match &self.mode {
+            Mode::Budget { .. } => self.predict(total),
+            Mode::Paged { probes, .. } => probes.tiles(have, total).map(|t| t.0),
+        }
+    }
+
+    /// Bytes a sequence of `tokens` tokens holds (an upper bound for a budget pool: its curve;
+    /// a paged pool's tiles).
+    pub fn bytes_at(&self, tokens: usize) -> Option<usize> {
+        match &self.mode {
+            Mode::Budget { curve, .. } => curve.bytes(tokens),
+            Mode::Paged { .. } => self.predict(tokens).map(|t| t * self.tile_bytes),
+        }
+    }
+
+    /// Tiles a sequence alone needs to reach `tokens` tokens in its last step of up to `chunk`
+    /// tokens (a paged cache holds the step's exact rows until it commits).
+    pub fn alone_need(&self, tokens: usize, chunk: usize) -> Option<usize> {
+        let have = tokens.saturating_sub(chunk.clamp(1, tokens.max(1)));
+        Some(self.step_need(have, tokens)?.max(self.predict(tokens)?))
+    }
+
+    /// The longest sequence (tokens) the pool holds alone, decoding one token per step.
     pub fn longest_alone(&self) -> usize {
-        // The curve grows with the length: the last grid point that fits, in tokens.
-        let fits = |i: usize| self.tiles_for(self.curve.bytes[i]) <= self.total;
-        let (mut lo, mut hi) = (0usize, self.curve.bytes.len());
+        let max = match &self.mode {
+            Mode::Budget { curve, .. } => curve.max_tokens(),
+            Mode::Paged { probes, .. } => probes.max_tokens,
+        };
+        // What a sequence holds grows with its length: the last length that fits.
+        let fits = |n: usize| self.alone_need(n, 1).is_some_and(|t| t <= self.total);
+        let (mut lo, mut hi) = (0usize, max + 1);
         while lo + 1 < hi {
             let mid = (lo + hi) / 2;
             if fits(mid) {
@@ -159,7 +309,7 @@ impl KvPool {
                 hi = mid;
             }
         }
-        lo * CostCurve::STEP
+        lo
     }
 
     /// Tiles held by `seq`.
@@ -167,30 +317,48 @@ impl KvPool {
         self.held.get(&seq).copied().unwrap_or(0)
     }
 
-    /// Whether the sequences `(id, tiles wanted)` fit together, counting what they hold now.
+    /// Whether the sequences `(id, tiles wanted)` fit together, counting what they hold now:
+    /// their growth within what is free (a paged pool's sequences never give tiles to others
+    /// within a step).
     pub fn fits(&self, wants: &[(u64, usize)]) -> bool {
-        let holding: usize = wants.iter().map(|&(id, _)| self.held(id)).sum();
-        let want: usize = wants.iter().map(|&(_, t)| t).sum();
-        self.used - holding + want <= self.total
+        match &self.mode {
+            Mode::Budget { used, .. } => {
+                let holding: usize = wants.iter().map(|&(id, _)| self.held(id)).sum();
+                let want: usize = wants.iter().map(|&(_, t)| t).sum();
+                used - holding + want <= self.total
+            }
+            Mode::Paged { arena, .. } => {
+                let grow: usize = wants
+                    .iter()
+                    .map(|&(id, t)| t.saturating_sub(self.held(id)))
+                    .sum();
+                grow <= arena.free()
+            }
+        }
     }
 
-    /// Sets the tiles `seq` holds to what `bytes` of cache take. Errors (and changes nothing)
-    /// when the growth is more than is free.
+    /// Sets the tiles `seq` holds to what `bytes` of cache take (a budget pool). Errors (and
+    /// changes nothing) when the growth is more than is free.
     pub fn set_bytes(&mut self, seq: u64, bytes: usize) -> Result<(), PoolError> {
         self.set_tiles(seq, self.tiles_for(bytes))
     }
 
-    /// Sets the tiles `seq` holds.
+    /// Sets the tiles `seq` holds: a budget pool counts them against its total (errors, and
+    /// changes nothing, when the growth is more than is free); a paged pool records what the
+    /// sequence's caches reference (the arena counted them already).
     pub fn set_tiles(&mut self, seq: u64, tiles: usize) -> Result<(), PoolError> {
         let have = self.held(seq);
-        if tiles > have && tiles - have > self.free() {
-            return Err(PoolError::Exhausted {
-                need: tiles - have,
-                free: self.free(),
-                total: self.total,
-            });
+        let (total, free) = (self.total, self.free());
+        if let Mode::Budget { used, .. } = &mut self.mode {
+            if tiles > have && tiles - have > free {
+                return Err(PoolError::Exhausted {
+                    need: tiles - have,
+                    free,
+                    total,
+                });
+            }
+            *used = *used - have + tiles;
         }
-        self.used = self.used - have + tiles;
         if tiles == 0 {
             self.held.remove(&seq);
         } else {
@@ -199,21 +367,26 @@ impl KvPool {
         Ok(())
     }
 
-    /// Frees every tile of `seq`.
+    /// Forgets `seq`'s tiles (a budget pool frees them; in a paged pool the caches' drop does).
     pub fn release(&mut self, seq: u64) {
         if let Some(t) = self.held.remove(&seq) {
-            self.used -= t;
+            if let Mode::Budget { used, .. } = &mut self.mode {
+                *used -= t;
+            }
         }
     }
 
     /// Tiles held.
     pub fn used(&self) -> usize {
-        self.used
+        match &self.mode {
+            Mode::Budget { used, .. } => *used,
+            Mode::Paged { arena, .. } => arena.used(),
+        }
     }
 
     /// Tiles free.
     pub fn free(&self) -> usize {
-        self.total - self.used
+        self.total - self.used()
     }
 
     /// Tiles in the pool.
@@ -231,9 +404,10 @@ impl KvPool {
         self.held.len()
     }
 
-    /// The cost curve.
-    pub fn curve(&self) -> &CostCurve {
-        &self.curve
+    /// What the sequences hold together by the pool's own count: tiles referenced (a shared
+    /// tile counts once per holder).
+    pub fn held_total(&self) -> usize {
+        self.held.values().sum()
     }
 }
 
@@ -299,7 +473,7 @@ mod tests {
         assert_eq!(
             p.longest_alone(),
             96,
-            "10 tiles of 1000 bytes: 6 steps of 1600 bytes"
+            "10 tiles of 1000 bytes: 6 steps of 1600 bytes (97 tokens take a 7th step)"
         );
         p.set_bytes(1, 2500).unwrap();
         p.set_bytes(2, 1).unwrap();

@@ -17,13 +17,15 @@ async fn server() -> (
     let cfg = EngineConfig {
         cache,
         kv_memory: 32 << 20,
-        tile_bytes: 64 << 10,
+        tile_bytes: 0,
         max_batch: 8,
         max_waiting: 16,
         step_tokens: 256,
         max_context: 256,
         kind_name: "tq3.5".into(),
         admit_lookahead: 64,
+        prefix_min: 32,
+        prefix_cache: 4,
     };
     let engine =
         tqkv_serve::start(loaded.model, loaded.tokenizer.clone(), loaded.eos_ids, cfg).unwrap();

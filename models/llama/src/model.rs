@@ -186,6 +186,35 @@ impl Sequence {
             .fold(MemoryUsage::default(), |a, m| a + m)
     }
 
+    /// Tiles of a shared arena its caches hold (0 for kinds that keep their own buffers).
+    pub fn tiles_held(&self) -> usize {
+        self.layers.iter().map(|a| a.cache().tiles_held()).sum()
+    }
+
+    /// The arena tiles its caches reference (with repeats where two layers share one: never,
+    /// in practice), for accounting checks.
+    pub fn tile_ids(&self) -> Vec<u32> {
+        self.layers
+            .iter()
+            .flat_map(|a| a.cache().tile_ids())
+            .collect()
+    }
+
+    /// A sequence holding the same tokens whose caches share this one's storage where the
+    /// kind can ([`tqkv_candle::KvCache::fork`]: paged caches share their tiles, each copying
+    /// the partial tiles it will write into). Errors, forking nothing, for kinds that cannot.
+    pub fn fork(&self) -> Result<Sequence> {
+        let layers = self
+            .layers
+            .iter()
+            .map(Attention::fork)
+            .collect::<tqkv_candle::Result<Vec<_>>>()?;
+        Ok(Sequence {
+            layers,
+            pos: self.pos,
+        })
+    }
+
     /// Forgets every token (keeps the caches' kinds and calibration).
     pub fn reset(&mut self) {
         for a in &mut self.layers {
@@ -494,6 +523,34 @@ impl Llama {
         let layers = (0..n)
             .map(|i| {
                 let c = cache.build_in(i, n, nkv, d, &self.device)?;
+                Attention::new(c, nh, nkv, d)
+            })
+            .collect::<tqkv_candle::Result<Vec<_>>>()?;
+        Ok(Sequence { layers, pos: 0 })
+    }
+
+    /// A fresh sequence whose layers hold caches of `cache` with their storage in `arena`
+    /// (shared with every sequence built in it) for the kinds that page
+    /// ([`tqkv_candle::CacheKind::pages`]); others keep their own buffers.
+    pub fn new_sequence_in(
+        &self,
+        cache: &CacheConfig,
+        arena: &std::sync::Arc<tqkv_candle::TileArena>,
+    ) -> Result<Sequence> {
+        let (n, nh, nkv, d) = (
+            self.cfg.num_layers,
+            self.cfg.num_heads,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+        );
+        if !arena.device().same_device(&self.device) {
+            return Err(Error::Input(
+                "the KV arena is on another device than the model".into(),
+            ));
+        }
+        let layers = (0..n)
+            .map(|i| {
+                let c = cache.build_paged(i, n, nkv, d, arena)?;
                 Attention::new(c, nh, nkv, d)
             })
             .collect::<tqkv_candle::Result<Vec<_>>>()?;
