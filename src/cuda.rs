@@ -850,13 +850,7 @@ fn check_table(
             tt.per_seq, tt.slots
         )));
     }
-    if tt.host.len() != b * tt.per_seq || tt.table.len() != tt.host.len() {
-        return Err(Error::Shape {
-            what: "tile table",
-            expected: b * tt.per_seq,
-            got: tt.host.len().min(tt.table.len()),
-        });
-    }
+    table_shape("tile table", tt.host.len(), tt.table.len(), b * tt.per_seq)?;
     let extent = (heads.max(1) - 1) * head + tt.slots * rb;
     for &p in tt.host.iter().filter(|&&p| p >= 0) {
         let end = (p as usize)
@@ -1596,6 +1590,18 @@ fn group_shape(s: &TqSpec) -> Vec<(c_int, c_int, c_int)> {
         .collect()
 }
 
+/// A table's host and device copies both of `expected` entries.
+fn table_shape(what: &'static str, host: usize, device: usize, expected: usize) -> Result<()> {
+    if host != expected || device != host {
+        return Err(Error::Shape {
+            what,
+            expected,
+            got: host.min(device),
+        });
+    }
+    Ok(())
+}
+
 /// An exact part's table and tiles against its arena: every row a query reads (its sinks and
 /// window) lies in a held tile inside the arena.
 fn check_exact(
@@ -1624,13 +1630,12 @@ fn check_exact(
             x.tile_bytes, x.rows
         )));
     }
-    if e.host_table.len() != b * e.per_seq || e.table.len() != e.host_table.len() {
-        return Err(Error::Shape {
-            what: "exact table",
-            expected: b * e.per_seq,
-            got: e.host_table.len().min(e.table.len()),
-        });
-    }
+    table_shape(
+        "exact table",
+        e.host_table.len(),
+        e.table.len(),
+        b * e.per_seq,
+    )?;
     let tiles = e.arena.len() / x.tile_bytes;
     for i in 0..b {
         let row = &e.host_table[i * e.per_seq..(i + 1) * e.per_seq];

@@ -90,14 +90,10 @@ impl TileRows {
         slots: std::ops::Range<usize>,
         src: &[u8],
     ) -> Result<()> {
-        let n = slots.len();
         self.check_rows(arena.len(), table, slots.clone(), src.len())?;
-        for h in 0..self.heads {
-            for (i, s) in slots.clone().enumerate() {
-                let at = self.at(table, s, h).expect("checked");
-                let from = (h * n + i) * self.row_bytes;
-                arena[at..at + self.row_bytes].copy_from_slice(&src[from..from + self.row_bytes]);
-            }
+        let rb = self.row_bytes;
+        for (dense, at) in self.pairs(table, slots) {
+            arena[at..at + rb].copy_from_slice(&src[dense..dense + rb]);
         }
         Ok(())
     }
@@ -111,16 +107,28 @@ impl TileRows {
         slots: std::ops::Range<usize>,
         dst: &mut [u8],
     ) -> Result<()> {
-        let n = slots.len();
         self.check_rows(arena.len(), table, slots.clone(), dst.len())?;
-        for h in 0..self.heads {
-            for (i, s) in slots.clone().enumerate() {
-                let at = self.at(table, s, h).expect("checked");
-                let to = (h * n + i) * self.row_bytes;
-                dst[to..to + self.row_bytes].copy_from_slice(&arena[at..at + self.row_bytes]);
-            }
+        let rb = self.row_bytes;
+        for (dense, at) in self.pairs(table, slots) {
+            dst[dense..dense + rb].copy_from_slice(&arena[at..at + rb]);
         }
         Ok(())
+    }
+
+    /// (byte in the dense `[heads, n, row_bytes]` buffer, byte in the arena) of every row of
+    /// `slots` (their tiles checked held).
+    fn pairs<'a>(
+        &'a self,
+        table: &'a [u32],
+        slots: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (usize, usize)> + 'a {
+        let n = slots.len();
+        (0..self.heads).flat_map(move |h| {
+            slots.clone().enumerate().map(move |(i, s)| {
+                let at = self.at(table, s, h).expect("rows checked held");
+                ((h * n + i) * self.row_bytes, at)
+            })
+        })
     }
 
     /// Checks that rows `slots` of every head are held and inside an arena of `arena` bytes,

@@ -478,14 +478,7 @@ impl CacheConfig {
         head_dim: usize,
         device: &Device,
     ) -> Result<Box<dyn KvCache>> {
-        self.build_kind(
-            self.kind_for(layer, n_layers, kv_heads, head_dim)?,
-            layer,
-            kv_heads,
-            head_dim,
-            device,
-            None,
-        )
+        self.build_layer(layer, n_layers, (kv_heads, head_dim), device, None)
     }
 
     /// [`Self::build_in`] with the storage in `arena` (shared with every cache built in it)
@@ -499,14 +492,26 @@ impl CacheConfig {
         head_dim: usize,
         arena: &std::sync::Arc<crate::TileArena>,
     ) -> Result<Box<dyn KvCache>> {
-        self.build_kind(
-            self.kind_for(layer, n_layers, kv_heads, head_dim)?,
+        self.build_layer(
             layer,
-            kv_heads,
-            head_dim,
+            n_layers,
+            (kv_heads, head_dim),
             arena.device(),
             Some(arena),
         )
+    }
+
+    /// The cache of layer `layer` of an `n_layers`-layer model, of [`Self::kind_for`]'s kind.
+    fn build_layer(
+        &self,
+        layer: usize,
+        n_layers: usize,
+        (kv_heads, head_dim): (usize, usize),
+        device: &Device,
+        arena: Option<&std::sync::Arc<crate::TileArena>>,
+    ) -> Result<Box<dyn KvCache>> {
+        let kind = self.kind_for(layer, n_layers, kv_heads, head_dim)?;
+        self.build_kind(kind, layer, kv_heads, head_dim, device, arena)
     }
 
     /// Builds the cache of layer `layer` for `kv_heads` heads of `head_dim` on `device`.

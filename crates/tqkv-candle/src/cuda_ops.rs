@@ -43,10 +43,11 @@ fn lock(m: &Mutex<StatusWord>) -> Result<std::sync::MutexGuard<'_, StatusWord>> 
         .map_err(|_| candle_core::Error::msg("the cache's status lock is poisoned"))
 }
 
-/// One layer's key and value tables on the GPU, and the cache's status word.
+/// One layer's key and value tables on the GPU (shared by a cache and its forks), and the
+/// cache's own status word and attention workspace.
 pub struct GpuTables {
-    k: DeviceTables,
-    v: DeviceTables,
+    k: Arc<DeviceTables>,
+    v: Arc<DeviceTables>,
     status: Mutex<StatusWord>,
     /// The attention's workspace and lengths, reused by every call of this layer.
     workspace: Mutex<tqkv::cuda::Workspace>,
@@ -73,8 +74,20 @@ impl GpuTables {
             DeviceTables::upload_cycle(&variants, &stream).map_err(wrap)
         };
         Ok(GpuTables {
-            k: upload(kq)?,
-            v: upload(vq)?,
+            k: Arc::new(upload(kq)?),
+            v: Arc::new(upload(vq)?),
+            status: Mutex::new(StatusWord::new(&stream).map_err(wrap)?),
+            workspace: Mutex::new(tqkv::cuda::Workspace::default()),
+        })
+    }
+
+    /// The same tables with a status word and workspace of its own: a forked cache's appends
+    /// report their bad values to it alone.
+    pub fn fork(&self, device: &candle_core::Device) -> Result<Self> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        Ok(GpuTables {
+            k: self.k.clone(),
+            v: self.v.clone(),
             status: Mutex::new(StatusWord::new(&stream).map_err(wrap)?),
             workspace: Mutex::new(tqkv::cuda::Workspace::default()),
         })
@@ -314,45 +327,18 @@ pub fn scatter_rows(
     let stream = dst.device.cuda_stream();
     let (s, e) = offsets(sl, "rows")?;
     let arena = dst.as_cuda_slice_mut::<u8>()?;
-    let r = match &src.slice {
-        CudaStorageSlice::U8(x) => tqkv::cuda::scatter_rows(
-            &stream,
-            arena,
-            &x.slice(s..e),
-            &p.rows,
-            &p.table,
-            p.first,
-            p.n,
-        ),
-        CudaStorageSlice::F16(x) => tqkv::cuda::scatter_rows(
-            &stream,
-            arena,
-            &x.slice(s..e),
-            &p.rows,
-            &p.table,
-            p.first,
-            p.n,
-        ),
-        CudaStorageSlice::BF16(x) => tqkv::cuda::scatter_rows(
-            &stream,
-            arena,
-            &x.slice(s..e),
-            &p.rows,
-            &p.table,
-            p.first,
-            p.n,
-        ),
-        CudaStorageSlice::F32(x) => tqkv::cuda::scatter_rows(
-            &stream,
-            arena,
-            &x.slice(s..e),
-            &p.rows,
-            &p.table,
-            p.first,
-            p.n,
-        ),
-        _ => candle_core::bail!("tqkv-scatter-rows: rows of u8, f16, bf16 or f32"),
-    };
+    // Rows of any element type, moved as bytes.
+    macro_rules! scatter {
+        ($($v:ident),*) => {
+            match &src.slice {
+                $(CudaStorageSlice::$v(x) => tqkv::cuda::scatter_rows(
+                    &stream, arena, &x.slice(s..e), &p.rows, &p.table, p.first, p.n,
+                ),)*
+                _ => candle_core::bail!("tqkv-scatter-rows: rows of u8, f16, bf16 or f32"),
+            }
+        };
+    }
+    let r = scatter!(U8, F16, BF16, F32);
     r.map_err(wrap)
 }
 

@@ -24,6 +24,11 @@ impl GpuTables {
     }
 
     /// Always an error without `cuda`.
+    pub fn fork(&self, _: &candle_core::Device) -> Result<Self> {
+        Err(off())
+    }
+
+    /// Always an error without `cuda`.
     pub fn check(&self, _: &candle_core::Device) -> Result<()> {
         Err(off())
     }

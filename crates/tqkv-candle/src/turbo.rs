@@ -1447,6 +1447,17 @@ impl TurboCache {
         for (&(x, j), &t) in own.iter().zip(&fresh) {
             (if x { &mut st.exact } else { &mut st.rec })[j] = t;
         }
+        // Its own status word: a bad value appended to the fork is the fork's error.
+        let gpu = match &self.gpu {
+            Some(g) => match g.fork(&self.device) {
+                Ok(g) => Some(Arc::new(g)),
+                Err(e) => {
+                    self.arena.release(&st.held().collect::<Vec<_>>());
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         let mut state = self.state.clone();
         state.lens = vec![n];
         state.last_new = vec![0];
@@ -1458,7 +1469,7 @@ impl TurboCache {
             device: self.device.clone(),
             kq: self.kq.clone(),
             vq: self.vq.clone(),
-            gpu: self.gpu.clone(),
+            gpu,
             prefill: self.prefill,
             kernel: self.kernel,
             kmean: self.kmean.clone(),

@@ -2,7 +2,10 @@
 //! same `--kv-memory`. N clients send fixed prompts of `--prompt-tokens` tokens (token ids, so
 //! every kind gets the same input) asking for exactly `--max-tokens` tokens (`ignore_eos`),
 //! streamed; reported: throughput, time to first token and inter-token latency percentiles,
-//! the most sequences the server ran at once, and preemptions.
+//! the most sequences the server ran at once, and preemptions. With `--system-tokens N` the
+//! requests are chats that share one system message of about N tokens (its tiles held once by
+//! the kinds that page, `--prefix-min` permitting) and the table adds the peak tiles held and
+//! the requests that started from the kept prefix.
 
 use crate::chat::ModelArgs;
 use crate::serve::EngineArgs;
@@ -34,9 +37,21 @@ pub struct Args {
     /// Completion tokens per request.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
+    /// A chat system message of about this many tokens shared by every request (0: plain
+    /// completions of token ids).
+    #[arg(long, default_value_t = 0)]
+    pub system_tokens: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// What one request sends: token ids to `/v1/completions`, or a chat (system, user text) to
+/// `/v1/chat/completions`.
+#[derive(Clone)]
+enum Body {
+    Ids(Vec<u32>),
+    Chat(std::sync::Arc<str>, String),
 }
 
 /// One request's timings.
@@ -79,16 +94,29 @@ fn prompt(tok: &tokenizers::Tokenizer, i: usize, n: usize) -> Result<Vec<u32>> {
 
 async fn one(
     client: &reqwest::Client,
-    url: &str,
+    base: &str,
     model: &str,
-    ids: Vec<u32>,
+    req: Body,
     max: usize,
 ) -> Result<Timing> {
     let t0 = Instant::now();
-    let body = json!({
-        "model": model, "prompt": ids, "max_tokens": max, "temperature": 0,
+    let common = json!({
+        "model": model, "max_tokens": max, "temperature": 0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
     });
+    let (url, mut body) = match req {
+        Body::Ids(ids) => (format!("{base}/v1/completions"), json!({ "prompt": ids })),
+        Body::Chat(system, user) => (
+            format!("{base}/v1/chat/completions"),
+            json!({ "messages": [
+                {"role": "system", "content": &*system},
+                {"role": "user", "content": user},
+            ]}),
+        ),
+    };
+    for (k, v) in common.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
     let resp = client.post(url).json(&body).send().await?;
     if !resp.status().is_success() {
         bail!(
@@ -120,7 +148,11 @@ async fn one(
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
             }
-            let text = v["choices"][0]["text"].as_str().unwrap_or("");
+            let c = &v["choices"][0];
+            let text = c["text"]
+                .as_str()
+                .or_else(|| c["delta"]["content"].as_str())
+                .unwrap_or("");
             if !text.is_empty() {
                 let now = Instant::now();
                 match first {
@@ -145,8 +177,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     let rt = crate::serve::runtime()?;
     let mut rows = Vec::new();
+    let chat = a.system_tokens > 0;
     println!(
-        "| kind | KV memory | KV bytes / token at full length | sequences that fit at full length | peak sequences | preemptions | tokens/s (completion) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | wall (s) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| kind | KV memory | KV bytes / token at full length | sequences that fit at full length | peak sequences | preemptions | tokens/s (completion) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | wall (s) |{}\n|---|---|---|---|---|---|---|---|---|---|{}",
+        if chat { " peak KV tiles | prefix hits |" } else { "" },
+        if chat { "---|---|" } else { "" },
     );
     for kind in a.kinds.split(',').map(str::trim).filter(|k| !k.is_empty()) {
         let mut m = a.model.clone();
@@ -163,12 +198,29 @@ pub fn run(a: Args) -> Result<()> {
             .tiles_at(full)
             .context("the context is shorter than prompt + completion")?;
         let fit = engine.metrics.tiles_total.load(Relaxed) / tiles.max(1);
-        let prompts = (0..a.requests)
+        let ids = (0..a.requests)
             .map(|i| prompt(&state.tokenizer, i, a.prompt_tokens))
             .collect::<Result<Vec<_>>>()?;
+        let prompts: Vec<Body> = if chat {
+            // One system message for all (the bench text's first tokens), each request's own
+            // user text.
+            let sys = prompt(&state.tokenizer, 0, a.system_tokens)?;
+            let text = |ids: &[u32]| {
+                state
+                    .tokenizer
+                    .decode(ids, true)
+                    .map_err(anyhow::Error::msg)
+            };
+            let system: std::sync::Arc<str> = text(&sys)?.into();
+            ids.iter()
+                .map(|u| Ok(Body::Chat(system.clone(), text(u)?)))
+                .collect::<Result<_>>()?
+        } else {
+            ids.into_iter().map(Body::Ids).collect()
+        };
         let row = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let url = format!("http://{}/v1/completions", listener.local_addr()?);
+            let url = format!("http://{}", listener.local_addr()?);
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(tqkv_serve::serve(listener, state, async {
                 let _ = stop_rx.await;
@@ -214,6 +266,7 @@ pub fn run(a: Args) -> Result<()> {
             m.preemptions.load(Relaxed),
             m.tiles_total.load(Relaxed),
         );
+        let (tiles_peak, hits) = (m.tiles_peak.load(Relaxed), m.prefix_hits.load(Relaxed));
         let r = json!({
             "kind": kind, "kv_memory": a.engine.kv_memory, "tiles": tiles,
             "bytes_per_token_full": per_seq as f64 / full as f64, "fit_full_length": fit,
@@ -223,9 +276,16 @@ pub fn run(a: Args) -> Result<()> {
             "itl_p50_ms": pct(&mut itl, 50.0), "itl_p99_ms": pct(&mut itl, 99.0),
             "wall_s": wall, "requests": timings.len(), "clients": a.clients,
             "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
+            "system_tokens": a.system_tokens, "tiles_peak": tiles_peak, "prefix_hits": hits,
+            "prefix_min": a.engine.prefix_min,
         });
+        let extra = if chat {
+            format!(" {tiles_peak} of {tiles} | {hits} |")
+        } else {
+            String::new()
+        };
         println!(
-            "| {kind} | {} | {:.0} | {fit} | {peak} | {pre} | {:.1} | {:.2} / {:.2} | {:.0} / {:.0} | {:.1} |",
+            "| {kind} | {} | {:.0} | {fit} | {peak} | {pre} | {:.1} | {:.2} / {:.2} | {:.0} / {:.0} | {:.1} |{extra}",
             a.engine.kv_memory,
             per_seq as f64 / full as f64,
             r["tokens_per_s"].as_f64().unwrap_or(0.0),

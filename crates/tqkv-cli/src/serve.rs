@@ -29,7 +29,7 @@ pub struct EngineArgs {
     /// KV cache memory for all sequences together (e.g. 2GiB, 512MiB).
     #[arg(long, default_value = "1GiB")]
     pub kv_memory: String,
-    /// Bytes per KV tile ("auto": 16 record positions of the widest layer for kinds that page,
+    /// Bytes per KV tile ("auto": 8 record positions of the widest layer for kinds that page,
     /// 64KiB of budget for the others).
     #[arg(long, default_value = "auto")]
     pub kv_tile: String,

@@ -34,7 +34,7 @@ pub struct EngineConfig {
     pub cache: CacheConfig,
     /// Bytes of KV cache for all sequences together.
     pub kv_memory: usize,
-    /// Bytes per pool tile (0: chosen for the kind — 16 record positions of its widest layer
+    /// Bytes per pool tile (0: chosen for the kind — 8 record positions of its widest layer
     /// for kinds that page, 64 KiB of budget for the others).
     pub tile_bytes: usize,
     /// Most sequences in the running batch.
@@ -357,14 +357,15 @@ pub fn start(
         .collect::<tqkv_candle::Result<Vec<_>>>()
         .map_err(|e| EngineError::Config(e.to_string()))?;
     let pool = if kinds.iter().all(|k| k.pages()) {
-        // 16 record positions of the widest layer per tile, unless told.
+        // 8 record positions of the widest layer per tile (and one exact position), unless
+        // told: a sequence holds whole tiles, so small ones waste little (~5 % at 256 tokens).
         let tile = if cfg.tile_bytes > 0 {
             cfg.tile_bytes
         } else {
             let mut widest = 0;
             for k in &kinds {
                 if let Ok(Some((rec, exact))) = k.position_bytes(d) {
-                    widest = widest.max(16 * rec).max(exact);
+                    widest = widest.max(8 * rec).max(exact);
                 }
             }
             (kv * widest).div_ceil(16).max(1) * 16

@@ -197,7 +197,8 @@ fn batching_and_preemption_answer_as_alone_and_the_pool_empties() {
 
 #[test]
 fn cancelled_requests_free_their_tiles_and_bad_ones_are_refused() {
-    let (h, tok) = engine("tq3.5", 4 << 20, 8, 64);
+    // Room for all four at once: each is cancelled while it runs.
+    let (h, tok) = engine("tq3.5", 16 << 20, 8, 64);
     let ps = prompts(&tok, 4);
     let mut keep = Vec::new();
     for p in &ps {
