@@ -11,7 +11,8 @@
 #   profile    Nsight Compute on the tensor-core split kernel (batch 16, 128K)
 #   model      reassemble the default GGUF (part a kept in /tmp from an earlier call, part b here)
 #   chat       tqkv chat --device cuda with the f16 and tq3.5 caches, one question each
-#   serve      tqkv bench serve --device cuda: f16, tq3.5, tq2.5 at one KV budget (after model)
+#   serve      tqkv bench serve --device cuda: f16, tq3.5, tq2.5 at one KV budget, and chats
+#              sharing a system message (after model)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
@@ -83,7 +84,11 @@ for s in "${stages[@]}"; do
         --max-context 1024 --json "$out/serve-48m.json"
       run serve-512m "$bin/tqkv" bench serve --device cuda --model "$gguf" --kinds f16,tq3.5,tq2.5 \
         --kv-memory 512MiB --clients 256 --requests 256 --prompt-tokens 512 --max-tokens 256 \
-        --max-batch 256 --max-context 2048 --json "$out/serve-512m.json" ;;
+        --max-batch 256 --max-context 2048 --json "$out/serve-512m.json"
+      # Chats sharing one 512-token system message (its tiles held once by tq3.5).
+      run serve-system "$bin/tqkv" bench serve --device cuda --model "$gguf" --kinds f16,tq3.5 \
+        --kv-memory 48MiB --clients 64 --requests 64 --system-tokens 512 --prompt-tokens 32 \
+        --max-tokens 64 --max-context 1024 --json "$out/serve-system.json" ;;
     *) echo "unknown stage $s"; fail=1 ;;
   esac
 done

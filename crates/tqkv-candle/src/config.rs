@@ -37,14 +37,17 @@ impl CacheKind {
     /// Whether the kind stores its tokens in a [`crate::TileArena`]'s tiles
     /// ([`CacheConfig::build_paged`]).
     pub fn pages(&self) -> bool {
-        matches!(self, CacheKind::Turbo(_))
+        matches!(self, CacheKind::Turbo(_) | CacheKind::Full(_))
     }
 
     /// For a kind that pages, the bytes of one position of one KV head at `head_dim`: (a key
-    /// record + a value record, an exact row — 0 without exact tokens); `None` for the others.
+    /// record + a value record — a key and a value vector for a full cache —, an exact row — 0
+    /// without exact tokens); `None` for the others.
     pub fn position_bytes(&self, head_dim: usize) -> Result<Option<(usize, usize)>> {
-        let CacheKind::Turbo(spec) = self else {
-            return Ok(None);
+        let spec = match self {
+            CacheKind::Turbo(spec) => spec,
+            CacheKind::Full(dt) => return Ok(Some((2 * head_dim * dt.size_in_bytes(), 0))),
+            _ => return Ok(None),
         };
         let rb = |s: tqkv::QuantSpec| -> Result<usize> {
             Ok(
@@ -539,7 +542,10 @@ impl CacheConfig {
         }
         let max = self.max_tokens;
         Ok(match kind {
-            CacheKind::Full(dt) => Box::new(FullCache::new(kv_heads, head_dim, dt, device, max)?),
+            CacheKind::Full(dt) => Box::new(match arena {
+                Some(a) => FullCache::new_in(kv_heads, head_dim, dt, a, max)?,
+                None => FullCache::new(kv_heads, head_dim, dt, device, max)?,
+            }),
             CacheKind::Q8 => Box::new(CodecCache::new(Q8, kv_heads, head_dim, max)),
             CacheKind::Q4Hadamard => Box::new(CodecCache::new(
                 Q4Hadamard::new(

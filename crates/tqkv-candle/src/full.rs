@@ -1,18 +1,27 @@
 //! The full-precision baseline cache (f32 / f16 / bf16), built from candle tensor ops only, so
 //! it runs on every candle device (CPU and CUDA) with no kernels of ours.
 //!
-//! Storage: K and V tensors `[batch, kv_heads, capacity, head_dim]` on the device. The capacity
-//! doubles when full (one copy of the history per doubling, never one per step), up to the
-//! configured maximum. Attention: GQA by viewing the queries as `[batch, kv_heads, groups·tokens,
-//! head_dim]` (no repeated K/V heads materialised), scores in the cache dtype, softmax in f32
-//! with the causal / length mask, zeros for padding rows.
+//! Storage: K and V tensors `[batch, kv_heads, capacity, head_dim]` on the device, whose
+//! capacity doubles when full (one copy of the history per doubling, never one per step), up to
+//! the configured maximum; or, built in an arena ([`FullCache::new_in`]: a server's), tiles of
+//! `slots` positions — keys `[kv_heads, slots, head_dim]` then values, in the cache's dtype —
+//! reached through per-sequence tables (`tqkv::paged::full_tiles`), gathered into dense K and V
+//! for each attend (vLLM's paged layout, without a paged attention kernel: one copy per call).
+//! Attention: GQA by viewing the queries as `[batch, kv_heads, groups·tokens, head_dim]` (no
+//! repeated K/V heads materialised), scores in the cache dtype, softmax in f32 with the causal /
+//! length mask, zeros for padding rows.
 
+use crate::arena::TileArena;
 use crate::cache::{KvCache, MemoryUsage, SeqState};
 use crate::error::{fail, Error, Result};
+use crate::tile_ops::{GatherRows, RowsPlace, ScatterRows};
+use crate::tile_tables::{copied, need_tiles, provide, taken_since};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+use tqkv::paged::{TileRows, NO_TILE};
 
 /// Keys and values kept as they came, in one float dtype.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FullCache {
     state: SeqState,
     dtype: DType,
@@ -20,6 +29,8 @@ pub struct FullCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     capacity: usize,
+    /// The arena, where keys and values sit in its tiles, and each sequence's table.
+    paged: Option<Paged>,
     /// CUDA: the status word decode steps check their keys and values into (no host round
     /// trip per token; [`FullCache::check_status`] reads it).
     status: Option<std::sync::Arc<crate::cuda_ops::DeviceStatus>>,
@@ -27,14 +38,26 @@ pub struct FullCache {
     step: Option<Saved>,
 }
 
+/// A full cache in an arena.
+#[derive(Debug)]
+struct Paged {
+    arena: Arc<TileArena>,
+    keys: TileRows,
+    values: TileRows,
+    tables: Vec<Vec<u32>>,
+}
+
 /// A full cache's state at the start of a step (tensors are shared, not copied: appends write
-/// only past the saved lengths, and a grown capacity allocates new tensors).
+/// only past the saved lengths, and a grown capacity allocates new tensors; a paged cache's
+/// tables are saved, and a tile it stops holding is kept until the step commits).
 #[derive(Debug, Clone)]
 struct Saved {
     state: SeqState,
     k: Option<Tensor>,
     v: Option<Tensor>,
     capacity: usize,
+    tables: Vec<Vec<u32>>,
+    retired: Vec<u32>,
     /// The step's decode appends checked on the device (CUDA), located on the host on error.
     pending: crate::cache::PendingChecks,
 }
@@ -71,9 +94,151 @@ impl FullCache {
             k: None,
             v: None,
             capacity: 0,
+            paged: None,
             status: None,
             step: None,
         })
+    }
+
+    /// A cache like [`Self::new`] whose keys and values live in the tiles of `arena` (on its
+    /// device), shared with the other caches built in it. Errors when a tile holds no position.
+    pub fn new_in(
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        arena: &Arc<TileArena>,
+        max_tokens: Option<usize>,
+    ) -> Result<Self> {
+        let mut c = Self::new(kv_heads, head_dim, dtype, arena.device(), max_tokens)?;
+        let (keys, values) = tqkv::paged::full_tiles(
+            arena.tile_bytes(),
+            kv_heads,
+            head_dim,
+            dtype.size_in_bytes(),
+        )?;
+        c.paged = Some(Paged {
+            arena: arena.clone(),
+            keys,
+            values,
+            tables: Vec::new(),
+        });
+        Ok(c)
+    }
+
+    /// Writes the append's real tokens into the arena's tiles: every tile they need first (all
+    /// or none), then the rows; the tables change only on success.
+    fn append_paged(
+        &mut self,
+        kx: &Tensor,
+        vx: &Tensor,
+        have: &[usize],
+        new: &[usize],
+    ) -> Result<()> {
+        let p = self.paged.as_ref().expect("paged");
+        let mut tables = p.tables.clone();
+        tables.resize(have.len(), Vec::new());
+        let mut wants = Vec::new();
+        for (i, t) in tables.iter_mut().enumerate() {
+            let tiles = p.keys.tiles_covering(have[i]..have[i] + new[i]);
+            need_tiles(&p.arena, t, tiles, (i, 0), &mut wants);
+        }
+        let fresh = provide(&p.arena, &wants)?;
+        for (&(i, _, j, _), &t) in wants.iter().zip(&fresh) {
+            tables[i][j] = t;
+        }
+        let write = || -> Result<()> {
+            let data = p.arena.tensor()?;
+            for i in 0..have.len() {
+                if new[i] == 0 {
+                    continue;
+                }
+                for (x, rows) in [(kx, p.keys), (vx, p.values)] {
+                    let rows_in = x.narrow(0, i, 1)?.narrow(2, 0, new[i])?.contiguous()?;
+                    data.inplace_op2(
+                        &rows_in,
+                        &ScatterRows(RowsPlace {
+                            rows,
+                            table: tables[i].clone(),
+                            first: have[i],
+                            n: new[i],
+                        }),
+                    )?;
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            p.arena.release(&fresh);
+            return Err(e);
+        }
+        let dropped: Vec<u32> = copied(&wants).collect();
+        self.paged.as_mut().expect("paged").tables = tables;
+        self.drop_refs(&dropped);
+        Ok(())
+    }
+
+    /// Dense keys and values `[batch, kv_heads, max len, head_dim]` gathered from the tiles
+    /// (zeros past a shorter sequence's length).
+    fn gather(&self, p: &Paged) -> Result<(Tensor, Tensor)> {
+        let data = p.arena.tensor()?;
+        let l = self.state.lens.iter().copied().max().unwrap_or(0).max(1);
+        let (h, d) = (self.state.kv_heads, self.state.head_dim);
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (i, &n) in self.state.lens.iter().enumerate() {
+            for (rows, out) in [(p.keys, &mut ks), (p.values, &mut vs)] {
+                let mut x = if n == 0 {
+                    Tensor::zeros((1, h, 0, d), self.dtype, &self.device)?
+                } else {
+                    data.apply_op1_no_bwd(&GatherRows {
+                        place: RowsPlace {
+                            rows,
+                            table: p.tables[i].clone(),
+                            first: 0,
+                            n,
+                        },
+                        dtype: self.dtype,
+                    })?
+                };
+                if n < l {
+                    let pad = Tensor::zeros((1, h, l - n, d), self.dtype, &self.device)?;
+                    x = Tensor::cat(&[x, pad], 2)?;
+                }
+                out.push(x);
+            }
+        }
+        Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+    }
+
+    /// Drops one reference to each of `tiles`: at once, or at the open step's commit.
+    fn drop_refs(&mut self, tiles: &[u32]) {
+        match (self.step.as_mut(), &self.paged) {
+            (Some(st), _) => st.retired.extend_from_slice(tiles),
+            (None, Some(p)) => p.arena.release(tiles),
+            (None, None) => {}
+        }
+    }
+
+    /// Every tile the cache holds (its tables and an open step's retired ones), released; the
+    /// tables forgotten.
+    fn release_all(&mut self) {
+        let retired = self
+            .step
+            .as_ref()
+            .map(|s| s.retired.clone())
+            .unwrap_or_default();
+        if let Some(p) = self.paged.as_mut() {
+            let all: Vec<u32> = p
+                .tables
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|&t| t != NO_TILE)
+                .chain(retired)
+                .collect();
+            p.arena.release(&all);
+            p.tables.clear();
+        }
     }
 
     fn grow(&mut self, batch: usize, needed: usize) -> Result<()> {
@@ -146,6 +311,35 @@ pub(crate) fn dense_attention(
     Ok(out.reshape((b, hq, t, d))?.to_dtype(qd)?)
 }
 
+impl FullCache {
+    /// The end of an append once its tokens are stored: the device checks kept for the step,
+    /// the lengths recorded.
+    fn finish_append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        t: usize,
+        new: Vec<usize>,
+        deferred: bool,
+    ) -> Result<()> {
+        if deferred {
+            let before = self.state.clone();
+            if let Some(st) = self.step.as_mut() {
+                st.pending.push(k, v, &new, before);
+            }
+        }
+        self.state.commit(b, t, new);
+        Ok(())
+    }
+}
+
+impl Drop for FullCache {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
 impl KvCache for FullCache {
     fn append(&mut self, k: &Tensor, v: &Tensor, lens: Option<&[usize]>) -> Result<()> {
         let (b, t, new) = self.state.plan(k, v, lens)?;
@@ -176,11 +370,15 @@ impl KvCache for FullCache {
         let have: Vec<usize> = (0..b)
             .map(|i| self.state.lens.get(i).copied().unwrap_or(0))
             .collect();
+        let kx = k.to_dtype(self.dtype)?;
+        let vx = v.to_dtype(self.dtype)?;
+        if self.paged.is_some() {
+            self.append_paged(&kx, &vx, &have, &new)?;
+            return self.finish_append(k, v, b, t, new, deferred);
+        }
         let needed = have.iter().zip(&new).map(|(h, n)| h + n).max().unwrap_or(0);
         self.grow(b, needed)?;
         let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
-        let kx = k.to_dtype(self.dtype)?;
-        let vx = v.to_dtype(self.dtype)?;
         for i in 0..b {
             if new[i] == 0 {
                 continue;
@@ -190,17 +388,16 @@ impl KvCache for FullCache {
             kc.narrow(0, i, 1)?.slice_set(&ks, 2, have[i])?;
             vc.narrow(0, i, 1)?.slice_set(&vs, 2, have[i])?;
         }
-        if deferred {
-            let before = self.state.clone();
-            if let Some(st) = self.step.as_mut() {
-                st.pending.push(k, v, &new, before);
-            }
-        }
-        self.state.commit(b, t, new);
-        Ok(())
+        self.finish_append(k, v, b, t, new, deferred)
     }
 
     fn attend(&self, q: &Tensor, scale: f64) -> Result<Tensor> {
+        if let Some(p) = &self.paged {
+            self.state.check_queries(q)?;
+            crate::cache::check_cpu_queries(q)?;
+            let (kc, vc) = self.gather(p)?;
+            return dense_attention(&self.state, &kc, &vc, q, scale, self.dtype);
+        }
         let (Some(kc), Some(vc)) = (self.k.as_ref(), self.v.as_ref()) else {
             return Err(Error::Empty);
         };
@@ -217,6 +414,12 @@ impl KvCache for FullCache {
             k: self.k.clone(),
             v: self.v.clone(),
             capacity: self.capacity,
+            tables: self
+                .paged
+                .as_ref()
+                .map(|p| p.tables.clone())
+                .unwrap_or_default(),
+            retired: Vec::new(),
             pending: Default::default(),
         });
         Ok(())
@@ -243,13 +446,31 @@ impl KvCache for FullCache {
     }
 
     fn commit_step(&mut self) {
-        self.step = None;
+        if let (Some(st), Some(p)) = (self.step.take(), &self.paged) {
+            p.arena.release(&st.retired);
+        }
     }
 
     fn rollback_step(&mut self) -> Result<()> {
         let Some(st) = self.step.take() else {
             return Ok(());
         };
+        if let Some(p) = self.paged.as_mut() {
+            let held = |t: &Vec<Vec<u32>>| -> Vec<u32> {
+                t.iter()
+                    .flatten()
+                    .copied()
+                    .filter(|&x| x != NO_TILE)
+                    .collect()
+            };
+            let taken = taken_since(
+                held(&st.tables).into_iter(),
+                held(&p.tables).into_iter(),
+                &st.retired,
+            );
+            p.arena.release(&taken);
+            p.tables = st.tables;
+        }
         self.state = st.state;
         self.k = st.k;
         self.v = st.v;
@@ -268,6 +489,7 @@ impl KvCache for FullCache {
     }
 
     fn reset(&mut self) {
+        self.release_all();
         self.state.reset();
         self.k = None;
         self.v = None;
@@ -278,11 +500,118 @@ impl KvCache for FullCache {
 
     fn memory(&self) -> MemoryUsage {
         let per_token = 2 * self.state.kv_heads * self.state.head_dim * self.dtype.size_in_bytes();
+        let allocated = match &self.paged {
+            Some(p) => self.tiles_held() * p.arena.tile_bytes(),
+            None => self.state.lens.len() * self.capacity * per_token,
+        };
         MemoryUsage {
             logical: self.state.lens.iter().sum::<usize>() * per_token,
-            allocated: self.state.lens.len() * self.capacity * per_token,
+            allocated,
             tables: 0,
         }
+    }
+
+    fn tiles_held(&self) -> usize {
+        self.tile_ids().len()
+    }
+
+    fn tile_ids(&self) -> Vec<u32> {
+        self.paged.as_ref().map_or_else(Vec::new, |p| {
+            p.tables
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|&t| t != NO_TILE)
+                .collect()
+        })
+    }
+
+    fn tiles_for(&self, _have: usize, total: usize) -> Option<(usize, usize)> {
+        let p = self.paged.as_ref()?;
+        let n = p.keys.tiles_covering(0..total).len();
+        Some((n, n))
+    }
+
+    fn truncate(&mut self, seq: usize, len: usize) -> Result<()> {
+        if self.step.is_some() {
+            fail!(Protocol, "truncate inside an open step");
+        }
+        let Some(&n) = self.state.lens.get(seq) else {
+            fail!(Shape, "truncate: the cache holds no sequence {seq}");
+        };
+        if len > n {
+            fail!(
+                Shape,
+                "truncate: sequence {seq} holds {n} tokens, not {len}"
+            );
+        }
+        if let Some(p) = self.paged.as_mut() {
+            let t = &mut p.tables[seq];
+            let keep = p.keys.tiles_covering(0..len).end.min(t.len());
+            let gone: Vec<u32> = t.drain(keep..).filter(|&t| t != NO_TILE).collect();
+            p.arena.release(&gone);
+        }
+        // Own buffers: the positions past len are written over by the next append.
+        self.state.lens[seq] = len;
+        if let Some(x) = self.state.last_new.get_mut(seq) {
+            *x = 0;
+        }
+        Ok(())
+    }
+
+    fn fork(&self, seq: usize) -> Result<Box<dyn KvCache>> {
+        let Some(p) = &self.paged else {
+            fail!(Unsupported, "only a paged full cache forks");
+        };
+        if self.step.is_some() {
+            fail!(Protocol, "fork inside an open step");
+        }
+        let (Some(table), Some(&n)) = (p.tables.get(seq), self.state.lens.get(seq)) else {
+            fail!(Shape, "fork: the cache holds no sequence {seq}");
+        };
+        // Shares every tile; the partial last one, where the next token goes, is its own copy.
+        let mut table = table.clone();
+        let last = n / p.keys.per_tile;
+        let mut wants = Vec::new();
+        if n % p.keys.per_tile != 0 {
+            if let Some(&t) = table.get(last).filter(|&&t| t != NO_TILE) {
+                wants.push((0, 0, last, crate::tile_tables::Need::Copy(t)));
+            }
+        }
+        let fresh = provide(&p.arena, &wants)?;
+        let copies: Vec<u32> = copied(&wants).collect();
+        let shared: Vec<u32> = table
+            .iter()
+            .copied()
+            .filter(|t| *t != NO_TILE && !copies.contains(t))
+            .collect();
+        if let Err(e) = p.arena.retain(&shared) {
+            p.arena.release(&fresh);
+            return Err(e);
+        }
+        for (w, &t) in wants.iter().zip(&fresh) {
+            table[w.2] = t;
+        }
+        let mut state = self.state.clone();
+        state.lens = vec![n];
+        state.last_new = vec![0];
+        state.last_chunk = 0;
+        Ok(Box::new(FullCache {
+            state,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            k: None,
+            v: None,
+            capacity: 0,
+            paged: Some(Paged {
+                arena: p.arena.clone(),
+                keys: p.keys,
+                values: p.values,
+                tables: vec![table],
+            }),
+            status: None,
+            step: None,
+        }))
     }
 
     fn kind_name(&self) -> String {

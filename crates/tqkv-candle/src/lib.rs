@@ -44,6 +44,7 @@ pub mod kivi;
 pub mod ops;
 pub mod profiles;
 pub mod tile_ops;
+mod tile_tables;
 pub mod turbo;
 
 pub use arena::TileArena;

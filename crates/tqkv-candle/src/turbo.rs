@@ -30,6 +30,7 @@ use crate::cuda_ops::GpuTables;
 use crate::error::{fail, Error, Result};
 use crate::exact::ExactPart;
 use crate::ops::{ExactAttend, TqAppend, TqAttend, TqDequantize};
+use crate::tile_tables::{copied, need_tiles, provide, taken_since, Need};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::sync::Arc;
@@ -853,14 +854,11 @@ impl KvCache for TurboCache {
         };
         // Tiles the step took (in the tables now or retired since) that the saved tables do
         // not hold go back to the arena; the saved tables' tiles were never released.
-        let saved: std::collections::HashSet<u32> = st.seqs.iter().flat_map(|s| s.held()).collect();
-        let taken: Vec<u32> = self
-            .seqs
-            .iter()
-            .flat_map(|s| s.held())
-            .chain(st.retired.iter().copied())
-            .filter(|t| !saved.contains(t))
-            .collect();
+        let taken = taken_since(
+            st.seqs.iter().flat_map(|s| s.held()),
+            self.seqs.iter().flat_map(|s| s.held()),
+            &st.retired,
+        );
         self.arena.release(&taken);
         self.state = st.state;
         self.seqs = st.seqs;
@@ -1006,16 +1004,6 @@ fn union_len(mut rs: Vec<Range<usize>>) -> usize {
     n
 }
 
-/// A table entry waiting for the tile [`Need`] says (only in an append's own copy).
-const PENDING: u32 = NO_TILE - 1;
-
-/// A table entry that must hold a tile this append writes into: a new one, or a copy of a
-/// tile other holders share.
-enum Need {
-    New,
-    Copy(u32),
-}
-
 impl TurboCache {
     /// The append once the quantizers exist: records for the positions that leave the window
     /// (from the exact rows held, or from `k`, `v`), then the exact rows. Works on a copy of the
@@ -1068,32 +1056,28 @@ impl TurboCache {
         for (i, st) in seqs.iter_mut().enumerate() {
             drops.extend(self.retire_in(st, have[i]));
         }
-        let mut needs: Vec<(usize, bool, usize, Need)> = Vec::new();
+        let mut wants = Vec::new();
         for (i, st) in seqs.iter_mut().enumerate() {
             let tiles = self.rec.keys().tiles_covering(rec[i].clone());
-            self.needs_for(&mut st.rec, tiles, |j, n| needs.push((i, false, j, n)));
+            need_tiles(&self.arena, &mut st.rec, tiles, (i, 0), &mut wants);
             if let Some(ex) = &self.exact {
                 for r in &spans[i] {
                     let tiles = ex.tiles.rows().tiles_covering(r.clone());
-                    self.needs_for(&mut st.exact, tiles, |j, n| needs.push((i, true, j, n)));
+                    need_tiles(&self.arena, &mut st.exact, tiles, (i, 1), &mut wants);
                 }
             }
         }
-        let fresh = self.arena.alloc(needs.len())?;
+        let fresh = provide(&self.arena, &wants)?;
+        for (&(i, part, j, _), &t) in wants.iter().zip(&fresh) {
+            let st = &mut seqs[i];
+            (if part == 1 {
+                &mut st.exact
+            } else {
+                &mut st.rec
+            })[j] = t;
+        }
         let result = (|| -> Result<()> {
             let data = self.arena.tensor()?;
-            for ((i, exact, j, need), &t) in needs.iter().zip(&fresh) {
-                if let Need::Copy(old) = need {
-                    let row = data.narrow(0, *old as usize, 1)?.copy()?;
-                    data.slice_set(&row, 0, t as usize)?;
-                }
-                let table = if *exact {
-                    &mut seqs[*i].exact
-                } else {
-                    &mut seqs[*i].rec
-                };
-                table[*j] = t;
-            }
             self.write_records(&data, &seqs, k, v, &have, &rec, (kq, vq, gpu))?;
             if let Some(ex) = &self.exact {
                 // The append's sinks and window positions, into the exact rows.
@@ -1111,39 +1095,12 @@ impl TurboCache {
             self.arena.release(&fresh);
             return Err(e);
         }
-        drops.extend(needs.iter().filter_map(|(.., n)| match n {
-            Need::Copy(old) => Some(*old),
-            Need::New => None,
-        }));
+        drops.extend(copied(&wants));
         self.seqs = seqs;
         for t in drops {
             self.drop_ref(t);
         }
         Ok(())
-    }
-
-    /// Calls `need(j, what)` for each entry `j` of `tiles` in `table` (grown with
-    /// [`NO_TILE`]) that must get a tile before a write: a new one where none is held, a copy
-    /// where the tile held is shared with another holder.
-    fn needs_for(
-        &self,
-        table: &mut Vec<u32>,
-        tiles: Range<usize>,
-        mut need: impl FnMut(usize, Need),
-    ) {
-        if table.len() < tiles.end {
-            table.resize(tiles.end, NO_TILE);
-        }
-        for j in tiles {
-            match table[j] {
-                PENDING => {}
-                NO_TILE => need(j, Need::New),
-                t if self.arena.holders(t) > 1 => need(j, Need::Copy(t)),
-                _ => continue,
-            }
-            // Once per entry, however many ranges cover it.
-            table[j] = PENDING;
-        }
     }
 
     /// Quantizes the records `rec[i]` of each sequence into the tiles of `seqs`: from the
@@ -1410,42 +1367,33 @@ impl TurboCache {
         // own copies; the others are shared.
         let mut st = st.clone();
         let pe = self.packed_end(n);
-        let mut own: Vec<(bool, usize)> = Vec::new();
+        let mut wants = Vec::new();
+        let mut own = |table: &[u32], part: usize, j: usize| {
+            if let Some(&t) = table.get(j).filter(|&&t| t != NO_TILE) {
+                wants.push((0, part, j, Need::Copy(t)));
+            }
+        };
         if pe % self.rec.slots != 0 {
-            own.push((false, pe / self.rec.slots));
+            own(&st.rec, 0, pe / self.rec.slots);
         }
         if let Some(ex) = &self.exact {
             if n % ex.tiles.rows != 0 {
-                own.push((true, n / ex.tiles.rows));
+                own(&st.exact, 1, n / ex.tiles.rows);
             }
         }
-        own.retain(|&(x, j)| {
-            let t = if x { &st.exact } else { &st.rec };
-            t.get(j).is_some_and(|&t| t != NO_TILE)
-        });
-        let fresh = self.arena.alloc(own.len())?;
-        let shared: Vec<u32> = st
-            .held()
-            .filter(|t| {
-                !own.iter()
-                    .any(|&(x, j)| (if x { &st.exact } else { &st.rec })[j] == *t)
-            })
-            .collect();
-        let copy = || -> Result<()> {
-            let data = self.arena.tensor()?;
-            for (&(x, j), &t) in own.iter().zip(&fresh) {
-                let old = (if x { &st.exact } else { &st.rec })[j];
-                let row = data.narrow(0, old as usize, 1)?.copy()?;
-                data.slice_set(&row, 0, t as usize)?;
-            }
-            self.arena.retain(&shared)
-        };
-        if let Err(e) = copy() {
+        let fresh = provide(&self.arena, &wants)?;
+        let copies: Vec<u32> = copied(&wants).collect();
+        let shared: Vec<u32> = st.held().filter(|t| !copies.contains(t)).collect();
+        if let Err(e) = self.arena.retain(&shared) {
             self.arena.release(&fresh);
             return Err(e);
         }
-        for (&(x, j), &t) in own.iter().zip(&fresh) {
-            (if x { &mut st.exact } else { &mut st.rec })[j] = t;
+        for (&(_, part, j, _), &t) in wants.iter().zip(&fresh) {
+            (if part == 1 {
+                &mut st.exact
+            } else {
+                &mut st.rec
+            })[j] = t;
         }
         // Its own status word: a bad value appended to the fork is the fork's error.
         let gpu = match &self.gpu {

@@ -1,4 +1,4 @@
-//! Paged storage: TurboQuant caches in one shared arena of small tiles give bit for bit the
+//! Paged storage: TurboQuant and f16 caches in one shared arena of small tiles give bit for bit the
 //! outputs of caches with their own storage; the arena's count is exactly what the caches
 //! hold and what `tiles_for` predicts; a full arena refuses an append and changes nothing;
 //! forks share tiles and continue like a cache fed the same tokens; truncation gives the cache
@@ -18,6 +18,7 @@ const D: usize = 64;
 /// Kinds with every exact-row arrangement: none, sinks only, a fixed window, a budget window
 /// in f16 and q8_0, rotation cycles, the presets.
 const KINDS: &[&str] = &[
+    "f16",
     "tq3.5-paper",
     "tq3-had-s2",
     "tq3-had-s2-w8",
@@ -127,7 +128,7 @@ fn shared_small_tiles_equal_own_storage_and_are_counted_exactly() {
 #[test]
 fn a_full_arena_refuses_an_append_and_changes_nothing() {
     let s = seed("paged_full");
-    for kind in ["tq3-had-s2-w8", "tq3.5"] {
+    for kind in ["tq3-had-s2-w8", "tq3.5", "f16"] {
         let mut rng = Rng::new(s);
         let arena = TileArena::new(&Device::Cpu, TILE, 12).unwrap();
         let mut a = layer(kind, Some(&arena));
