@@ -189,15 +189,7 @@ pub fn run(a: Args) -> Result<()> {
         let state = crate::serve::start(&m, &a.engine, None)?;
         let engine = state.engine.clone();
         let model = state.served[0].clone();
-        // What the pool holds of sequences at full length (prompt + completion).
-        let full = a.prompt_tokens + a.max_tokens;
-        let per_seq = engine
-            .bytes_at(full)
-            .context("the context is shorter than prompt + completion")?;
-        let tiles = engine
-            .tiles_at(full)
-            .context("the context is shorter than prompt + completion")?;
-        let fit = engine.metrics.tiles_total.load(Relaxed) / tiles.max(1);
+        let mut longest = a.prompt_tokens;
         let ids = (0..a.requests)
             .map(|i| prompt(&state.tokenizer, i, a.prompt_tokens))
             .collect::<Result<Vec<_>>>()?;
@@ -212,12 +204,39 @@ pub fn run(a: Args) -> Result<()> {
                     .map_err(anyhow::Error::msg)
             };
             let system: std::sync::Arc<str> = text(&sys)?.into();
-            ids.iter()
-                .map(|u| Ok(Body::Chat(system.clone(), text(u)?)))
-                .collect::<Result<_>>()?
+            let mut v = Vec::new();
+            for u in &ids {
+                let user = text(u)?;
+                let rendered = state
+                    .template
+                    .render_json(
+                        &json!([{"role": "system", "content": &*system}, {"role": "user", "content": &user}]),
+                        None,
+                        true,
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                let n = state
+                    .tokenizer
+                    .encode(rendered, false)
+                    .map_err(anyhow::Error::msg)?
+                    .len();
+                longest = longest.max(n);
+                v.push(Body::Chat(system.clone(), user));
+            }
+            v
         } else {
             ids.into_iter().map(Body::Ids).collect()
         };
+        // What the pool holds of sequences at full length (prompt + completion; a chat's prompt
+        // is what the template renders, system message included).
+        let full = longest + a.max_tokens;
+        let per_seq = engine
+            .bytes_at(full)
+            .context("the context is shorter than prompt + completion")?;
+        let tiles = engine
+            .tiles_at(full)
+            .context("the context is shorter than prompt + completion")?;
+        let fit = engine.metrics.tiles_total.load(Relaxed) / tiles.max(1);
         let row = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
