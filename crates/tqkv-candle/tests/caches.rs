@@ -179,8 +179,9 @@ fn prefill_then_decode_equals_one_shot() {
         let o1 = chunked.forward(&q, &k, &v).unwrap();
         let o2 = whole.forward(&q, &k, &v).unwrap();
         if !kind.starts_with("tq") {
+            // bf16 again rounds at 8 bits (seed 1796287165530999551: 0.00049, an ulp at 0.25).
             let diff = max_abs_diff(&flat(&o1), &flat(&o2));
-            assert!(diff < 1e-4, "{kind}: chunked prefill differs by {diff}");
+            assert!(diff < tol, "{kind}: chunked prefill differs by {diff}");
         }
     }
 }
