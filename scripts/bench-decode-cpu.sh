@@ -10,7 +10,7 @@ cargo bench -p tqkv-candle --bench decode >&2
   echo "\`scripts/bench-decode-cpu.sh\` on $(date -u +%Y-%m-%d), $(nproc) cores"
   echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')): one layer of"
   echo "SmolLM2-135M's attention (9 query heads, 3 KV heads, head_dim 64), batch 1, append one"
-  echo "token and attend, at a context of 1K and 4K tokens. Ratio = median time / f16's median"
+  echo "token and attend, at a context of 1K, 4K and 16K tokens. Ratio = median time / f16's median"
   echo "time in the same run (below 1 is faster than f16). CPU times are for comparison between"
   echo "kinds only; absolute numbers count from a GPU."
   echo

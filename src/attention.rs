@@ -187,7 +187,7 @@ impl ExactRows<'_> {
         )
     }
 
-    fn check(&self, d: usize, visible: &[usize]) -> Result<()> {
+    pub(crate) fn check(&self, d: usize, visible: &[usize]) -> Result<()> {
         let rows = |x: &[f32]| x.len() / d.max(1);
         if self.sink_k.len() != self.sink_v.len()
             || self.win_k.len() != self.win_v.len()

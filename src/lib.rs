@@ -29,6 +29,7 @@
 
 pub mod attention;
 pub mod codebook;
+pub mod cpu_attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_tables;
@@ -43,6 +44,7 @@ pub mod qjl;
 pub mod quantizer;
 pub mod rng;
 pub mod rotation;
+pub mod simd;
 pub mod spec;
 
 pub use codebook::Codebook;

@@ -16,8 +16,10 @@
 //!   `[batch, kv_heads, n, head_dim]` in f32 / f16 / bf16 (the CUDA prefill path feeds them to
 //!   candle's matmuls).
 //!
-//! CPU: the reference of `tqkv` ([`tqkv::VectorQuantizer::quantize`],
-//! [`tqkv::attention::attend_cycled`]), parallel over (sequence, KV head). CUDA: the kernels of
+//! CPU: [`tqkv::VectorQuantizer::quantize`] and the SIMD kernel
+//! [`tqkv::cpu_attention::attend_tiles`] (the records read in their tiles, checked against the
+//! reference [`tqkv::attention::attend_cycled`]), parallel over (sequence, KV head) and, for
+//! long contexts, chunks of positions. CUDA: the kernels of
 //! `tqkv::cuda` through [`crate::cuda_ops`] on candle's stream, never a copy to the host.
 
 use crate::cache::{grouped_attention, SeqState};
@@ -25,6 +27,7 @@ use crate::cuda_ops::GpuTables;
 use crate::tile_ops::{arena_bytes, arena_bytes_mut};
 use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp2, Layout, Result, Shape};
 use std::sync::Arc;
+use tqkv::cpu_attention::{ExactSource, HeadRecords, PagedExact};
 use tqkv::paged::{ExactTiles, RecordTiles, TileRows};
 use tqkv::VectorQuantizer;
 
@@ -209,90 +212,39 @@ impl candle_core::CustomOp2 for TqAttend {
         let (hq, t) = (dims[1], dims[2]);
         let (kr, vr) = (self.records.keys(), self.records.values());
         let h = self.state.kv_heads;
-        let d = self.kq[0].dim();
+        let isa = tqkv::simd::Isa::detect();
+        let cycle = (self.kq.len() / h).max(1);
         let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {
-            let n = self.state.lens[b];
             let table = &self.tables[b];
-            // The exact rows these queries read: the sinks, and the positions from the
-            // earliest window start of the append on (rows in position order).
-            let rows = match &self.exact {
-                Some(e) => {
-                    let ns = e.sinks.min(n);
-                    let ends: Vec<usize> = (0..vis.len())
-                        .map(|i| e.packed_end[b * t + i % t])
-                        .collect();
-                    let lo = ends
-                        .iter()
-                        .zip(vis)
-                        .filter(|(&pe, &v)| pe < v)
-                        .map(|(&pe, _)| pe)
-                        .min()
-                        .unwrap_or(n);
-                    let et = &e.tables[b];
-                    let er = e.tiles.rows();
-                    let read = |range: std::ops::Range<usize>| -> Result<(Vec<f32>, Vec<f32>)> {
-                        let (mut ks, mut vs) =
-                            (vec![0f32; range.len() * d], vec![0f32; range.len() * d]);
-                        for (i, p) in range.enumerate() {
-                            let Some(at) = er.at(et, p, head) else {
-                                candle_core::bail!(
-                                    "exact row of position {p}: its tile is not held"
-                                )
-                            };
-                            e.tiles.decode_row(
-                                &arena[at..at + er.row_bytes],
-                                &mut ks[i * d..(i + 1) * d],
-                                &mut vs[i * d..(i + 1) * d],
-                            );
-                        }
-                        Ok((ks, vs))
-                    };
-                    let (sk, sv) = read(0..ns)?;
-                    let (wk, wv) = read(lo.max(ns)..n)?;
-                    // Window rows start at max(lo, sinks): a query's packed end is ≥ its sinks.
-                    Some((e.sinks, ends, sk, sv, lo.max(ns), wk, wv))
-                }
-                None => None,
+            let recs = |rows| HeadRecords {
+                arena,
+                rows,
+                table,
+                head,
             };
-            // Records of the slots some query reads from them.
-            let (from, to) = match &rows {
-                Some((sinks, ends, ..)) => {
-                    let to = ends
-                        .iter()
-                        .zip(vis)
-                        .map(|(&pe, &v)| pe.min(v))
-                        .max()
-                        .unwrap_or(0);
-                    ((*sinks).min(n), to)
-                }
-                None => (0, vis.iter().copied().max().unwrap_or(0)),
+            // Query i of the group (row i of `qq`) is token i % t of sequence b.
+            let ends: Vec<usize> = match &self.exact {
+                Some(e) => (0..vis.len())
+                    .map(|i| e.packed_end[b * t + i % t])
+                    .collect(),
+                None => Vec::new(),
             };
-            let mut krec = vec![0u8; n * kr.row_bytes];
-            let mut vrec = vec![0u8; n * vr.row_bytes];
-            if from < to {
-                gather_records(arena, &kr, table, head, from..to, &mut krec)?;
-                gather_records(arena, &vr, table, head, from..to, &mut vrec)?;
-            }
-            let ex =
-                rows.as_ref().map(
-                    |(sinks, ends, sk, sv, lo, wk, wv)| tqkv::attention::ExactRows {
-                        sinks: *sinks,
-                        packed_end: ends,
-                        sink_k: sk,
-                        sink_v: sv,
-                        win_start: *lo,
-                        win_k: wk,
-                        win_v: wv,
-                    },
-                );
-            let cycle = (self.kq.len() / h).max(1);
-            tqkv::attention::attend_cycled(
+            let paged = self.exact.as_ref().map(|e| PagedExact {
+                arena,
+                tiles: e.tiles,
+                table: &e.tables[b],
+                head,
+                sinks: e.sinks,
+                packed_end: &ends,
+            });
+            tqkv::cpu_attention::attend_tiles(
+                isa,
                 &self.kq[head * cycle..(head + 1) * cycle],
                 &self.vq[head * cycle..(head + 1) * cycle],
                 qq,
-                &krec,
-                &vrec,
-                ex.as_ref(),
+                recs(kr),
+                recs(vr),
+                paged.as_ref().map(|p| p as &dyn ExactSource),
                 vis,
                 self.scale,
                 o,
