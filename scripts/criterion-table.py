@@ -18,7 +18,11 @@ for est in glob.glob(f"target/criterion/{prefix}*/*/new/estimates.json"):
     rows.setdefault(group, {})[name] = (ns, n)
 print("| group | kind | median time | per second | × " + baseline + " (time ratio) |")
 print("|---|---|---|---|---|")
-for group in sorted(rows):
+import re
+def natural(g):
+    # decode_ctx1024 < decode_ctx4096 < decode_ctx16384: numbers compare as numbers.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)]
+for group in sorted(rows, key=natural):
     base = rows[group].get(baseline)
     for name, (ns, n) in sorted(rows[group].items(), key=lambda kv: kv[1][0]):
         t = f"{ns/1e3:,.1f} µs" if ns < 1e6 else f"{ns/1e6:,.2f} ms"

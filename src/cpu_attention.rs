@@ -730,6 +730,79 @@ pub fn attend_tiles(
     Ok(())
 }
 
+/// The scores ⟨q, k̂_t⟩ of one query against the keys of slots `0..out.len()` (slot t written
+/// by `kqs[t % M]`), straight from the codes: what [`VectorQuantizer::score`] gives per record,
+/// for a whole context at once (the scoring half of [`attend_tiles`], single-threaded).
+pub fn score_tiles(
+    isa: Isa,
+    kqs: &[VectorQuantizer],
+    q: &[f32],
+    keys: HeadRecords,
+    out: &mut [f32],
+) -> Result<()> {
+    if kqs.is_empty() || kqs.iter().any(|x| x.layout() != kqs[0].layout()) {
+        return Err(Error::Config(
+            "cycled quantizers must share one record layout (at least one)".into(),
+        ));
+    }
+    let d = kqs[0].dim();
+    check_len("query", q.len(), d)?;
+    crate::error::check_finite("query", q)?;
+    if keys.rows.row_bytes != kqs[0].record_bytes() || keys.rows.per_tile == 0 {
+        return Err(Error::Config(format!(
+            "key records of {} bytes, the quantizer writes {}",
+            keys.rows.row_bytes,
+            kqs[0].record_bytes()
+        )));
+    }
+    let ks = Side::new(kqs)?;
+    let qrow = query_rows_of(kqs, &ks, q, 1, 1.0);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2 is only offered where AVX2, FMA and F16C were detected.
+        Isa::Avx2 => unsafe { score_avx2(&ks, &qrow, kqs.len(), keys, out) },
+        _ => score_run(ScalarUnpack, &ks, &qrow, kqs.len(), keys, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn score_avx2(
+    ks: &Side,
+    qrow: &[f32],
+    cycle: usize,
+    keys: HeadRecords,
+    out: &mut [f32],
+) -> Result<()> {
+    score_run(simd::Avx2Unpack, ks, qrow, cycle, keys, out)
+}
+
+#[inline(always)]
+fn score_run<U: Unpack>(
+    u: U,
+    ks: &Side,
+    qrow: &[f32],
+    cycle: usize,
+    keys: HeadRecords,
+    out: &mut [f32],
+) -> Result<()> {
+    let w = ks.width;
+    let mut buf = vec![0.0f32; w];
+    let (stride, rb) = (keys.rows.slot_stride, keys.rows.row_bytes);
+    let n = out.len();
+    let mut t = 0;
+    while t < n {
+        let (bytes, count) = keys.run(t, n)?;
+        for k in 0..count {
+            let m = (t + k) % cycle;
+            ks.unpack_row(u, &bytes[k * stride..k * stride + rb], m, &mut buf);
+            out[t + k] = simd::dot::<U>(&qrow[m * w..(m + 1) * w], &buf);
+        }
+        t += count;
+    }
+    Ok(())
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2(
@@ -743,18 +816,22 @@ unsafe fn run_avx2(
 /// Per query: per quantizer m of the cycle, [Π_g q_g of MSE groups | S_g Π_g q_g of sketched
 /// groups] · scale, then q · scale.
 fn query_rows(call: &Call, q: &[f32], scale: f32) -> Vec<f32> {
-    let (d, wk) = (call.d, call.ks.width);
-    let stride = call.qstride();
-    let nq = call.splits.len();
+    query_rows_of(call.kqs, &call.ks, q, call.splits.len(), scale)
+}
+
+/// [`query_rows`] of `nq` queries for the key side `ks` of `kqs`.
+fn query_rows_of(kqs: &[VectorQuantizer], ks: &Side, q: &[f32], nq: usize, scale: f32) -> Vec<f32> {
+    let (d, wk, cycle) = (kqs[0].dim(), ks.width, kqs.len());
+    let stride = cycle * wk + d;
     let mut rows = vec![0.0f32; nq * stride];
     let mut qg = vec![0.0f32; d];
     let mut qr = vec![0.0f32; d];
     for i in 0..nq {
         let qi = &q[i * d..(i + 1) * d];
         let row = &mut rows[i * stride..(i + 1) * stride];
-        for (m, kq) in call.kqs.iter().enumerate() {
+        for (m, kq) in kqs.iter().enumerate() {
             let r = &mut row[m * wk..(m + 1) * wk];
-            for p in &call.ks.parts {
+            for p in &ks.parts {
                 let ch = kq.group_channels(p.group);
                 let (qg, qr) = (&mut qg[..ch.len()], &mut qr[..ch.len()]);
                 for (x, &c) in qg.iter_mut().zip(ch) {
@@ -776,7 +853,7 @@ fn query_rows(call: &Call, q: &[f32], scale: f32) -> Vec<f32> {
             }
             r.iter_mut().for_each(|x| *x *= scale);
         }
-        for (o, &x) in row[call.cycle * wk..].iter_mut().zip(qi) {
+        for (o, &x) in row[cycle * wk..].iter_mut().zip(qi) {
             *o = x * scale;
         }
     }
