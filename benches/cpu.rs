@@ -7,10 +7,14 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use std::hint::black_box;
+use tqkv::cpu_attention::HeadRecords;
 use tqkv::rng::Rng;
+use tqkv::simd::Isa;
 use tqkv::{BitsSpec, OutlierRule, QuantSpec, RotationKind, VectorQuantizer};
 
 const N: usize = 256;
+/// Keys per query of the kernel's scoring bench.
+const CTX: usize = 4096;
 
 fn setups() -> Vec<(String, VectorQuantizer)> {
     let mut v = Vec::new();
@@ -113,6 +117,30 @@ fn bench(c: &mut Criterion) {
             }
             black_box(s);
         });
+        // The kernel path: one query against a context of CTX keys at once, from the codes.
+        let ys: Vec<f32> = (0..CTX * d).map(|_| rng.gaussian() as f32).collect();
+        let mut keys = vec![0u8; CTX * rb];
+        for (x, r) in ys.chunks_exact(d).zip(keys.chunks_exact_mut(rb)) {
+            q.quantize(x, r).unwrap();
+        }
+        let mut scores = vec![0.0f32; CTX];
+        let qs = std::slice::from_ref(&q);
+        let mut g = c.benchmark_group("score-kernel");
+        g.throughput(Throughput::Elements(CTX as u64));
+        g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            b.iter(|| {
+                tqkv::cpu_attention::score_tiles(
+                    Isa::detect(),
+                    qs,
+                    black_box(&xs[..d]),
+                    HeadRecords::dense(&keys, rb),
+                    &mut scores,
+                )
+                .unwrap();
+                black_box(&scores);
+            })
+        });
+        g.finish();
     }
 }
 criterion_group! {

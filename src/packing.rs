@@ -45,10 +45,25 @@ fn check_pack_bits(bits: u8) -> Result<()> {
     }
 }
 
+#[inline(always)]
 pub(crate) fn pack_codes_unchecked(codes: &[u8], bits: u8, out: &mut [u8]) {
     out.iter_mut().for_each(|b| *b = 0);
     match bits {
         8 => out.copy_from_slice(codes),
+        // 8 codes of b bits are b whole bytes: one word per 8 codes.
+        3 | 5 | 6 | 7 => {
+            let b = bits as usize;
+            for (j, chunk) in codes.chunks(8).enumerate() {
+                let mut w = 0u64;
+                for (k, &c) in chunk.iter().enumerate() {
+                    w |= (c as u64) << (k * b);
+                }
+                let bytes = w.to_le_bytes();
+                let start = j * b;
+                let len = (chunk.len() * b).div_ceil(8);
+                out[start..start + len].copy_from_slice(&bytes[..len]);
+            }
+        }
         1 | 2 | 4 => {
             let per = 8 / bits as usize;
             for (byte, chunk) in out.iter_mut().zip(codes.chunks(per)) {

@@ -120,6 +120,7 @@ impl QjlSketch {
         Ok(self.sketch_unchecked(x, signs))
     }
 
+    #[inline(always)]
     pub(crate) fn sketch_unchecked(&self, x: &[f32], signs: &mut [u8]) -> f32 {
         for (z, row) in signs.iter_mut().zip(self.s.chunks_exact(self.dim)) {
             *z = (dot(row, x) >= 0.0) as u8;

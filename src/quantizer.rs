@@ -326,43 +326,114 @@ impl VectorQuantizer {
     }
 
     /// Quantizes `x` (length d, finite) into `record` (length [`Self::record_bytes`]).
+    ///
+    /// Runs in the best code path of the machine ([`crate::simd::Isa::detect`]; the same
+    /// records on every path), with per-thread scratch buffers (nothing allocated per call).
     pub fn quantize(&self, x: &[f32], record: &mut [u8]) -> Result<()> {
+        self.quantize_on(crate::simd::Isa::detect(), x, record)
+    }
+
+    /// [`Self::quantize`] on the code path `isa` (one of [`crate::simd::Isa::available`]; tests
+    /// and benchmarks compare them).
+    pub fn quantize_on(&self, isa: crate::simd::Isa, x: &[f32], record: &mut [u8]) -> Result<()> {
         check_len("vector", x.len(), self.dim)?;
         check_len("record", record.len(), self.layout.bytes)?;
         check_finite("vector", x)?;
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|cell| {
+            // Re-entrance (none today) falls back to a fresh buffer.
+            let mut fresh = Vec::new();
+            let mut guard = cell.try_borrow_mut();
+            let buf = match guard.as_mut() {
+                Ok(b) => &mut **b,
+                Err(_) => &mut fresh,
+            };
+            let need = 3 * self.dim;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Isa::Avx2 is only offered where AVX2, FMA and F16C were detected.
+                crate::simd::Isa::Avx2 => unsafe { self.quantize_avx2(x, record, buf) },
+                _ => self.quantize_with(x, record, buf),
+            }
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn quantize_avx2(&self, x: &[f32], record: &mut [u8], buf: &mut [f32]) -> Result<()> {
+        self.quantize_with(x, record, buf)
+    }
+
+    /// The body of [`Self::quantize`] (checked inputs), `buf` ≥ 3·d floats.
+    #[inline(always)]
+    fn quantize_with(&self, x: &[f32], record: &mut [u8], buf: &mut [f32]) -> Result<()> {
         record.iter_mut().for_each(|b| *b = 0);
+        let d = self.dim;
+        let (xg_all, rest) = buf.split_at_mut(d);
+        let (rot_all, rest) = rest.split_at_mut(d);
+        let rec_all = &mut rest[..d];
+        // Codes and signs: on the stack for the usual sizes.
+        let mut codes_stack = [0u8; 256];
+        let mut codes_heap = Vec::new();
+        let maxg = self
+            .layout
+            .groups
+            .iter()
+            .map(|g| g.dim.max(g.sketch_dim))
+            .max()
+            .unwrap_or(0);
+        let codes_buf: &mut [u8] = if maxg <= codes_stack.len() {
+            &mut codes_stack[..]
+        } else {
+            codes_heap.resize(maxg, 0u8);
+            &mut codes_heap[..]
+        };
         for (group, gl) in self.groups.iter().zip(&self.layout.groups) {
-            let xg: Vec<f32> = group.channels.iter().map(|&c| x[c]).collect();
+            let xg = &mut xg_all[..gl.dim];
+            for (o, &c) in xg.iter_mut().zip(&group.channels) {
+                *o = x[c];
+            }
             // The vector the sketch acts on: the rotated residual, or x_g without MSE stage.
-            let mut resid = xg.clone();
+            let mut resid_is_rot = false;
             if let Some(mse) = &group.mse {
-                let mut rot = vec![0.0f32; gl.dim];
-                mse.rotation().apply_unchecked(&xg, &mut rot);
-                let mut codes = vec![0u8; gl.dim];
-                let mut n = mse.encode_rotated(&rot, &mut codes);
+                let rot = &mut rot_all[..gl.dim];
+                mse.rotation().apply_unchecked(xg, rot);
+                let codes = &mut codes_buf[..gl.dim];
+                let mut n = mse.encode_rotated(rot, codes);
                 if self.spec.norm_rule == NormRule::Projected {
-                    n = projected_norm(n, &rot, &codes, mse.codebook().centroids());
+                    n = projected_norm(n, rot, codes, mse.codebook().centroids());
                 }
                 let n = self.write_norm(record, gl.norm_offset, n)?;
                 pack_codes_unchecked(
-                    &codes,
+                    codes,
                     gl.mse_bits,
                     &mut record[gl.codes_offset..gl.codes_offset + packed_len(gl.dim, gl.mse_bits)],
                 );
                 if group.qjl.is_some() {
-                    let mut rec = vec![0.0f32; gl.dim];
-                    mse.decode_rotated(n, &codes, &mut rec);
-                    for ((r, &a), &b) in resid.iter_mut().zip(&rot).zip(&rec) {
-                        *r = a - b;
+                    let rec = &mut rec_all[..gl.dim];
+                    mse.decode_rotated(n, codes, rec);
+                    for (r, &b) in rot.iter_mut().zip(rec.iter()) {
+                        *r -= b;
                     }
+                    resid_is_rot = true;
                 }
             }
             if let Some(qjl) = &group.qjl {
-                let mut signs = vec![0u8; gl.sketch_dim];
-                let gamma = qjl.sketch_unchecked(&resid, &mut signs);
+                let resid: &[f32] = if resid_is_rot {
+                    &rot_all[..gl.dim]
+                } else {
+                    &xg_all[..gl.dim]
+                };
+                let signs = &mut codes_buf[..gl.sketch_dim];
+                let gamma = qjl.sketch_unchecked(resid, signs);
                 self.write_norm(record, gl.gamma_offset, gamma)?;
                 pack_codes_unchecked(
-                    &signs,
+                    signs,
                     1,
                     &mut record[gl.signs_offset..gl.signs_offset + packed_len(gl.sketch_dim, 1)],
                 );
@@ -532,6 +603,7 @@ pub fn select_outliers(
 /// [`NormRule::Projected`]: ‖x‖² / ⟨rot, ‖x‖·c[codes]⟩ (f64 sums), or `n` itself when the
 /// projection is not positive (only for the zero vector: codes keep the signs of their
 /// coordinates, so ⟨u, c⟩ > 0 otherwise).
+#[inline(always)]
 pub(crate) fn projected_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
     let dot: f64 = rot
         .iter()

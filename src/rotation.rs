@@ -158,6 +158,7 @@ impl Rotation {
         Ok(())
     }
 
+    #[inline(always)]
     pub(crate) fn apply_unchecked(&self, x: &[f32], out: &mut [f32]) {
         match self.kind {
             RotationKind::Dense => matvec(&self.matrix, self.dim, x, out),
@@ -183,6 +184,7 @@ impl Rotation {
         }
     }
 
+    #[inline(always)]
     fn fwht_blocks(&self, v: &mut [f32]) {
         let scale = 1.0 / (self.block as f32).sqrt();
         for blk in v.chunks_exact_mut(self.block) {
@@ -228,7 +230,7 @@ pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// `out = M x` for a row-major n×n matrix.
-#[inline]
+#[inline(never)]
 pub(crate) fn matvec(m: &[f32], n: usize, x: &[f32], out: &mut [f32]) {
     for (o, row) in out.iter_mut().zip(m.chunks_exact(n)) {
         *o = dot(row, x);
@@ -255,6 +257,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// In-place unnormalised Walsh–Hadamard transform of a power-of-two-length slice.
+#[inline(always)]
 pub fn fwht(v: &mut [f32]) {
     let n = v.len();
     debug_assert!(n.is_power_of_two());

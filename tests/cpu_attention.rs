@@ -488,3 +488,49 @@ fn bad_inputs_are_errors_not_panics() {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 }
+
+#[test]
+fn scores_match_the_per_record_reference() {
+    let seed = fresh_seed("scores_match");
+    let mut rng = Rng::new(seed);
+    for (i, name) in ["4-had", "3-had", "3.5", "2.5-had", "4-prod", "1-qjl", "5"]
+        .iter()
+        .enumerate()
+    {
+        let d = if i % 2 == 0 { 128 } else { 64 };
+        let cycle = 1 + i % 3;
+        let kqs = quantizers(&spec(name), d, cycle, rng.next_u64());
+        for n in [1usize, 7, 99, 300] {
+            let k = kv_data(&mut rng, n, d);
+            let q = gaussian_vec(&mut rng, &vec![1.0; d]);
+            let rec = records(&kqs, &k, d);
+            let rb = kqs[0].record_bytes();
+            let want: Vec<f32> = (0..n)
+                .map(|t| {
+                    let kq = &kqs[t % cycle];
+                    kq.score(&kq.prepare_query(&q).unwrap(), &rec[t * rb..(t + 1) * rb])
+                        .unwrap()
+                })
+                .collect();
+            let peak = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+            for isa in Isa::available() {
+                let mut out = vec![f32::NAN; n];
+                tqkv::cpu_attention::score_tiles(
+                    isa,
+                    &kqs,
+                    &q,
+                    HeadRecords::dense(&rec, rb),
+                    &mut out,
+                )
+                .unwrap();
+                for (t, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * peak,
+                        "{} {name} d {d} n {n} key {t}: {a} vs {b} (seed {seed})",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}

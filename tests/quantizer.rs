@@ -498,3 +498,40 @@ fn log8_norms_cost_a_byte_and_scale_the_reconstruction_by_their_rounding() {
         );
     }
 }
+
+#[test]
+fn every_code_path_writes_the_same_records() {
+    let seed = common::fresh_seed("code_paths_same_records");
+    let mut rng = tqkv::rng::Rng::new(seed);
+    for (spec, d) in [
+        (
+            QuantSpec::mse(BitsSpec::Uniform(4)).with_rotation(RotationKind::Hadamard),
+            128,
+        ),
+        (QuantSpec::mse(BitsSpec::Uniform(3)), 64),
+        (
+            QuantSpec::mse("3.5".parse().unwrap()).with_outliers(OutlierRule::Fixed),
+            128,
+        ),
+        (QuantSpec::prod(BitsSpec::Uniform(3)), 36),
+        (QuantSpec::qjl(300), 64),
+        (
+            QuantSpec::mse(BitsSpec::Uniform(5)).with_norm_rule(tqkv::NormRule::Projected),
+            96,
+        ),
+    ] {
+        let q = VectorQuantizer::new(spec, d, rng.next_u64()).unwrap();
+        let rb = q.record_bytes();
+        for _ in 0..20 {
+            let x = common::gaussian_vec(&mut rng, &vec![1.0; d]);
+            let mut want = vec![0u8; rb];
+            q.quantize_on(tqkv::simd::Isa::Scalar, &x, &mut want)
+                .unwrap();
+            for isa in tqkv::simd::Isa::available() {
+                let mut got = vec![0xFFu8; rb];
+                q.quantize_on(isa, &x, &mut got).unwrap();
+                assert_eq!(got, want, "{} {spec:?} d {d} (seed {seed})", isa.name());
+            }
+        }
+    }
+}
