@@ -76,8 +76,7 @@ impl MseQuantizer {
     /// Codes an already rotated vector `rot = Π x`; returns its norm. No checks.
     #[inline(always)]
     pub(crate) fn encode_rotated(&self, rot: &[f32], codes: &mut [u8]) -> f32 {
-        let n2: f64 = rot.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let n = n2.sqrt() as f32;
+        let n = crate::simd::sumsq64(rot).sqrt() as f32;
         let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
         // Codebook::encode for 8 coordinates at a time: the number of boundaries strictly
         // below each (the same codes; the loop over 8 lanes vectorises).

@@ -125,8 +125,7 @@ impl QjlSketch {
         for (z, row) in signs.iter_mut().zip(self.s.chunks_exact(self.dim)) {
             *z = (dot(row, x) >= 0.0) as u8;
         }
-        let n2: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        n2.sqrt() as f32
+        crate::simd::sumsq64(x).sqrt() as f32
     }
 
     /// The estimate of ⟨q, x⟩ from `sq = S q`, the signs of x and ‖x‖.

@@ -605,11 +605,12 @@ pub fn select_outliers(
 /// coordinates, so ⟨u, c⟩ > 0 otherwise).
 #[inline(always)]
 pub(crate) fn projected_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
-    let dot: f64 = rot
-        .iter()
-        .zip(codes)
-        .map(|(&r, &k)| r as f64 * centroids[k as usize] as f64)
-        .sum();
+    // Four partial sums (the same value on every code path).
+    let mut acc = [0.0f64; 4];
+    for (j, (&r, &k)) in rot.iter().zip(codes).enumerate() {
+        acc[j % 4] += r as f64 * centroids[k as usize] as f64;
+    }
+    let dot = (acc[0] + acc[2]) + (acc[1] + acc[3]);
     if dot > 0.0 {
         ((n as f64) * (n as f64) / dot) as f32
     } else {

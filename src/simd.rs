@@ -266,6 +266,24 @@ pub(crate) fn dot<U: Unpack>(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + s
 }
 
+/// Σ x² in f64 with four partial sums (vectorises; the same value on every code path).
+#[inline(always)]
+pub(crate) fn sumsq64(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let c = x.chunks_exact(4);
+    let r = c.remainder();
+    for v in c {
+        for k in 0..4 {
+            acc[k] += v[k] as f64 * v[k] as f64;
+        }
+    }
+    let mut s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    for &v in r {
+        s += v as f64 * v as f64;
+    }
+    s
+}
+
 /// `y += a · x`.
 #[inline(always)]
 pub(crate) fn axpy<U: Unpack>(a: f32, x: &[f32], y: &mut [f32]) {

@@ -132,3 +132,46 @@ fn rotation_errors_are_clear() {
         .to_string()
         .contains("dense, hadamard"));
 }
+
+#[test]
+fn fwht_matches_the_hadamard_matrix_and_the_plain_butterflies() {
+    let seed = common::fresh_seed("fwht");
+    let mut rng = tqkv::rng::Rng::new(seed);
+    for n in [1usize, 2, 4, 8, 16, 32, 64, 128, 256] {
+        let x: Vec<f32> = (0..n).map(|_| rng.gaussian() as f32).collect();
+        let mut got = x.clone();
+        tqkv::rotation::fwht(&mut got);
+        // H[i][j] = (−1)^popcount(i & j), in f64.
+        for (i, g) in got.iter().enumerate() {
+            let want: f64 = x
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| {
+                    if (i & j).count_ones() % 2 == 0 {
+                        v as f64
+                    } else {
+                        -(v as f64)
+                    }
+                })
+                .sum();
+            assert!(
+                (*g as f64 - want).abs() < 1e-4 * (n as f64).sqrt(),
+                "n {n} (seed {seed})"
+            );
+        }
+        // The plain butterfly loop: the same additions, so the same bits.
+        let mut plain = x.clone();
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (plain[j], plain[j + h]);
+                    plain[j] = a + b;
+                    plain[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        assert_eq!(got, plain, "n {n}");
+    }
+}

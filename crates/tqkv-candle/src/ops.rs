@@ -66,6 +66,12 @@ fn gather_records(
     Ok(())
 }
 
+/// Whether `TQKV_CPU_ATTENTION=reference` asks for the reference CPU attention (read once).
+fn reference_attention() -> bool {
+    static REF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REF.get_or_init(|| std::env::var("TQKV_CPU_ATTENTION").is_ok_and(|v| v == "reference"))
+}
+
 /// Quantize-append: see the module docs for layouts.
 pub struct TqAppend {
     /// Quantizers `[head · cycle + m]` (cycle 1: one per KV head; slot s of a head is written
@@ -193,6 +199,113 @@ pub struct TqAttend {
     pub kernel: tqkv::AttentionKernel,
 }
 
+impl TqAttend {
+    /// The reference path of one (sequence, KV head): the records gathered out of their tiles
+    /// and the exact rows decoded, then [`tqkv::attention::attend_cycled`] (unpacks the whole
+    /// history). Kept as the baseline of the kernel: `TQKV_CPU_ATTENTION=reference` selects it
+    /// (benchmarks compare both in one build).
+    #[allow(clippy::too_many_arguments)]
+    fn reference_head(
+        &self,
+        arena: &[u8],
+        t: usize,
+        b: usize,
+        head: usize,
+        qq: &[f32],
+        vis: &[usize],
+        o: &mut [f32],
+    ) -> crate::Result<()> {
+        let (kr, vr) = (self.records.keys(), self.records.values());
+        let h = self.state.kv_heads;
+        let d = self.kq[0].dim();
+        let n = self.state.lens[b];
+        let table = &self.tables[b];
+        // The exact rows these queries read: the sinks, and the positions from the
+        // earliest window start of the append on (rows in position order).
+        let rows = match &self.exact {
+            Some(e) => {
+                let ns = e.sinks.min(n);
+                let ends: Vec<usize> = (0..vis.len())
+                    .map(|i| e.packed_end[b * t + i % t])
+                    .collect();
+                let lo = ends
+                    .iter()
+                    .zip(vis)
+                    .filter(|(&pe, &v)| pe < v)
+                    .map(|(&pe, _)| pe)
+                    .min()
+                    .unwrap_or(n);
+                let et = &e.tables[b];
+                let er = e.tiles.rows();
+                let read = |range: std::ops::Range<usize>| -> Result<(Vec<f32>, Vec<f32>)> {
+                    let (mut ks, mut vs) =
+                        (vec![0f32; range.len() * d], vec![0f32; range.len() * d]);
+                    for (i, p) in range.enumerate() {
+                        let Some(at) = er.at(et, p, head) else {
+                            candle_core::bail!("exact row of position {p}: its tile is not held")
+                        };
+                        e.tiles.decode_row(
+                            &arena[at..at + er.row_bytes],
+                            &mut ks[i * d..(i + 1) * d],
+                            &mut vs[i * d..(i + 1) * d],
+                        );
+                    }
+                    Ok((ks, vs))
+                };
+                let (sk, sv) = read(0..ns)?;
+                let (wk, wv) = read(lo.max(ns)..n)?;
+                // Window rows start at max(lo, sinks): a query's packed end is ≥ its sinks.
+                Some((e.sinks, ends, sk, sv, lo.max(ns), wk, wv))
+            }
+            None => None,
+        };
+        // Records of the slots some query reads from them.
+        let (from, to) = match &rows {
+            Some((sinks, ends, ..)) => {
+                let to = ends
+                    .iter()
+                    .zip(vis)
+                    .map(|(&pe, &v)| pe.min(v))
+                    .max()
+                    .unwrap_or(0);
+                ((*sinks).min(n), to)
+            }
+            None => (0, vis.iter().copied().max().unwrap_or(0)),
+        };
+        let mut krec = vec![0u8; n * kr.row_bytes];
+        let mut vrec = vec![0u8; n * vr.row_bytes];
+        if from < to {
+            gather_records(arena, &kr, table, head, from..to, &mut krec)?;
+            gather_records(arena, &vr, table, head, from..to, &mut vrec)?;
+        }
+        let ex =
+            rows.as_ref().map(
+                |(sinks, ends, sk, sv, lo, wk, wv)| tqkv::attention::ExactRows {
+                    sinks: *sinks,
+                    packed_end: ends,
+                    sink_k: sk,
+                    sink_v: sv,
+                    win_start: *lo,
+                    win_k: wk,
+                    win_v: wv,
+                },
+            );
+        let cycle = (self.kq.len() / h).max(1);
+        tqkv::attention::attend_cycled(
+            &self.kq[head * cycle..(head + 1) * cycle],
+            &self.vq[head * cycle..(head + 1) * cycle],
+            qq,
+            &krec,
+            &vrec,
+            ex.as_ref(),
+            vis,
+            self.scale,
+            o,
+        )
+        .map_err(crate::Error::from)
+    }
+}
+
 impl candle_core::CustomOp2 for TqAttend {
     fn name(&self) -> &'static str {
         "tqkv-attend"
@@ -214,7 +327,11 @@ impl candle_core::CustomOp2 for TqAttend {
         let h = self.state.kv_heads;
         let isa = tqkv::simd::Isa::detect();
         let cycle = (self.kq.len() / h).max(1);
+        let reference = reference_attention();
         let out = grouped_attention(&self.state, &q, hq, t, |b, head, qq, vis, o| {
+            if reference {
+                return self.reference_head(arena, t, b, head, qq, vis, o);
+            }
             let table = &self.tables[b];
             let recs = |rows| HeadRecords {
                 arena,
