@@ -246,6 +246,17 @@ struct Side {
 }
 
 impl Side {
+    /// No records (exact attention only).
+    fn empty() -> Side {
+        Side {
+            parts: Vec::new(),
+            width: 0,
+            norm: NormFormat::F16,
+            tables: Vec::new(),
+            mult: Vec::new(),
+        }
+    }
+
     fn new(qs: &[VectorQuantizer]) -> Result<Side> {
         let layout = qs[0].layout();
         let mut parts = Vec::new();
@@ -616,7 +627,6 @@ pub fn attend_tiles(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    use rayon::prelude::*;
     let cycle = kqs.len();
     if cycle == 0 || vqs.len() != cycle {
         return Err(Error::Config(format!(
@@ -685,8 +695,75 @@ pub fn attend_tiles(
         qrows: Vec::new(),
     };
     call.qrows = query_rows(&call, q, scale);
-    // The split of the work: by the shape only (see the module docs).
-    let vmax = visible.iter().copied().max().unwrap_or(0);
+    execute(isa, &call, out)
+}
+
+/// Exact attention of `nq` queries over `n` f32 keys and values ([`crate::attention::attend_exact`]'s
+/// result and layouts: `q` `[nq, d]`, `k`, `v` `[n, d]`, `out` `[nq, d]`), computed as the
+/// exact rows of [`attend_tiles`] are: blocks of 64 rows, online softmax, SIMD, the same split
+/// over threads (bit-identical for any thread count). The baseline caches (q8, q4h, KIVI) use it.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_dense(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let nq = visible.len();
+    let n = k.len() / d.max(1);
+    check_len("queries", q.len(), nq * d)?;
+    check_len("keys", k.len(), n * d)?;
+    check_len("values", v.len(), n * d)?;
+    check_len("output", out.len(), nq * d)?;
+    if let Some(vis) = visible.iter().find(|&&x| x > n) {
+        return Err(Error::Config(format!(
+            "a query sees {vis} positions but the cache holds {n}"
+        )));
+    }
+    // Every position is a "sink": read exactly by every query that sees it.
+    let rows = ExactRows {
+        sinks: n,
+        packed_end: &[],
+        sink_k: k,
+        sink_v: v,
+        win_start: n,
+        win_k: &[],
+        win_v: &[],
+    };
+    let mut call = Call {
+        kqs: &[],
+        vqs: &[],
+        ks: Side::empty(),
+        vs: Side::empty(),
+        keys: HeadRecords::dense(&[], 1),
+        values: HeadRecords::dense(&[], 1),
+        exact: Some(&rows),
+        d,
+        cycle: 0,
+        splits: visible
+            .iter()
+            .map(|&vis| Split {
+                s: vis,
+                w: vis,
+                vis,
+            })
+            .collect(),
+        qrows: Vec::new(),
+    };
+    call.qrows = q.iter().map(|&x| x * scale).collect();
+    execute(isa, &call, out)
+}
+
+/// Runs a prepared call: the split of the work by the shape only (see the module docs), the
+/// partial states merged in position order, the outputs written.
+fn execute(isa: Isa, call: &Call, out: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
+    let nq = call.splits.len();
+    let vmax = call.splits.iter().map(|x| x.vis).max().unwrap_or(0);
     let qblocks: Vec<std::ops::Range<usize>> = (0..nq.div_ceil(QUERY_BLOCK))
         .map(|b| b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(nq))
         .collect();
@@ -704,8 +781,8 @@ pub fn attend_tiles(
         let (qs, pos) = (qblocks[b].clone(), chunks[c].clone());
         match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Isa::Avx2 is only offered where AVX2 and FMA were detected.
-            Isa::Avx2 => unsafe { run_avx2(&call, qs, pos) },
+            // SAFETY: Isa::Avx2 is only offered where AVX2, FMA and F16C were detected.
+            Isa::Avx2 => unsafe { run_avx2(call, qs, pos) },
             _ => call.run(ScalarUnpack, qs, pos),
         }
     };
@@ -725,7 +802,7 @@ pub fn attend_tiles(
                 astride,
             );
         }
-        finish(&call, &st, qs, out);
+        finish(call, &st, qs, out);
     }
     Ok(())
 }

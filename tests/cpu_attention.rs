@@ -534,3 +534,64 @@ fn scores_match_the_per_record_reference() {
         }
     }
 }
+
+#[test]
+fn dense_attention_matches_attend_exact() {
+    let seed = fresh_seed("dense_attention");
+    let mut rng = Rng::new(seed);
+    for (d, n, nq) in [
+        (64usize, 1usize, 1usize),
+        (64, 7, 3),
+        (36, 99, 5),
+        (128, 99, 40),
+        (64, 2 * CHUNK + 5, 3),
+    ] {
+        let q = gaussian_vec(&mut rng, &vec![1.0; nq * d]);
+        let k = kv_data(&mut rng, n, d);
+        let v = kv_data(&mut rng, n, d);
+        let vis: Vec<usize> = (0..nq)
+            .map(|i| match i {
+                0 => n,
+                1 => 0,
+                _ => rng.next_u64() as usize % (n + 1),
+            })
+            .collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut want = vec![0.0; nq * d];
+        tqkv::attention::attend_exact(&q, &k, &v, d, &vis, scale, &mut want).unwrap();
+        let peak = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        for isa in Isa::available() {
+            let mut out = vec![f32::NAN; nq * d];
+            tqkv::cpu_attention::attend_dense(isa, &q, &k, &v, d, &vis, scale, &mut out).unwrap();
+            for (a, b) in out.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 2e-5 * peak,
+                    "{} d {d} n {n} nq {nq}: {a} vs {b} (seed {seed})",
+                    isa.name()
+                );
+            }
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            let mut out3 = vec![f32::NAN; nq * d];
+            pool.install(|| {
+                tqkv::cpu_attention::attend_dense(isa, &q, &k, &v, d, &vis, scale, &mut out3)
+            })
+            .unwrap();
+            assert_eq!(out3, out, "3 threads vs the default pool");
+        }
+        let mut out = vec![0.0; nq * d];
+        let bad = tqkv::cpu_attention::attend_dense(
+            Isa::Scalar,
+            &q,
+            &k,
+            &v,
+            d,
+            &[n + 1],
+            scale,
+            &mut out[..d],
+        );
+        assert!(bad.is_err());
+    }
+}

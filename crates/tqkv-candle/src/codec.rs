@@ -1,7 +1,8 @@
 //! Per-token baseline caches: `q8` (llama.cpp's q8_0: blocks of 32 channels, one f16 scale,
 //! int8 values), `q4h` (llama.cpp's current default: a Hadamard rotation, then q4_0 blocks of
 //! 32 with one f16 scale and 4-bit values) and `q5h` (the same with q5_0's 5-bit values). CPU reference; attention dequantizes the history and
-//! runs exact attention ([`tqkv::attention::attend_exact`]).
+//! runs exact attention ([`tqkv::cpu_attention::attend_dense`], checked against
+//! [`tqkv::attention::attend_exact`]).
 //!
 //! Storage: per (sequence, KV head) one growing byte vector of fixed-size records (amortised
 //! doubling, never a copy of the history per step). A block shorter than 32 (head_dim not a
@@ -252,7 +253,19 @@ impl<C: Codec> KvCache for CodecCache<C> {
             let n = self.state.lens[bi];
             let kf = self.decode_all(&self.k[idx], n);
             let vf = self.decode_all(&self.v[idx], n);
-            Ok(tqkv::attention::attend_exact(
+            if crate::ops::reference_attention() {
+                return Ok(tqkv::attention::attend_exact(
+                    qs,
+                    &kf,
+                    &vf,
+                    d,
+                    vis,
+                    scale as f32,
+                    o,
+                )?);
+            }
+            Ok(tqkv::cpu_attention::attend_dense(
+                tqkv::simd::Isa::detect(),
                 qs,
                 &kf,
                 &vf,

@@ -66,8 +66,11 @@ fn gather_records(
     Ok(())
 }
 
-/// Whether `TQKV_CPU_ATTENTION=reference` asks for the reference CPU attention (read once).
-fn reference_attention() -> bool {
+/// Whether `TQKV_CPU_ATTENTION=reference` asks for the reference CPU attention (read once):
+/// the TurboQuant caches gather and unpack their records ([`tqkv::attention::attend_cycled`]),
+/// the codec and KIVI caches run [`tqkv::attention::attend_exact`] — the paths before issue 14,
+/// kept as the baseline of benchmarks in the same build.
+pub(crate) fn reference_attention() -> bool {
     static REF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *REF.get_or_init(|| std::env::var("TQKV_CPU_ATTENTION").is_ok_and(|v| v == "reference"))
 }
