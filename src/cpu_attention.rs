@@ -409,7 +409,7 @@ impl Call<'_> {
         let (d, wk, wv) = (self.d, self.ks.width, self.vs.width);
         let mut kbuf = vec![0.0f32; BLOCK * wk.max(d)];
         let mut vbuf = vec![0.0f32; BLOCK * wv.max(d)];
-        let mut sc = [0.0f32; BLOCK];
+        let mut sc = [[0.0f32; BLOCK]; GROUP];
         // Exact rows: sinks, then the window (disjoint: windows start after the sinks).
         if self.exact.is_some() {
             let smax = sp.iter().map(|x| x.s).max().unwrap_or(0);
@@ -457,28 +457,28 @@ impl Call<'_> {
             let b1 = (b0 + BLOCK).min(hi);
             self.unpack_block(u, &self.keys, &self.ks, b0..b1, &mut kbuf)?;
             self.unpack_block(u, &self.values, &self.vs, b0..b1, &mut vbuf)?;
+            let blk = Block {
+                kbuf: &kbuf,
+                vbuf: &vbuf,
+                wk,
+                wv,
+                b0,
+                cycle: self.cycle,
+                acc_off: 0,
+            };
+            let mut group = Group::default();
             for (j, x) in sp.iter().enumerate() {
                 let (r0, r1) = (b0.max(x.s), b1.min(x.w));
-                if r0 >= r1 {
-                    continue;
-                }
-                let i = qs.start + j;
-                let qr = &self.qrows[i * self.qstride()..];
-                let n = r1 - r0;
-                for (k, t) in (r0..r1).enumerate() {
-                    let m = t % self.cycle;
-                    let krow = &kbuf[(t - b0) * wk..(t - b0 + 1) * wk];
-                    sc[k] = simd::dot::<U>(&qr[m * wk..(m + 1) * wk], krow);
-                }
-                let astride = self.astride();
-                let acc = &mut st.acc[j * astride..(j + 1) * astride];
-                online::<U>(&mut st.m[j], &mut st.l[j], acc, &mut sc[..n]);
-                for (k, t) in (r0..r1).enumerate() {
-                    let m = t % self.cycle;
-                    let vrow = &vbuf[(t - b0) * wv..(t - b0 + 1) * wv];
-                    simd::axpy::<U>(sc[k], vrow, &mut acc[m * wv..(m + 1) * wv]);
+                if r0 < r1 {
+                    let at = (qs.start + j) * self.qstride();
+                    let rows = &self.qrows[at..at + self.cycle * wk];
+                    group.push(Member { j, r0, r1, rows });
+                    if group.len == GROUP {
+                        blk.attend::<U>(&mut group, &mut st, self.astride(), &mut sc);
+                    }
                 }
             }
+            blk.attend::<U>(&mut group, &mut st, self.astride(), &mut sc);
             b0 = b1;
         }
         Ok(st)
@@ -519,7 +519,7 @@ impl Call<'_> {
         block: std::ops::Range<usize>,
         kbuf: &mut [f32],
         vbuf: &mut [f32],
-        sc: &mut [f32; BLOCK],
+        sc: &mut [[f32; BLOCK]; GROUP],
     ) -> Result<()> {
         let d = self.d;
         let ex = self.exact.expect("exact rows");
@@ -530,8 +530,16 @@ impl Call<'_> {
                 &mut vbuf[r * d..(r + 1) * d],
             );
         }
-        let astride = self.astride();
-        let vw = self.cycle * self.vs.width;
+        let blk = Block {
+            kbuf: &*kbuf,
+            vbuf: &*vbuf,
+            wk: d,
+            wv: d,
+            b0: block.start,
+            cycle: 1,
+            acc_off: self.cycle * self.vs.width,
+        };
+        let mut group = Group::default();
         for (j, x) in self.splits[qs.clone()].iter().enumerate() {
             // Exact positions of this query inside the block: [0, s) ∪ [w, vis).
             let (r0, r1) = if block.start < x.s {
@@ -539,24 +547,175 @@ impl Call<'_> {
             } else {
                 (block.start.max(x.w), block.end.min(x.vis))
             };
-            if r0 >= r1 {
-                continue;
-            }
-            let i = qs.start + j;
-            let qx = &self.qrows[i * self.qstride() + self.cycle * self.ks.width..][..d];
-            let n = r1 - r0;
-            for (k, p) in (r0..r1).enumerate() {
-                let r = p - block.start;
-                sc[k] = simd::dot::<U>(qx, &kbuf[r * d..(r + 1) * d]);
-            }
-            let acc = &mut st.acc[j * astride..(j + 1) * astride];
-            online::<U>(&mut st.m[j], &mut st.l[j], acc, &mut sc[..n]);
-            for (k, p) in (r0..r1).enumerate() {
-                let r = p - block.start;
-                simd::axpy::<U>(sc[k], &vbuf[r * d..(r + 1) * d], &mut acc[vw..vw + d]);
+            if r0 < r1 {
+                let at = (qs.start + j) * self.qstride() + self.cycle * self.ks.width;
+                let rows = &self.qrows[at..at + d];
+                group.push(Member { j, r0, r1, rows });
+                if group.len == GROUP {
+                    blk.attend::<U>(&mut group, st, self.astride(), sc);
+                }
             }
         }
+        blk.attend::<U>(&mut group, st, self.astride(), sc);
         Ok(())
+    }
+}
+
+/// Queries scored together against a block's keys (each key row is loaded once for all).
+const GROUP: usize = 4;
+
+/// One query of a [`Group`]: its index in the state, the positions `r0..r1` of the block it
+/// reads, and its query rows (one of `wk` per class of the cycle).
+#[derive(Clone, Copy, Default)]
+struct Member<'a> {
+    j: usize,
+    r0: usize,
+    r1: usize,
+    rows: &'a [f32],
+}
+
+#[derive(Default)]
+struct Group<'a> {
+    m: [Member<'a>; GROUP],
+    len: usize,
+}
+
+impl<'a> Group<'a> {
+    fn push(&mut self, x: Member<'a>) {
+        self.m[self.len] = x;
+        self.len += 1;
+    }
+}
+
+/// A block of unpacked rows: key rows of `wk` and value rows of `wv` floats for positions
+/// `b0..`; position t belongs to class `t % cycle` (the quantizer that wrote it), whose value
+/// accumulator is at `acc_off + class · wv` of a query's accumulators.
+struct Block<'a> {
+    kbuf: &'a [f32],
+    vbuf: &'a [f32],
+    wk: usize,
+    wv: usize,
+    b0: usize,
+    cycle: usize,
+    acc_off: usize,
+}
+
+impl Block<'_> {
+    /// The first position ≥ `from` of class `m`.
+    #[inline(always)]
+    fn first(&self, from: usize, m: usize) -> usize {
+        from + (m + self.cycle - from % self.cycle) % self.cycle
+    }
+
+    /// Attends the group's queries over their positions of the block and empties the group:
+    /// scores of up to [`GROUP`] queries against two keys of one class at a time, then per query
+    /// the online softmax and, per class, the weighted value rows added to its accumulator
+    /// (64 columns at a time, kept in registers). Each accumulator sees its positions in
+    /// increasing order, as [`crate::attention::attend_cycled`] sums them.
+    #[inline(always)]
+    fn attend<U: Unpack>(
+        &self,
+        group: &mut Group,
+        st: &mut State,
+        astride: usize,
+        sc: &mut [[f32; BLOCK]; GROUP],
+    ) {
+        let members = &group.m[..group.len];
+        match members.len() {
+            0 => return,
+            1 => self.scores::<U, 1>(members, sc),
+            2 => self.scores::<U, 2>(members, sc),
+            3 => self.scores::<U, 3>(members, sc),
+            _ => self.scores::<U, 4>(members, sc),
+        }
+        let (b0, wv) = (self.b0, self.wv);
+        for (x, sc) in members.iter().zip(sc.iter_mut()) {
+            let acc = &mut st.acc[x.j * astride..(x.j + 1) * astride];
+            let w = &mut sc[x.r0 - b0..x.r1 - b0];
+            online::<U>(&mut st.m[x.j], &mut st.l[x.j], acc, w);
+            for m in 0..self.cycle {
+                let first = self.first(x.r0, m);
+                if first >= x.r1 {
+                    continue;
+                }
+                let a = &mut acc[self.acc_off + m * wv..self.acc_off + (m + 1) * wv];
+                accumulate::<U>(
+                    &sc[..],
+                    self.vbuf,
+                    wv,
+                    (first - b0..x.r1 - b0).step_by(self.cycle),
+                    a,
+                );
+            }
+        }
+        group.len = 0;
+    }
+
+    /// `sc[g][t − b0]` = ⟨query row of class t % cycle of member g, key row t⟩ for every t in
+    /// the union of the members' ranges (a position outside a member's own range gets a score
+    /// it never reads).
+    #[inline(always)]
+    fn scores<U: Unpack, const G: usize>(
+        &self,
+        members: &[Member],
+        sc: &mut [[f32; BLOCK]; GROUP],
+    ) {
+        let (b0, wk, cy) = (self.b0, self.wk, self.cycle);
+        let lo = members.iter().map(|x| x.r0).min().unwrap_or(b0);
+        let hi = members.iter().map(|x| x.r1).max().unwrap_or(b0);
+        let key = |t: usize| &self.kbuf[(t - b0) * wk..(t - b0 + 1) * wk];
+        for m in 0..cy {
+            let q: [&[f32]; G] = std::array::from_fn(|g| &members[g].rows[m * wk..(m + 1) * wk]);
+            let mut t = self.first(lo, m);
+            while t + cy < hi {
+                let s = U::dots::<G, 2>(q, [key(t), key(t + cy)]);
+                for g in 0..G {
+                    sc[g][t - b0] = s[g][0];
+                    sc[g][t + cy - b0] = s[g][1];
+                }
+                t += 2 * cy;
+            }
+            if t < hi {
+                let s = U::dots::<G, 1>(q, [key(t)]);
+                for g in 0..G {
+                    sc[g][t - b0] = s[g][0];
+                }
+            }
+        }
+    }
+}
+
+/// `acc += Σ_r p[r] · rows[r]` over the rows `rs` of `buf` (rows of `w`), in the order of
+/// `rs`, each element by one `mad` per row ([`simd::axpy`]'s arithmetic); 64 columns at a time
+/// stay in registers across the rows.
+#[inline(always)]
+fn accumulate<U: Unpack>(
+    p: &[f32],
+    buf: &[f32],
+    w: usize,
+    rs: std::iter::StepBy<std::ops::Range<usize>>,
+    acc: &mut [f32],
+) {
+    const C: usize = 64;
+    let mut c0 = 0;
+    while c0 + C <= w {
+        let mut a: [f32; C] = acc[c0..c0 + C].try_into().expect("64 columns");
+        for r in rs.clone() {
+            let pr = p[r];
+            let v: &[f32; C] = buf[r * w + c0..r * w + c0 + C]
+                .try_into()
+                .expect("64 columns");
+            for c in 0..C {
+                a[c] = simd::mad::<U>(pr, v[c], a[c]);
+            }
+        }
+        acc[c0..c0 + C].copy_from_slice(&a);
+        c0 += C;
+    }
+    if c0 < w {
+        for r in rs {
+            simd::axpy::<U>(p[r], &buf[r * w + c0..(r + 1) * w], &mut acc[c0..w]);
+        }
     }
 }
 

@@ -84,6 +84,20 @@ pub(crate) trait Unpack: Copy {
     fn q8_row(self, src: &[u8], out: &mut [f32]) {
         q8_row_scalar(src, out, 0);
     }
+
+    /// The dot products of G query rows with K key rows (rows at least as long as `k[0]`),
+    /// each summed as [`dot`] sums it (the same value), every key chunk loaded once for all
+    /// the queries.
+    fn dots<const G: usize, const K: usize>(q: [&[f32]; G], k: [&[f32]; K]) -> [[f32; K]; G] {
+        let w = k[0].len();
+        let mut out = [[0.0f32; K]; G];
+        for g in 0..G {
+            for kk in 0..K {
+                out[g][kk] = dot::<ScalarUnpack>(&q[g][..w], &k[kk][..w]);
+            }
+        }
+        out
+    }
 }
 
 /// [`Unpack::f16_row`] of `out[from..]`.
@@ -205,6 +219,57 @@ impl Unpack for Avx2Unpack {
             q8_row_scalar(src, out, full * 8);
         }
     }
+
+    #[inline(always)]
+    fn dots<const G: usize, const K: usize>(q: [&[f32]; G], k: [&[f32]; K]) -> [[f32; K]; G] {
+        // SAFETY: Avx2Unpack exists only where AVX2 and FMA were detected.
+        unsafe { dots_avx2::<G, K>(q, k) }
+    }
+}
+
+/// [`Unpack::dots`] with 8-lane FMAs, G·K accumulators in registers, and [`dot`]'s order of
+/// the final sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dots_avx2<const G: usize, const K: usize>(
+    q: [&[f32]; G],
+    k: [&[f32]; K],
+) -> [[f32; K]; G] {
+    use std::arch::x86_64::*;
+    let w = k[0].len();
+    let q: [&[f32]; G] = q.map(|x| &x[..w]);
+    let k: [&[f32]; K] = k.map(|x| &x[..w]);
+    let full = w / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); K]; G];
+    let mut c = 0;
+    while c < full {
+        // SAFETY: c + 8 ≤ full ≤ w, the length of every row.
+        let kv: [__m256; K] = std::array::from_fn(|kk| _mm256_loadu_ps(k[kk].as_ptr().add(c)));
+        for g in 0..G {
+            let qv = _mm256_loadu_ps(q[g].as_ptr().add(c));
+            for kk in 0..K {
+                acc[g][kk] = _mm256_fmadd_ps(qv, kv[kk], acc[g][kk]);
+            }
+        }
+        c += 8;
+    }
+    let mut out = [[0.0f32; K]; G];
+    for g in 0..G {
+        for kk in 0..K {
+            let mut s = 0.0f32;
+            for c in full..w {
+                s = q[g][c].mul_add(k[kk][c], s);
+            }
+            // ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)), as `dot` sums.
+            let a = acc[g][kk];
+            let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let p = _mm_add_ps(v, _mm_shuffle_ps::<0b10_11_00_01>(v, v));
+            let r = _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
+            out[g][kk] = r + s;
+        }
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
