@@ -40,6 +40,11 @@ pub struct ScoreArgs {
     /// Tokens per forward call (chunked prefill).
     #[arg(long, default_value_t = 128)]
     chunk: usize,
+    /// Cache configurations measured at once, each on its own copy of the caches (the weights
+    /// shared); the results do not depend on it. Default: up to 4 (at most the cores) on the
+    /// CPU, 1 on a GPU.
+    #[arg(long)]
+    jobs: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -180,15 +185,89 @@ fn reference<'t>(
     Ok(Reference { m, wins, refs, bar })
 }
 
-/// Scores the model's current caches over the windows against the reference logits.
-fn score_all(r: &mut Reference<'_>, chunk: usize) -> Result<LogitStats> {
-    let mut st = LogitStats::default();
-    for (w, rl) in r.wins.iter().zip(&r.refs) {
-        let got = scored_logits(&mut r.m.model, w, chunk)?;
-        score_window(&mut st, rl, &got, w)?;
-        r.bar.inc(1);
+/// What one cache configuration's pass measured: the scores, and the sizes of its caches at
+/// the end (see [`sizes`]).
+struct Pass {
+    stats: LogitStats,
+    sizes: (usize, usize, usize, usize, f64, f64),
+}
+
+/// `--jobs` as given, else: on the CPU up to 4 (at most the cores), since one pass leaves cores
+/// idle between its parallel parts (element-wise ops, cache appends); on a GPU 1.
+fn jobs_for(jobs: Option<usize>, model: &tqkv_llama::Llama) -> usize {
+    jobs.unwrap_or_else(|| {
+        if model.device().is_cpu() {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        } else {
+            1
+        }
+    })
+}
+
+/// Runs each `(label, config)` over the windows against the reference logits, up to `jobs` at
+/// once on threads of their own (each on a [`tqkv_llama::Llama::share`] of the model: the
+/// weights shared, the caches its own). Results come in the order given and do not depend on
+/// `jobs` (every pass computes the same thing whatever runs beside it); the first error in
+/// that order is returned.
+fn score_configs(
+    r: &Reference<'_>,
+    configs: &[(String, tqkv_candle::CacheConfig)],
+    jobs: usize,
+    chunk: usize,
+) -> Result<Vec<Pass>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let n = configs.len();
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<Result<Pass>>>> = Mutex::new((0..n).map(|_| None).collect());
+    let mut models = Vec::new();
+    for (label, cfg) in configs.iter().take(jobs.clamp(1, n.max(1))) {
+        models.push(
+            r.m.model
+                .share(cfg)
+                .with_context(|| format!("--kv {label}"))?,
+        );
     }
-    Ok(st)
+    let (wins, refs, bar, next, slots) = (&r.wins, &r.refs, &r.bar, &next, &done);
+    std::thread::scope(|scope| {
+        for mut model in models {
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((label, cfg)) = configs.get(i) else {
+                    break;
+                };
+                bar.set_message(label.clone());
+                let mut pass = || -> Result<Pass> {
+                    model
+                        .set_cache_config(cfg)
+                        .with_context(|| format!("--kv {label}"))?;
+                    let mut stats = LogitStats::default();
+                    for (w, rl) in wins.iter().zip(refs) {
+                        let got = scored_logits(&mut model, w, chunk)?;
+                        score_window(&mut stats, rl, &got, w)?;
+                        bar.inc(1);
+                    }
+                    Ok(Pass {
+                        stats,
+                        sizes: sizes(&model),
+                    })
+                };
+                let res = pass().with_context(|| format!("--kv {label}"));
+                let failed = res.is_err();
+                slots.lock().expect("no pass panics")[i] = Some(res);
+                if failed {
+                    // Nothing new starts after an error.
+                    next.store(n, Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    let done = done.into_inner().expect("no pass panics");
+    done.into_iter()
+        .zip(configs)
+        .map(|(x, (label, _))| x.unwrap_or_else(|| bail!("--kv {label}: not run")))
+        .collect()
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -199,15 +278,19 @@ pub fn run(args: Args) -> Result<()> {
     // the same model with fresh caches.
     let t0 = Instant::now();
     let mut ids = Vec::new();
-    let mut r = reference(&args.model, s, &mut ids, |_| kinds.len())?;
+    let r = reference(&args.model, s, &mut ids, |_| kinds.len())?;
+    let configs = kinds
+        .iter()
+        .map(|k| Ok((k.clone(), config(k)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let jobs = jobs_for(s.jobs, &r.m.model);
     let mut rows = Vec::new();
-    for kind in &kinds {
-        r.bar.set_message(kind.clone());
-        r.m.model
-            .set_cache_config(&config(kind)?)
-            .with_context(|| format!("--kv {kind}"))?;
-        let st = score_all(&mut r, s.chunk)?;
-        let (kv_bytes, table_bytes, f16_bytes, context, bits, per_token) = sizes(&r.m.model);
+    for (kind, pass) in kinds
+        .iter()
+        .zip(score_configs(&r, &configs, jobs, s.chunk)?)
+    {
+        let (st, sizes) = (pass.stats, pass.sizes);
+        let (kv_bytes, table_bytes, f16_bytes, context, bits, per_token) = sizes;
         rows.push(Row {
             kind: kind.clone(),
             tokens: st.tokens,
@@ -500,18 +583,22 @@ pub fn run_layers(args: LayersArgs) -> Result<()> {
     }
     kinds_of(&args.model, &[&s.reference])?;
     let mut ids = Vec::new();
-    let mut r = reference(&args.model, s, &mut ids, |m| m.config().num_layers)?;
+    let r = reference(&args.model, s, &mut ids, |m| m.config().num_layers)?;
     let n_layers = r.m.model.config().num_layers;
-    let mut per_layer = Vec::with_capacity(n_layers);
-    for layer in 0..n_layers {
-        r.bar.set_message(format!("layer {layer}"));
-        let spec = format!("{}@{layer}={kind}", s.reference);
-        r.m.model
-            .set_cache_config(&chat::cache_config(&with_kind(&args.model, &spec))?)
-            .with_context(|| format!("--kv {spec}"))?;
-        let st = score_all(&mut r, s.chunk)?;
-        per_layer.push((layer, st.mean_kld(), st.top1()));
-    }
+    let configs = (0..n_layers)
+        .map(|layer| {
+            let spec = format!("{}@{layer}={kind}", s.reference);
+            let cfg = chat::cache_config(&with_kind(&args.model, &spec))
+                .with_context(|| format!("--kv {spec}"))?;
+            Ok((format!("layer {layer}"), cfg))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let jobs = jobs_for(s.jobs, &r.m.model);
+    let per_layer: Vec<(usize, f64, f64)> = score_configs(&r, &configs, jobs, s.chunk)?
+        .into_iter()
+        .enumerate()
+        .map(|(layer, p)| (layer, p.stats.mean_kld(), p.stats.top1()))
+        .collect();
     r.bar.finish_and_clear();
     let total: f64 = per_layer.iter().map(|p| p.1).sum();
     let mut ranked = per_layer.clone();

@@ -38,27 +38,23 @@ pub fn log_softmax(logits: &[f32]) -> Result<Vec<f64>> {
     Ok(logits.iter().map(|&x| x as f64 - lse).collect())
 }
 
-/// Accumulated measures over scored positions.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LogitStats {
-    /// Scored positions.
-    pub tokens: usize,
-    /// Σ KL(P_ref ‖ P_test) in nats.
-    pub kld_sum: f64,
-    /// Largest KL of one position.
-    pub kld_max: f64,
-    /// Σ −log P_ref(next token).
+/// The measures of one scored position.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Position {
+    /// KL(P_ref ‖ P_test) in nats.
+    pub kld: f64,
+    /// −log P_ref(next token).
     pub nll_ref: f64,
-    /// Σ −log P_test(next token).
+    /// −log P_test(next token).
     pub nll: f64,
-    /// Positions where both distributions have the same most likely token.
-    pub top1_same: usize,
+    /// Whether both distributions have the same most likely token.
+    pub top1_same: bool,
 }
 
-impl LogitStats {
-    /// Scores one position: the reference's and the tested model's logits, and the token that
-    /// actually follows.
-    pub fn add(&mut self, reference: &[f32], test: &[f32], next: u32) -> Result<()> {
+impl Position {
+    /// Measures one position: the reference's and the tested model's logits, and the token
+    /// that actually follows.
+    pub fn measure(reference: &[f32], test: &[f32], next: u32) -> Result<Position> {
         if reference.len() != test.len() {
             return Err(Error::Input(format!(
                 "logit rows of {} and {} entries",
@@ -80,13 +76,48 @@ impl LogitStats {
             .map(|(&a, &b)| a.exp() * (a - b))
             .sum::<f64>()
             .max(0.0);
-        self.tokens += 1;
-        self.kld_sum += kld;
-        self.kld_max = self.kld_max.max(kld);
-        self.nll_ref -= lp[n];
-        self.nll -= lq[n];
-        self.top1_same += usize::from(argmax(&lp) == argmax(&lq));
+        Ok(Position {
+            kld,
+            nll_ref: -lp[n],
+            nll: -lq[n],
+            top1_same: argmax(&lp) == argmax(&lq),
+        })
+    }
+}
+
+/// Accumulated measures over scored positions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogitStats {
+    /// Scored positions.
+    pub tokens: usize,
+    /// Σ KL(P_ref ‖ P_test) in nats.
+    pub kld_sum: f64,
+    /// Largest KL of one position.
+    pub kld_max: f64,
+    /// Σ −log P_ref(next token).
+    pub nll_ref: f64,
+    /// Σ −log P_test(next token).
+    pub nll: f64,
+    /// Positions where both distributions have the same most likely token.
+    pub top1_same: usize,
+}
+
+impl LogitStats {
+    /// Scores one position: the reference's and the tested model's logits, and the token that
+    /// actually follows.
+    pub fn add(&mut self, reference: &[f32], test: &[f32], next: u32) -> Result<()> {
+        self.push(&Position::measure(reference, test, next)?);
         Ok(())
+    }
+
+    /// Adds a measured position.
+    pub fn push(&mut self, p: &Position) {
+        self.tokens += 1;
+        self.kld_sum += p.kld;
+        self.kld_max = self.kld_max.max(p.kld);
+        self.nll_ref += p.nll_ref;
+        self.nll += p.nll;
+        self.top1_same += usize::from(p.top1_same);
     }
 
     /// Mean KL divergence per scored token (nats).
@@ -151,8 +182,10 @@ pub fn scored_logits(model: &mut Llama, window: &[u32], chunk: usize) -> Result<
     let mut rows = Vec::new();
     let mut at = 0;
     for piece in window[..window.len() - 1].chunks(chunk) {
-        let logits = model.forward(piece, true)?;
         let lo = first.max(at) - at;
+        // A chunk with no scored position needs no logits beyond the last (the LM head is a
+        // fifth of the model's work per token).
+        let logits = model.forward(piece, lo < piece.len())?;
         if lo < piece.len() {
             rows.push(logits.narrow(0, lo, piece.len() - lo)?);
         }
@@ -169,19 +202,30 @@ pub fn score_window(
     test: &Tensor,
     window: &[u32],
 ) -> Result<()> {
-    let (r, t) = (reference.to_vec2::<f32>()?, test.to_vec2::<f32>()?);
+    use rayon::prelude::*;
+    let (r, t) = (reference.dims2()?, test.dims2()?);
     let first = window.len() / 2;
-    if r.len() != t.len() || first + r.len() + 1 != window.len() {
+    if r != t || first + r.0 + 1 != window.len() {
         return Err(Error::Input(format!(
             "{} reference and {} tested rows for a window of {}",
-            r.len(),
-            t.len(),
+            r.0,
+            t.0,
             window.len()
         )));
     }
-    for (i, (a, b)) in r.iter().zip(&t).enumerate() {
-        stats.add(a, b, window[first + i + 1])?;
-    }
+    let vocab = r.1.max(1);
+    let (r, t) = (
+        reference.flatten_all()?.to_vec1::<f32>()?,
+        test.flatten_all()?.to_vec1::<f32>()?,
+    );
+    // Rows measured in parallel, added in order (the same sums for any thread count).
+    let rows: Vec<Position> = r
+        .par_chunks(vocab)
+        .zip(t.par_chunks(vocab))
+        .enumerate()
+        .map(|(i, (a, b))| Position::measure(a, b, window[first + i + 1]))
+        .collect::<Result<_>>()?;
+    rows.iter().for_each(|p| stats.push(p));
     Ok(())
 }
 

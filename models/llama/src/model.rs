@@ -132,6 +132,7 @@ impl Source<'_> {
     }
 }
 
+#[derive(Clone)]
 struct Block {
     attn_norm: RmsNorm,
     q: Linear,
@@ -555,6 +556,25 @@ impl Llama {
             })
             .collect::<tqkv_candle::Result<Vec<_>>>()?;
         Ok(Sequence { layers, pos: 0 })
+    }
+
+    /// Another model over the same weights (the tensors are shared, not copied) with fresh
+    /// caches of `cache`: to run several sequences on several threads at once.
+    pub fn share(&self, cache: &CacheConfig) -> Result<Llama> {
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone(),
+            blocks: self.blocks.clone(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            inv_freq: self.inv_freq.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            interleaved_rope: self.interleaved_rope,
+            device: self.device.clone(),
+            dtype: self.dtype,
+            seq: self.new_sequence(cache)?,
+        })
     }
 
     /// Replaces every layer's cache by a fresh one of `cache` (the position goes back to 0). All
