@@ -34,13 +34,7 @@ pub fn attend_exact(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let nq = visible.len();
-    let n = k.len() / d.max(1);
-    check_len("queries", q.len(), nq * d)?;
-    check_len("keys", k.len(), n * d)?;
-    check_len("values", v.len(), n * d)?;
-    check_len("output", out.len(), nq * d)?;
-    check_visible(visible, n)?;
+    let (_, n) = check_dense(q, k, v, d, visible, out)?;
     let mut p = vec![0.0f32; n];
     for (i, &vis) in visible.iter().enumerate() {
         let qi = &q[i * d..(i + 1) * d];
@@ -57,6 +51,25 @@ pub fn attend_exact(
         }
     }
     Ok(())
+}
+
+/// Checks the layouts of exact attention ([`attend_exact`]'s): returns (queries, positions).
+pub(crate) fn check_dense(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    visible: &[usize],
+    out: &[f32],
+) -> Result<(usize, usize)> {
+    let nq = visible.len();
+    let n = k.len() / d.max(1);
+    check_len("queries", q.len(), nq * d)?;
+    check_len("keys", k.len(), n * d)?;
+    check_len("values", v.len(), n * d)?;
+    check_len("output", out.len(), nq * d)?;
+    check_visible(visible, n)?;
+    Ok((nq, n))
 }
 
 fn check_visible(visible: &[usize], n: usize) -> Result<()> {

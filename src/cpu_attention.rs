@@ -872,17 +872,7 @@ pub fn attend_dense(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let nq = visible.len();
-    let n = k.len() / d.max(1);
-    check_len("queries", q.len(), nq * d)?;
-    check_len("keys", k.len(), n * d)?;
-    check_len("values", v.len(), n * d)?;
-    check_len("output", out.len(), nq * d)?;
-    if let Some(vis) = visible.iter().find(|&&x| x > n) {
-        return Err(Error::Config(format!(
-            "a query sees {vis} positions but the cache holds {n}"
-        )));
-    }
+    let (_, n) = crate::attention::check_dense(q, k, v, d, visible, out)?;
     // Every position is a "sink": read exactly by every query that sees it.
     let rows = ExactRows {
         sinks: n,
