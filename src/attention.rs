@@ -34,7 +34,7 @@ pub fn attend_exact(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let (_, n) = check_dense(q, k, v, d, visible, out)?;
+    let n = check_dense(q, k, v, d, visible, out)?;
     let mut p = vec![0.0f32; n];
     for (i, &vis) in visible.iter().enumerate() {
         let qi = &q[i * d..(i + 1) * d];
@@ -53,7 +53,7 @@ pub fn attend_exact(
     Ok(())
 }
 
-/// Checks the layouts of exact attention ([`attend_exact`]'s): returns (queries, positions).
+/// Checks the layouts of exact attention ([`attend_exact`]'s): returns the positions n.
 pub(crate) fn check_dense(
     q: &[f32],
     k: &[f32],
@@ -61,7 +61,7 @@ pub(crate) fn check_dense(
     d: usize,
     visible: &[usize],
     out: &[f32],
-) -> Result<(usize, usize)> {
+) -> Result<usize> {
     let nq = visible.len();
     let n = k.len() / d.max(1);
     check_len("queries", q.len(), nq * d)?;
@@ -69,7 +69,7 @@ pub(crate) fn check_dense(
     check_len("values", v.len(), n * d)?;
     check_len("output", out.len(), nq * d)?;
     check_visible(visible, n)?;
-    Ok((nq, n))
+    Ok(n)
 }
 
 fn check_visible(visible: &[usize], n: usize) -> Result<()> {

@@ -466,19 +466,13 @@ impl Call<'_> {
                 cycle: self.cycle,
                 acc_off: 0,
             };
-            let mut group = Group::default();
-            for (j, x) in sp.iter().enumerate() {
+            let members = sp.iter().enumerate().filter_map(|(j, x)| {
                 let (r0, r1) = (b0.max(x.s), b1.min(x.w));
-                if r0 < r1 {
-                    let at = (qs.start + j) * self.qstride();
-                    let rows = &self.qrows[at..at + self.cycle * wk];
-                    group.push(Member { j, r0, r1, rows });
-                    if group.len == GROUP {
-                        blk.attend::<U>(&mut group, &mut st, self.astride(), &mut sc);
-                    }
-                }
-            }
-            blk.attend::<U>(&mut group, &mut st, self.astride(), &mut sc);
+                let at = (qs.start + j) * self.qstride();
+                let rows = &self.qrows[at..at + self.cycle * wk];
+                (r0 < r1).then_some(Member { j, r0, r1, rows })
+            });
+            blk.attend_all::<U>(members, &mut st, self.astride(), &mut sc);
             b0 = b1;
         }
         Ok(st)
@@ -539,24 +533,21 @@ impl Call<'_> {
             cycle: 1,
             acc_off: self.cycle * self.vs.width,
         };
-        let mut group = Group::default();
-        for (j, x) in self.splits[qs.clone()].iter().enumerate() {
-            // Exact positions of this query inside the block: [0, s) ∪ [w, vis).
-            let (r0, r1) = if block.start < x.s {
-                (block.start, block.end.min(x.s))
-            } else {
-                (block.start.max(x.w), block.end.min(x.vis))
-            };
-            if r0 < r1 {
+        let members = self.splits[qs.clone()]
+            .iter()
+            .enumerate()
+            .filter_map(|(j, x)| {
+                // Exact positions of this query inside the block: [0, s) ∪ [w, vis).
+                let (r0, r1) = if block.start < x.s {
+                    (block.start, block.end.min(x.s))
+                } else {
+                    (block.start.max(x.w), block.end.min(x.vis))
+                };
                 let at = (qs.start + j) * self.qstride() + self.cycle * self.ks.width;
                 let rows = &self.qrows[at..at + d];
-                group.push(Member { j, r0, r1, rows });
-                if group.len == GROUP {
-                    blk.attend::<U>(&mut group, st, self.astride(), sc);
-                }
-            }
-        }
-        blk.attend::<U>(&mut group, st, self.astride(), sc);
+                (r0 < r1).then_some(Member { j, r0, r1, rows })
+            });
+        blk.attend_all::<U>(members, st, self.astride(), sc);
         Ok(())
     }
 }
@@ -605,6 +596,25 @@ impl Block<'_> {
     #[inline(always)]
     fn first(&self, from: usize, m: usize) -> usize {
         from + (m + self.cycle - from % self.cycle) % self.cycle
+    }
+
+    /// Attends `members` over their positions of the block, [`GROUP`] at a time.
+    #[inline(always)]
+    fn attend_all<'q, U: Unpack>(
+        &self,
+        members: impl Iterator<Item = Member<'q>>,
+        st: &mut State,
+        astride: usize,
+        sc: &mut [[f32; BLOCK]; GROUP],
+    ) {
+        let mut group = Group::default();
+        for x in members {
+            group.push(x);
+            if group.len == GROUP {
+                self.attend::<U>(&mut group, st, astride, sc);
+            }
+        }
+        self.attend::<U>(&mut group, st, astride, sc);
     }
 
     /// Attends the group's queries over their positions of the block and empties the group:
@@ -872,7 +882,7 @@ pub fn attend_dense(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let (_, n) = crate::attention::check_dense(q, k, v, d, visible, out)?;
+    let n = crate::attention::check_dense(q, k, v, d, visible, out)?;
     // Every position is a "sink": read exactly by every query that sees it.
     let rows = ExactRows {
         sinks: n,

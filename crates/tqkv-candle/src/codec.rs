@@ -253,19 +253,7 @@ impl<C: Codec> KvCache for CodecCache<C> {
             let n = self.state.lens[bi];
             let kf = self.decode_all(&self.k[idx], n);
             let vf = self.decode_all(&self.v[idx], n);
-            if crate::ops::reference_attention() {
-                return Ok(tqkv::attention::attend_exact(
-                    qs,
-                    &kf,
-                    &vf,
-                    d,
-                    vis,
-                    scale as f32,
-                    o,
-                )?);
-            }
-            Ok(tqkv::cpu_attention::attend_dense(
-                tqkv::simd::Isa::detect(),
+            Ok(crate::ops::exact_attention(
                 qs,
                 &kf,
                 &vf,

@@ -263,19 +263,7 @@ impl KvCache for KiviCache {
         let d = self.state.head_dim;
         let out = grouped_attention(&self.state, &qx, hq, t, |bi, h, qs, vis, o| {
             let head = &self.heads[bi * self.state.kv_heads + h];
-            if crate::ops::reference_attention() {
-                return Ok(tqkv::attention::attend_exact(
-                    qs,
-                    &self.keys(head),
-                    &self.values(head),
-                    d,
-                    vis,
-                    scale as f32,
-                    o,
-                )?);
-            }
-            Ok(tqkv::cpu_attention::attend_dense(
-                tqkv::simd::Isa::detect(),
+            Ok(crate::ops::exact_attention(
                 qs,
                 &self.keys(head),
                 &self.values(head),

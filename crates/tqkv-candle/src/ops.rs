@@ -66,11 +66,32 @@ fn gather_records(
     Ok(())
 }
 
+/// Exact attention of one KV head's queries over f32 keys and values (the codec and KIVI
+/// caches; [`tqkv::attention::attend_exact`]'s layouts): the CPU kernel
+/// ([`tqkv::cpu_attention::attend_dense`]), or `attend_exact` itself when
+/// [`reference_attention`] asks for it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn exact_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    visible: &[usize],
+    scale: f32,
+    out: &mut [f32],
+) -> tqkv::Result<()> {
+    if reference_attention() {
+        return tqkv::attention::attend_exact(q, k, v, d, visible, scale, out);
+    }
+    let isa = tqkv::simd::Isa::detect();
+    tqkv::cpu_attention::attend_dense(isa, q, k, v, d, visible, scale, out)
+}
+
 /// Whether `TQKV_CPU_ATTENTION=reference` asks for the reference CPU attention (read once):
 /// the TurboQuant caches gather and unpack their records ([`tqkv::attention::attend_cycled`]),
 /// the codec and KIVI caches run [`tqkv::attention::attend_exact`] — the paths before issue 14,
 /// kept as the baseline of benchmarks in the same build.
-pub(crate) fn reference_attention() -> bool {
+fn reference_attention() -> bool {
     static REF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *REF.get_or_init(|| std::env::var("TQKV_CPU_ATTENTION").is_ok_and(|v| v == "reference"))
 }

@@ -289,8 +289,10 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .zip(score_configs(&r, &configs, jobs, s.chunk)?)
     {
-        let (st, sizes) = (pass.stats, pass.sizes);
-        let (kv_bytes, table_bytes, f16_bytes, context, bits, per_token) = sizes;
+        let Pass {
+            stats: st,
+            sizes: (kv_bytes, table_bytes, f16_bytes, context, bits, per_token),
+        } = pass;
         rows.push(Row {
             kind: kind.clone(),
             tokens: st.tokens,
