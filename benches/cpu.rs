@@ -104,6 +104,14 @@ fn bench(c: &mut Criterion) {
                 q.quantize(black_box(x), &mut rec).unwrap();
             }
         });
+        // The batch API the cache's append uses (the same records; a dense rotation as a
+        // blocked product of four vectors at a time).
+        let mut batch = vec![0u8; N * rb];
+        q.quantize_batch(&xs, &mut batch).unwrap();
+        assert_eq!(batch, recs, "{name}: quantize_batch wrote other records");
+        run(c, "quantize-batch", &name, || {
+            q.quantize_batch(black_box(&xs), &mut batch).unwrap();
+        });
         let mut out = vec![0.0f32; d];
         run(c, "dequantize", &name, || {
             for r in recs.chunks_exact(rb) {

@@ -68,15 +68,23 @@ __global__ void tq_quantize_append_kernel(const T* __restrict__ x, uint8_t* __re
         for (int k = 0; k < nb; ++k) idx += (y > g.boundaries[k]) ? 1 : 0;
         codes[i] = idx;
       }
-      // The stored norm: n, or the projected norm n² / ⟨rot, c⟩ (positive unless x = 0).
-      // (spec.projected_norm is uniform over the block: every thread reaches the block sum.)
-      float proj = 0.f;
-      if (spec.projected_norm) {
-        for (int i = threadIdx.x; i < g.dim; i += blockDim.x) proj = fmaf(rot[i], g.centroids[codes[i]], proj);
+      // The stored norm: n, the projected norm n² / ⟨rot, c⟩ or the least-squares norm
+      // ⟨rot, c⟩ / ⟨c, c⟩ (both sums positive unless x = 0). (spec.norm_rule is uniform over
+      // the block: every thread reaches the block sums.)
+      float proj = 0.f, cc = 0.f;
+      if (spec.norm_rule != TQ_NORM_EXACT) {
+        for (int i = threadIdx.x; i < g.dim; i += blockDim.x) {
+          const float c = g.centroids[codes[i]];
+          proj = fmaf(rot[i], c, proj);
+          cc = fmaf(c, c, cc);
+        }
         proj = tq_block_sum(proj);
+        if (spec.norm_rule == TQ_NORM_LEAST_SQUARES) cc = tq_block_sum(cc);
       }
       if (threadIdx.x == 0) {
-        const float nstore = (spec.projected_norm && proj > 0.f) ? n * n / proj : n;
+        float nstore = n;
+        if (spec.norm_rule == TQ_NORM_PROJECTED && proj > 0.f) nstore = n * n / proj;
+        if (spec.norm_rule == TQ_NORM_LEAST_SQUARES && proj > 0.f && cc > 0.f) nstore = proj / cc;
         stored_norm = tq_write_norm(rec, g.norm_off, spec.norm_format, nstore, status);
       }
       __syncthreads();

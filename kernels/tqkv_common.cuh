@@ -77,7 +77,7 @@ struct TqSpec {
   int num_groups;   // 1 or 2
   int record_bytes;
   int norm_format;  // 0: float, 1: IEEE half, 2: log8 (src/lognorm.rs)
-  int projected_norm;  // 1: store n = ‖x‖² / ⟨rot, ‖x‖·c⟩ (NormRule::Projected), 0: n = ‖x‖
+  int norm_rule;  // TQ_NORM_*: the MSE norm stored (NormRule)
   TqGroup groups[2];
 };
 static_assert(sizeof(TqSpec) == 200 && offsetof(TqSpec, groups) == 24, "TqSpec layout differs from src/cuda.rs");
@@ -86,6 +86,10 @@ static_assert(sizeof(TqSpec) == 200 && offsetof(TqSpec, groups) == 24, "TqSpec l
 // of slot s was written with v[s % n]. The variants share everything (layout, codebooks, channel
 // orders) but their rotations (rot, rot_t) and sketches. n = 1 is plain TurboQuant.
 #define TQ_MAX_CYCLE 4
+// TqSpec::norm_rule (NormRule; tqkv::cuda::norm_rule_code).
+#define TQ_NORM_EXACT 0
+#define TQ_NORM_PROJECTED 1
+#define TQ_NORM_LEAST_SQUARES 2
 struct TqSpecs {
   int n;
   TqSpec v[TQ_MAX_CYCLE];

@@ -68,8 +68,8 @@ pub struct TqSpec {
     pub record_bytes: c_int,
     /// Norm storage: 0 f32, 1 f16, 2 log8 ([`crate::lognorm`]).
     pub norm_format: c_int,
-    /// 1: the MSE norm is [`crate::NormRule::Projected`], 0: exact.
-    pub projected_norm: c_int,
+    /// The MSE norm ([`crate::NormRule`]): 0 exact, 1 projected, 2 least squares.
+    pub norm_rule: c_int,
     /// The groups (the second unused for uniform bits).
     pub groups: [TqGroup; 2],
 }
@@ -381,7 +381,7 @@ impl DeviceTables {
             t.head_dim == first.head_dim
                 && t.record_bytes == first.record_bytes
                 && t.norm == first.norm
-                && t.projected_norm == first.projected_norm
+                && t.norm_rule == first.norm_rule
                 && t.channels == first.channels
                 && t.groups.len() == first.groups.len()
                 && t.groups.iter().zip(&first.groups).all(|(a, b)| {
@@ -498,7 +498,7 @@ impl DeviceTables {
                 crate::NormFormat::F16 => 1,
                 crate::NormFormat::Log8 => 2,
             },
-            projected_norm: t.projected_norm as c_int,
+            norm_rule: crate::device_tables::norm_rule_code(t.norm_rule),
             groups,
         })
     }

@@ -45,8 +45,8 @@ pub struct LayerTables {
     pub record_bytes: usize,
     /// How norms are stored.
     pub norm: NormFormat,
-    /// The MSE norm is [`NormRule::Projected`] (else exact).
-    pub projected_norm: bool,
+    /// Which norm the MSE stage stores.
+    pub norm_rule: NormRule,
     /// The groups (1 or 2).
     pub groups: Vec<GroupTables>,
     /// `[heads, head_dim]`: for each head, group 0's channels then group 1's.
@@ -130,7 +130,7 @@ impl LayerTables {
             head_dim: first.dim(),
             record_bytes: first.record_bytes(),
             norm: first.spec().norm,
-            projected_norm: first.spec().norm_rule == NormRule::Projected,
+            norm_rule: first.spec().norm_rule,
             groups,
             channels,
         })
@@ -168,11 +168,15 @@ impl LayerTables {
                     .iter()
                     .map(|&v| g.boundaries.iter().filter(|&&b| v * inv > b).count() as u8)
                     .collect();
-                // Codes come from the exact norm; the stored one may be the projected norm.
-                let stored = if self.projected_norm {
-                    crate::quantizer::projected_norm(n, &rot, &codes, &g.centroids)
-                } else {
-                    n
+                // Codes come from the exact norm; the stored one follows the norm rule.
+                let stored = match self.norm_rule {
+                    NormRule::Exact => n,
+                    NormRule::Projected => {
+                        crate::quantizer::projected_norm(n, &rot, &codes, &g.centroids)
+                    }
+                    NormRule::LeastSquares => {
+                        crate::quantizer::least_squares_norm(n, &rot, &codes, &g.centroids)
+                    }
                 };
                 let ns = self.put_norm(rec, g.offsets[0], stored);
                 let len = crate::packing::packed_len(g.dim, g.mse_bits);
@@ -217,5 +221,15 @@ impl LayerTables {
     /// that in its status word).
     fn put_norm(&self, rec: &mut [u8], off: usize, v: f32) -> f32 {
         self.norm.write(rec, off, v).0
+    }
+}
+
+/// The kernels' code of a norm rule (`TqSpec::norm_rule`, `TQ_NORM_*` in
+/// kernels/tqkv_common.cuh).
+pub fn norm_rule_code(rule: NormRule) -> i32 {
+    match rule {
+        NormRule::Exact => 0,
+        NormRule::Projected => 1,
+        NormRule::LeastSquares => 2,
     }
 }

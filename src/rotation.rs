@@ -171,6 +171,38 @@ impl Rotation {
         }
     }
 
+    /// `outs[v·d..(v+1)·d] = Π xs[v·d..(v+1)·d]` for every vector of `xs` (a whole number of
+    /// d-vectors; `outs` as long): the same values as [`Self::apply_unchecked`] per vector. A
+    /// dense rotation reads its matrix once per four vectors (a blocked matrix product).
+    #[inline(always)]
+    pub(crate) fn apply_many_unchecked<U: crate::simd::Unpack>(
+        &self,
+        xs: &[f32],
+        outs: &mut [f32],
+    ) {
+        let d = self.dim;
+        match self.kind {
+            RotationKind::Dense => {
+                let mut xc = xs.chunks_exact(d);
+                let mut oc = outs.chunks_exact_mut(d);
+                loop {
+                    match xc.len().min(4) {
+                        0 => break,
+                        1 => many::<U, 1>(&self.matrix, d, &mut xc, &mut oc),
+                        2 => many::<U, 2>(&self.matrix, d, &mut xc, &mut oc),
+                        3 => many::<U, 3>(&self.matrix, d, &mut xc, &mut oc),
+                        _ => many::<U, 4>(&self.matrix, d, &mut xc, &mut oc),
+                    }
+                }
+            }
+            RotationKind::Hadamard => {
+                for (x, o) in xs.chunks_exact(d).zip(outs.chunks_exact_mut(d)) {
+                    self.apply_unchecked(x, o);
+                }
+            }
+        }
+    }
+
     pub(crate) fn apply_inverse_unchecked(&self, y: &[f32], out: &mut [f32]) {
         match self.kind {
             RotationKind::Dense => matvec(&self.matrix_t, self.dim, y, out),
@@ -216,6 +248,20 @@ impl Rotation {
             }
         }
     }
+}
+
+/// The next V vectors of `xs` through [`crate::simd::Unpack::matvec_many`] (the caller checked
+/// that V are left).
+#[inline(always)]
+fn many<U: crate::simd::Unpack, const V: usize>(
+    m: &[f32],
+    d: usize,
+    xs: &mut std::slice::ChunksExact<'_, f32>,
+    outs: &mut std::slice::ChunksExactMut<'_, f32>,
+) {
+    let x: [&[f32]; V] = std::array::from_fn(|_| xs.next().expect("V vectors left"));
+    let o: [&mut [f32]; V] = std::array::from_fn(|_| outs.next().expect("V outputs left"));
+    U::matvec_many::<V>(m, d, x, o);
 }
 
 /// The transpose of a row-major rows×cols matrix.

@@ -85,6 +85,15 @@ pub(crate) trait Unpack: Copy {
         q8_row_scalar(src, out, 0);
     }
 
+    /// `outs[v] = M xs[v]` for V vectors (M row-major n×n, every slice n long), each row
+    /// summed as [`crate::rotation::dot`] sums it (a multiply and an add per lane, not fused):
+    /// the same values as [`crate::rotation::matvec`] per vector, on every ISA.
+    fn matvec_many<const V: usize>(m: &[f32], n: usize, xs: [&[f32]; V], outs: [&mut [f32]; V]) {
+        for (x, o) in xs.into_iter().zip(outs) {
+            crate::rotation::matvec(m, n, x, o);
+        }
+    }
+
     /// The dot products of G query rows with K key rows (rows at least as long as `k[0]`),
     /// each summed as [`dot`] sums it (the same value), every key chunk loaded once for all
     /// the queries.
@@ -224,6 +233,74 @@ impl Unpack for Avx2Unpack {
     fn dots<const G: usize, const K: usize>(q: [&[f32]; G], k: [&[f32]; K]) -> [[f32; K]; G] {
         // SAFETY: Avx2Unpack exists only where AVX2 and FMA were detected.
         unsafe { dots_avx2::<G, K>(q, k) }
+    }
+
+    #[inline(always)]
+    fn matvec_many<const V: usize>(m: &[f32], n: usize, xs: [&[f32]; V], outs: [&mut [f32]; V]) {
+        // SAFETY: Avx2Unpack exists only where AVX2 was detected.
+        unsafe { matvec_many_avx2::<V>(m, n, xs, outs) }
+    }
+}
+
+/// [`Unpack::matvec_many`]: two rows of M against V vectors per pass (2·V accumulators in
+/// registers, each row chunk and vector chunk loaded once per pass), multiply then add per
+/// lane, and [`crate::rotation::dot`]'s order of the final sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn matvec_many_avx2<const V: usize>(
+    m: &[f32],
+    n: usize,
+    xs: [&[f32]; V],
+    outs: [&mut [f32]; V],
+) {
+    use std::arch::x86_64::*;
+    assert!(m.len() >= n * n);
+    for v in 0..V {
+        assert!(xs[v].len() >= n && outs[v].len() >= n);
+    }
+    let full = n / 8 * 8;
+    // `dot`'s sum of the eight lanes, then the tail of the row.
+    let finish = |a: __m256, row: &[f32], x: &[f32]| -> f32 {
+        let mut l = [0.0f32; 8];
+        // SAFETY: l holds 8 floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
+        let mut s = 0.0f32;
+        for c in full..n {
+            s += row[c] * x[c];
+        }
+        (l[0] + l[4]) + (l[1] + l[5]) + (l[2] + l[6]) + (l[3] + l[7]) + s
+    };
+    let mut i = 0;
+    while i < n {
+        let two = i + 1 < n;
+        let r0 = &m[i * n..(i + 1) * n];
+        let r1 = if two {
+            &m[(i + 1) * n..(i + 2) * n]
+        } else {
+            r0
+        };
+        let mut a0 = [_mm256_setzero_ps(); V];
+        let mut a1 = [_mm256_setzero_ps(); V];
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 8 ≤ full ≤ n, the length of r0, r1 and every xs[v].
+            let w0 = _mm256_loadu_ps(r0.as_ptr().add(c));
+            let w1 = _mm256_loadu_ps(r1.as_ptr().add(c));
+            for v in 0..V {
+                let xv = _mm256_loadu_ps(xs[v].as_ptr().add(c));
+                a0[v] = _mm256_add_ps(a0[v], _mm256_mul_ps(w0, xv));
+                a1[v] = _mm256_add_ps(a1[v], _mm256_mul_ps(w1, xv));
+            }
+            c += 8;
+        }
+        for v in 0..V {
+            outs[v][i] = finish(a0[v], r0, xs[v]);
+            if two {
+                outs[v][i + 1] = finish(a1[v], r1, xs[v]);
+            }
+        }
+        i += 2;
     }
 }
 

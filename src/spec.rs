@@ -304,6 +304,10 @@ pub enum NormRule {
     /// e orthogonal to x, and scores are not shrunk (a softmax temperature error the exact
     /// norm makes). The MSE grows from D to at most about D / (1 − D).
     Projected,
+    /// n = ⟨x, Πᵀc⟩ / ‖c‖² = ‖x‖·⟨u, c⟩ / ‖c‖²: the scale that minimises ‖x − n·Πᵀc‖ for
+    /// the codes chosen (least squares), so the MSE is never above the exact norm's, at the same
+    /// bytes; inner products shrink about as with the exact norm.
+    LeastSquares,
 }
 
 impl std::str::FromStr for NormRule {
@@ -312,8 +316,9 @@ impl std::str::FromStr for NormRule {
         match s {
             "exact" => Ok(NormRule::Exact),
             "projected" => Ok(NormRule::Projected),
+            "ls" | "least-squares" => Ok(NormRule::LeastSquares),
             _ => Err(Error::Config(format!(
-                "unknown norm rule {s:?}: supported are exact, projected"
+                "unknown norm rule {s:?}: supported are exact, projected, ls"
             ))),
         }
     }

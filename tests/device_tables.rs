@@ -21,6 +21,8 @@ fn tables_reproduce_the_quantizer_records() {
         ("2", "prod-projected", "dense", 64),
         ("1.5", "mse-projected-log8", "hadamard", 64),
         ("3", "prod-log8", "dense", 96),
+        ("3", "mse-ls", "dense", 64),
+        ("2.5", "prod-ls-log8", "hadamard", 128),
     ] {
         // Three heads with different outlier channels, one layer seed.
         let heads = layer_heads(&mut rng, (bits, mode, rot), d, 3, 0.5);

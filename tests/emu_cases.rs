@@ -55,7 +55,7 @@ impl Case {
                 t.groups.len() as i32,
                 t.record_bytes as i32,
                 norm,
-                t.projected_norm as i32,
+                tqkv::device_tables::norm_rule_code(t.norm_rule),
             ],
         );
         for (g, gt) in t.groups.iter().enumerate() {
@@ -385,6 +385,7 @@ fn write_emulator_cases() {
         ("d128-k4v2-had-g4-r4", ("4", m, "hadamard"), ("2", m), (128, 2, 4, 1), &[63, 64, 65, 300], 1, 4, None, false),
         ("d64-k4v2-had-g3-r4-exact", ("4", "mse-projected", "hadamard"), ("2", "mse-projected"), (64, 3, 3, 1), &[600, 3, 31], 0, 4, Some((1, 29)), true),
         ("d64-k3v1.5-log8-r2-exact", ("3", m, "hadamard"), ("1.5", "mse-projected-log8"), (64, 1, 3, 1), &[200, 9], 2, 2, Some((2, 40)), false),
+        ("d128-ls-k3v2.5-dense-g3", ("3", "mse-ls", "dense"), ("2.5", "mse-ls"), (128, 1, 3, 1), &[130, 5], 1, 1, None, false),
         ("d96-2.5-dense-g7", ("2.5", m, "dense"), ("2.5", m), (96, 1, 7, 1), &[150], 0, 1, None, false),
         ("d256-2.5-had-g2", ("2.5", m, "hadamard"), ("3", m), (256, 1, 2, 1), &[130, 1], 1, 1, None, false),
         ("d128-3.5-prefill-t5", ("3.5", m, "dense"), ("3.5", m), (128, 2, 4, 5), &[9, 200], 2, 1, None, false),

@@ -64,6 +64,7 @@ const CONFIGS: [(&str, &str, &str, usize); 12] = [
     ("2", "prod-projected", "hadamard", 64),
     ("1.5", "mse-projected-log8", "hadamard", 64),
     ("3", "prod-log8", "dense", 64),
+    ("3", "mse-ls", "hadamard", 128),
 ];
 
 #[derive(Default)]

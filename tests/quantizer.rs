@@ -17,6 +17,7 @@ fn specs() -> Vec<QuantSpec> {
             v.push(s);
             if bits == "3.5" {
                 v.push(s.with_norm_rule(NormRule::Projected));
+                v.push(s.with_norm_rule(NormRule::LeastSquares));
             }
             if bits == "2.5" || bits == "3" {
                 v.push(s.with_norm(NormFormat::Log8));
@@ -25,6 +26,73 @@ fn specs() -> Vec<QuantSpec> {
     }
     v.push(QuantSpec::qjl(256));
     v
+}
+
+/// ‖x − y‖² / ‖x‖² in f64.
+fn rel_err(x: &[f32], y: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        / dot64(x, x)
+}
+
+/// NormRule::LeastSquares: the same codes as the exact norm, and the stored norm is the f64
+/// least-squares scale of the exact norm's reconstruction, ⟨x, x̂⟩ / ‖x̂‖² · n (within the f16
+/// rounding), so no vector's error is above the exact norm's (beyond that rounding) and the
+/// mean error is below it; both at the same bytes.
+#[test]
+fn least_squares_norms_minimise_each_error() {
+    let seed = fresh_seed("least_squares_norms");
+    let mut rng = Rng::new(seed);
+    for (bits, d, rot) in [
+        ("2", 128usize, RotationKind::Dense),
+        ("3", 17, RotationKind::Dense),
+        ("4", 64, RotationKind::Hadamard),
+        ("3", 99, RotationKind::Dense),
+    ] {
+        let exact = QuantSpec::mse(bits.parse().unwrap()).with_rotation(rot);
+        let qseed = rng.next_u64();
+        let qe = VectorQuantizer::new(exact, d, qseed).unwrap();
+        let ql =
+            VectorQuantizer::new(exact.with_norm_rule(NormRule::LeastSquares), d, qseed).unwrap();
+        let (mut re, mut rl) = (vec![0u8; qe.record_bytes()], vec![0u8; ql.record_bytes()]);
+        let (mut xe, mut xl) = (vec![0f32; d], vec![0f32; d]);
+        let (mut mse_e, mut mse_l) = (0f64, 0f64);
+        let n = 1000;
+        for i in 0..n {
+            // Gaussian vectors, and every tenth one a single spike (the zero-ish corner).
+            let mut x = gaussian_vec(&mut rng, &vec![1.0; d]);
+            if i % 10 == 9 {
+                x.iter_mut().for_each(|v| *v = 0.0);
+                x[i % d] = 3.0;
+            }
+            qe.quantize(&x, &mut re).unwrap();
+            ql.quantize(&x, &mut rl).unwrap();
+            assert_eq!(re[2..], rl[2..], "{bits} d={d}: codes differ (seed {seed})");
+            qe.dequantize(&re, &mut xe).unwrap();
+            ql.dequantize(&rl, &mut xl).unwrap();
+            // The least-squares scale of the exact reconstruction, in f64.
+            let want = dot64(&x, &xe) / dot64(&xe, &xe);
+            let got = dot64(&xl, &xe) / dot64(&xe, &xe);
+            assert!(
+                (got - want).abs() <= 6e-4 * want.abs(),
+                "{bits} d={d}: scale {got} vs {want} (seed {seed})"
+            );
+            let (ee, el) = (rel_err(&x, &xe), rel_err(&x, &xl));
+            assert!(
+                el <= ee + 1e-6,
+                "{bits} d={d}: error {el} above the exact norm's {ee} (seed {seed})"
+            );
+            mse_e += ee;
+            mse_l += el;
+        }
+        eprintln!("{bits} d={d}: MSE exact {mse_e:.5}, least squares {mse_l:.5} (sums)");
+        assert!(
+            mse_l < mse_e,
+            "{bits} d={d}: {mse_l} vs {mse_e} (seed {seed})"
+        );
+    }
 }
 
 /// NormRule::Projected: a reconstruction whose projection on x is x (⟨x̂, x⟩ = ‖x‖² within the
@@ -56,15 +124,8 @@ fn projected_norms_unshrink_inner_products() {
             assert!((p - 1.0).abs() < 1e-3, "{bits} d={d}: ⟨x̂, x⟩/‖x‖² = {p}");
             ae += dot64(&xe, &x) / xx;
             ap += p;
-            let err = |y: &[f32]| {
-                x.iter()
-                    .zip(y)
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum::<f64>()
-                    / xx
-            };
-            mse_e += err(&xe);
-            mse_p += err(&xp);
+            mse_e += rel_err(&x, &xe);
+            mse_p += rel_err(&x, &xp);
         }
         let (ae, ap, mse_e, mse_p) = (
             ae / n as f64,
@@ -534,4 +595,70 @@ fn every_code_path_writes_the_same_records() {
             }
         }
     }
+}
+
+/// `quantize_batch` (a dense rotation as a blocked product of four vectors at a time) writes
+/// the records `quantize` writes vector by vector, on every code path: every spec of
+/// [`specs`] at awkward dimensions, batches of 1, 2, 3, 5 and 99 vectors (blocks of 4 plus
+/// every remainder), and the Hadamard rotation.
+#[test]
+fn batch_quantize_writes_the_records_of_quantize() {
+    let seed = fresh_seed("batch_quantize_same_records");
+    let mut rng = Rng::new(seed);
+    let mut cases: Vec<(QuantSpec, usize)> = Vec::new();
+    for s in specs() {
+        for d in [68, 100] {
+            cases.push((s, d));
+        }
+    }
+    cases.push((
+        QuantSpec::mse(BitsSpec::Uniform(3)).with_rotation(RotationKind::Hadamard),
+        64,
+    ));
+    cases.push((QuantSpec::mse(BitsSpec::Uniform(4)), 128));
+    for (spec, d) in cases {
+        let q = VectorQuantizer::new(spec, d, rng.next_u64()).unwrap();
+        let rb = q.record_bytes();
+        for count in [1usize, 2, 3, 5, 99] {
+            let xs: Vec<f32> = (0..count)
+                .flat_map(|_| gaussian_vec(&mut rng, &vec![1.0; d]))
+                .collect();
+            let mut want = vec![0u8; count * rb];
+            for (x, r) in xs.chunks_exact(d).zip(want.chunks_exact_mut(rb)) {
+                q.quantize_on(tqkv::simd::Isa::Scalar, x, r).unwrap();
+            }
+            for isa in tqkv::simd::Isa::available() {
+                let mut got = vec![0xA5u8; count * rb];
+                q.quantize_batch_on(isa, &xs, &mut got).unwrap();
+                assert_eq!(
+                    got,
+                    want,
+                    "{} {spec:?} d {d}, {count} vectors (seed {seed})",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_quantize_rejects_bad_input() {
+    let d = 17;
+    let q = VectorQuantizer::new(QuantSpec::mse(BitsSpec::Uniform(3)), d, 1).unwrap();
+    let rb = q.record_bytes();
+    let xs = vec![0.5f32; 3 * d];
+    let mut recs = vec![0u8; 3 * rb];
+    assert!(matches!(
+        q.quantize_batch(&xs[..3 * d - 1], &mut recs[..2 * rb]),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        q.quantize_batch(&xs, &mut recs[..2 * rb]),
+        Err(Error::Shape { .. })
+    ));
+    let mut bad = xs.clone();
+    bad[2 * d + 3] = f32::NAN;
+    assert!(q.quantize_batch(&bad, &mut recs).is_err());
+    // Nothing at all is a batch of none.
+    q.quantize_batch(&[], &mut []).unwrap();
 }

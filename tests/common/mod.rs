@@ -43,7 +43,8 @@ pub fn kv_data(rng: &mut tqkv::rng::Rng, n: usize, d: usize) -> Vec<f32> {
 /// Per-head quantizers of one layer as the TurboQuant cache builds them: one spec and layer
 /// seed, each head calibrated on 8 Gaussian vectors with its own channel scales drawn from
 /// [min_scale, min_scale + 3) (so each head picks different outlier channels). `mode` is a
-/// `Mode` name, optionally with `-projected` for `NormRule::Projected` and then `-log8` for
+/// `Mode` name, optionally with `-projected` for `NormRule::Projected` (`-ls` for
+/// `NormRule::LeastSquares`) and then `-log8` for
 /// `NormFormat::Log8` norms (else f16).
 pub fn layer_heads(
     rng: &mut tqkv::rng::Rng,
@@ -56,9 +57,12 @@ pub fn layer_heads(
         Some(m) => (m, tqkv::NormFormat::Log8),
         None => (mode, tqkv::NormFormat::F16),
     };
-    let (mode, rule) = match mode.strip_suffix("-projected") {
-        Some(m) => (m, tqkv::NormRule::Projected),
-        None => (mode, tqkv::NormRule::Exact),
+    let (mode, rule) = if let Some(m) = mode.strip_suffix("-projected") {
+        (m, tqkv::NormRule::Projected)
+    } else if let Some(m) = mode.strip_suffix("-ls") {
+        (m, tqkv::NormRule::LeastSquares)
+    } else {
+        (mode, tqkv::NormRule::Exact)
     };
     let mut spec = tqkv::QuantSpec::mse(bits.parse().unwrap())
         .with_rotation(rot.parse().unwrap())

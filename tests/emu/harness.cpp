@@ -74,7 +74,7 @@ static TqSpec spec_of(const std::map<std::string, Arr>& m, const std::string& na
   sp.num_groups = s[1];
   sp.record_bytes = s[2];
   sp.norm_format = s[3];
-  sp.projected_norm = s[4];
+  sp.norm_rule = s[4];
   for (int g = 0; g < sp.num_groups; ++g) {
     const std::string p = name + ".g" + std::to_string(g);
     const int* v = get(m, p).as<int>();

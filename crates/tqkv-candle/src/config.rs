@@ -78,7 +78,8 @@ impl std::str::FromStr for CacheKind {
     /// `tq<bits>-fc` (codebooks fitted per layer to the first chunk, [`KvSpec::fit_codebooks`]),
     /// `tq<bits>-ks<α>` (per-channel key scales rms^α folded into the query,
     /// [`KvSpec::key_scale`]; `-ks` alone is α = 0.5), `tq<bits>-pn` (projected norms, [`tqkv::NormRule::Projected`]; `-pnk` / `-pnv` for keys
-    /// or values only), `tq<bits>-s<N>` (the
+    /// or values only), `tq<bits>-ls` (least-squares norms, [`tqkv::NormRule::LeastSquares`];
+    /// `-lsk` / `-lsv`), `tq<bits>-s<N>` (the
     /// first N tokens kept in f16, [`KvSpec::sinks`]), `tq<bits>-w<N>` (each query reads its N
     /// most recent tokens from an f16 copy, [`KvSpec::window`]), `tq<bits>-b<B>` (a window
     /// sized so the whole cache stays within B bits per channel, [`KvSpec::budget_bits`];
@@ -244,10 +245,16 @@ impl std::str::FromStr for CacheKind {
                         }
                         "pnk" => key = key.with_norm_rule(NormRule::Projected),
                         "pnv" => value = value.with_norm_rule(NormRule::Projected),
+                        "ls" => {
+                            key = key.with_norm_rule(NormRule::LeastSquares);
+                            value = value.with_norm_rule(NormRule::LeastSquares);
+                        }
+                        "lsk" => key = key.with_norm_rule(NormRule::LeastSquares),
+                        "lsv" => value = value.with_norm_rule(NormRule::LeastSquares),
                         _ => fail!(
                             Kind,
                             "unknown suffix {p:?} in {s:?}: supported are -paper, -qjl, -qjlo, -qjlv, -qjlvo, -had, -c, \
-                             -cv, -ks[α], -fc, -r<M>, -pn, -pnk, -pnv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
+                             -cv, -ks[α], -fc, -r<M>, -pn, -pnk, -pnv, -ls, -lsk, -lsv, -s<N> (sink tokens), -w<N> (exact window), -b<bits> (window \
                              sized to a budget of bits per channel), -wq8 (sinks and window in q8_0), -n8, -n8k, -n8v (8-bit log norms)"
                         ),
                     }

@@ -142,23 +142,40 @@ impl InplaceOp2 for TqAppend {
         }
         // Quantizers [head · cycle + m]: slot s of a head is written by m = s % cycle.
         let cycle = (self.quantizers.len() / h).max(1);
-        // Records of each (sequence, head), quantized in parallel, then copied into the tiles.
+        // Records of each (sequence, head), quantized in parallel, then copied into the tiles:
+        // the tokens of one quantizer (slot class) in one batch.
         let recs: Vec<Vec<u8>> = (0..b_n * h)
             .into_par_iter()
             .map(|idx| -> Result<Vec<u8>> {
                 let (b, head) = (idx / h, idx % h);
-                let mut out = vec![0u8; self.new[b] * rb];
-                for tok in 0..self.new[b] {
-                    let off = (idx * t + tok) * d;
-                    let slot = self.start[b] + tok;
-                    let q = &self.quantizers[head * cycle + slot % cycle];
-                    q.quantize(&x[off..off + d], &mut out[tok * rb..(tok + 1) * rb])
-                        .map_err(|e| {
-                            candle_core::Error::msg(format!(
-                                "{} of sequence {b}, head {head}, token {tok}: {e}",
-                                self.what
-                            ))
-                        })?;
+                let new = self.new[b];
+                let mut out = vec![0u8; new * rb];
+                let xs = &x[idx * t * d..(idx * t + new) * d];
+                let classes = cycle.min(new);
+                let fail = |e: tqkv::Error| {
+                    candle_core::Error::msg(format!(
+                        "{} of sequence {b}, head {head}: {e}",
+                        self.what
+                    ))
+                };
+                if classes == 1 {
+                    let q = &self.quantizers[head * cycle + self.start[b] % cycle];
+                    q.quantize_batch(xs, &mut out).map_err(fail)?;
+                    return Ok(out);
+                }
+                let (mut xb, mut rbuf) = (Vec::new(), Vec::new());
+                for first in 0..classes {
+                    let toks = (first..new).step_by(cycle);
+                    xb.clear();
+                    for tok in toks.clone() {
+                        xb.extend_from_slice(&xs[tok * d..(tok + 1) * d]);
+                    }
+                    rbuf.resize(toks.len() * rb, 0u8);
+                    let q = &self.quantizers[head * cycle + (self.start[b] + first) % cycle];
+                    q.quantize_batch(&xb, &mut rbuf).map_err(fail)?;
+                    for (tok, r) in toks.zip(rbuf.chunks_exact(rb)) {
+                        out[tok * rb..(tok + 1) * rb].copy_from_slice(r);
+                    }
                 }
                 Ok(out)
             })

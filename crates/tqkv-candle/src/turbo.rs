@@ -961,8 +961,16 @@ impl KvCache for TurboCache {
         if self.spec.rotations > 1 {
             s.push_str(&format!("-r{}", self.spec.rotations));
         }
-        if k.norm_rule == tqkv::NormRule::Projected {
-            s.push_str("-pn");
+        for (rule, tag) in [
+            (tqkv::NormRule::Projected, "pn"),
+            (tqkv::NormRule::LeastSquares, "ls"),
+        ] {
+            match (k.norm_rule == rule, v.norm_rule == rule) {
+                (true, true) => s.push_str(&format!("-{tag}")),
+                (true, false) => s.push_str(&format!("-{tag}k")),
+                (false, true) => s.push_str(&format!("-{tag}v")),
+                (false, false) => {}
+            }
         }
         match (
             k.norm == tqkv::NormFormat::Log8,

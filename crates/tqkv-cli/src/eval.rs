@@ -194,14 +194,31 @@ struct Pass {
 
 /// `--jobs` as given, else: on the CPU up to 4 (at most the cores), since one pass leaves cores
 /// idle between its parallel parts (element-wise ops, cache appends); on a GPU 1.
-fn jobs_for(jobs: Option<usize>, model: &tqkv_llama::Llama) -> usize {
+fn jobs_for(jobs: Option<usize>, model: &ModelArgs) -> usize {
     jobs.unwrap_or_else(|| {
-        if model.device().is_cpu() {
+        if on_cpu(model) {
             std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
         } else {
             1
         }
     })
+}
+
+fn on_cpu(model: &ModelArgs) -> bool {
+    model.device.trim() == "cpu"
+}
+
+/// With several passes at once on the CPU, each runs candle's element-wise ops on its own
+/// thread: candle has one pool of workers for them (sized by `CANDLE_NUM_THREADS` when first
+/// used), which takes one caller at a time and spins between calls, so passes side by side
+/// queued behind each other on it (10 kinds at ctx 2048 on 2 cores: 104 s with the pool, 87 s
+/// without; matrix products still use every core through rayon). Called before candle runs
+/// anything, with the passes that will run at once; a `CANDLE_NUM_THREADS` the user set wins.
+fn candle_pool_per_pass(at_once: usize, model: &ModelArgs) {
+    if at_once > 1 && on_cpu(model) && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Only the main thread exists yet (nothing has been loaded or spawned).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 /// Runs each `(label, config)` over the windows against the reference logits, up to `jobs` at
@@ -277,13 +294,14 @@ pub fn run(args: Args) -> Result<()> {
     // The model once; the reference logits of every window first, then each kind in turn over
     // the same model with fresh caches.
     let t0 = Instant::now();
+    let jobs = jobs_for(s.jobs, &args.model);
+    candle_pool_per_pass(jobs.min(kinds.len()), &args.model);
     let mut ids = Vec::new();
     let r = reference(&args.model, s, &mut ids, |_| kinds.len())?;
     let configs = kinds
         .iter()
         .map(|k| Ok((k.clone(), config(k)?)))
         .collect::<Result<Vec<_>>>()?;
-    let jobs = jobs_for(s.jobs, &r.m.model);
     let mut rows = Vec::new();
     for (kind, pass) in kinds
         .iter()
@@ -584,6 +602,8 @@ pub fn run_layers(args: LayersArgs) -> Result<()> {
         bail!("--kv: eval layers measures one kind, got {kind:?}");
     }
     kinds_of(&args.model, &[&s.reference])?;
+    let jobs = jobs_for(s.jobs, &args.model);
+    candle_pool_per_pass(jobs, &args.model);
     let mut ids = Vec::new();
     let r = reference(&args.model, s, &mut ids, |m| m.config().num_layers)?;
     let n_layers = r.m.model.config().num_layers;
@@ -595,7 +615,6 @@ pub fn run_layers(args: LayersArgs) -> Result<()> {
             Ok((format!("layer {layer}"), cfg))
         })
         .collect::<Result<Vec<_>>>()?;
-    let jobs = jobs_for(s.jobs, &r.m.model);
     let per_layer: Vec<(usize, f64, f64)> = score_configs(&r, &configs, jobs, s.chunk)?
         .into_iter()
         .enumerate()

@@ -18,6 +18,13 @@ use candle_core::Tensor;
 
 /// Log-softmax of `logits` in f64. Errors on an empty or non-finite row.
 pub fn log_softmax(logits: &[f32]) -> Result<Vec<f64>> {
+    let lse = log_sum_exp(logits)?;
+    Ok(logits.iter().map(|&x| x as f64 - lse).collect())
+}
+
+/// log Σ exp(logits), in f64 (what [`log_softmax`] subtracts). Errors: no logits, or one that
+/// is not finite.
+fn log_sum_exp(logits: &[f32]) -> Result<f64> {
     if logits.is_empty() {
         return Err(Error::Input("empty logits".into()));
     }
@@ -30,12 +37,11 @@ pub fn log_softmax(logits: &[f32]) -> Result<Vec<f64>> {
     let m = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let lse = m + logits
+    Ok(m + logits
         .iter()
         .map(|&x| (x as f64 - m).exp())
         .sum::<f64>()
-        .ln();
-    Ok(logits.iter().map(|&x| x as f64 - lse).collect())
+        .ln())
 }
 
 /// The measures of one scored position.
@@ -69,18 +75,23 @@ impl Position {
                 reference.len()
             )));
         }
-        let (lp, lq) = (log_softmax(reference)?, log_softmax(test)?);
-        let kld: f64 = lp
-            .iter()
-            .zip(&lq)
-            .map(|(&a, &b)| a.exp() * (a - b))
+        // log_softmax's values, computed where they are used (no row-sized buffers: a pass
+        // scores a thousand rows of the vocabulary's size).
+        let (sp, sq) = (log_sum_exp(reference)?, log_sum_exp(test)?);
+        let lp = |i: usize| reference[i] as f64 - sp;
+        let lq = |i: usize| test[i] as f64 - sq;
+        let kld: f64 = (0..reference.len())
+            .map(|i| {
+                let (a, b) = (lp(i), lq(i));
+                a.exp() * (a - b)
+            })
             .sum::<f64>()
             .max(0.0);
         Ok(Position {
             kld,
-            nll_ref: -lp[n],
-            nll: -lq[n],
-            top1_same: argmax(&lp) == argmax(&lq),
+            nll_ref: -lp(n),
+            nll: -lq(n),
+            top1_same: argmax((0..reference.len()).map(lp)) == argmax((0..test.len()).map(lq)),
         })
     }
 }
@@ -141,10 +152,9 @@ impl LogitStats {
     }
 }
 
-fn argmax(x: &[f64]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
+fn argmax(x: impl Iterator<Item = f64>) -> usize {
+    x.enumerate()
+        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, v)| {
             if v > bv {
                 (i, v)
             } else {
