@@ -51,7 +51,7 @@ fn heads(
     layer_heads(rng, (bits, mode, rot), d, h, 0.3)
 }
 
-const CONFIGS: [(&str, &str, &str, usize); 12] = [
+const CONFIGS: [(&str, &str, &str, usize); 13] = [
     ("3.5", "mse", "dense", 128),
     ("2.5", "mse", "hadamard", 128),
     ("4", "prod", "dense", 64),
