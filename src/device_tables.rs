@@ -169,15 +169,8 @@ impl LayerTables {
                     .map(|&v| g.boundaries.iter().filter(|&&b| v * inv > b).count() as u8)
                     .collect();
                 // Codes come from the exact norm; the stored one follows the norm rule.
-                let stored = match self.norm_rule {
-                    NormRule::Exact => n,
-                    NormRule::Projected => {
-                        crate::quantizer::projected_norm(n, &rot, &codes, &g.centroids)
-                    }
-                    NormRule::LeastSquares => {
-                        crate::quantizer::least_squares_norm(n, &rot, &codes, &g.centroids)
-                    }
-                };
+                let stored =
+                    crate::quantizer::stored_norm(self.norm_rule, n, &rot, &codes, &g.centroids);
                 let ns = self.put_norm(rec, g.offsets[0], stored);
                 let len = crate::packing::packed_len(g.dim, g.mse_bits);
                 crate::packing::pack_codes_unchecked(

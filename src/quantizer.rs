@@ -476,7 +476,13 @@ impl VectorQuantizer {
                 if let Some(mse) = &group.mse {
                     let codes = &mut codes_buf[..gd];
                     let mut n = mse.encode_rotated(rot, codes);
-                    n = stored_norm(self.spec.norm_rule, n, rot, codes, mse.codebook());
+                    n = stored_norm(
+                        self.spec.norm_rule,
+                        n,
+                        rot,
+                        codes,
+                        mse.codebook().centroids(),
+                    );
                     let n = self.write_norm(record, gl.norm_offset, n)?;
                     pack_codes_unchecked(
                         codes,
@@ -675,12 +681,12 @@ pub(crate) fn stored_norm(
     n: f32,
     rot: &[f32],
     codes: &[u8],
-    codebook: &crate::codebook::Codebook,
+    centroids: &[f32],
 ) -> f32 {
     match rule {
         NormRule::Exact => n,
-        NormRule::Projected => projected_norm(n, rot, codes, codebook.centroids()),
-        NormRule::LeastSquares => least_squares_norm(n, rot, codes, codebook.centroids()),
+        NormRule::Projected => projected_norm(n, rot, codes, centroids),
+        NormRule::LeastSquares => least_squares_norm(n, rot, codes, centroids),
     }
 }
 
@@ -688,7 +694,7 @@ pub(crate) fn stored_norm(
 /// each), or `n` itself when either is not positive (only for the zero vector: codes keep the
 /// signs of their coordinates).
 #[inline(always)]
-pub(crate) fn least_squares_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
+fn least_squares_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
     let (mut dot, mut cc) = ([0.0f64; 4], [0.0f64; 4]);
     for (j, (&r, &k)) in rot.iter().zip(codes).enumerate() {
         let c = centroids[k as usize] as f64;
@@ -708,7 +714,7 @@ pub(crate) fn least_squares_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &
 /// projection is not positive (only for the zero vector: codes keep the signs of their
 /// coordinates, so ⟨u, c⟩ > 0 otherwise).
 #[inline(always)]
-pub(crate) fn projected_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
+fn projected_norm(n: f32, rot: &[f32], codes: &[u8], centroids: &[f32]) -> f32 {
     // Four partial sums (the same value on every code path).
     let mut acc = [0.0f64; 4];
     for (j, (&r, &k)) in rot.iter().zip(codes).enumerate() {
